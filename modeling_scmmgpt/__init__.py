@@ -1,0 +1,48 @@
+"""scMMGPT: joint single-cell + text language modelling, as a transformers model family.
+
+Importing this package registers the `scmmgpt` and `scmmgpt_cell` model types with `AutoConfig`, `AutoModel`,
+`AutoModelForCausalLM` and `AutoProcessor`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
+
+from .configuration_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
+from .gene_vocab import GeneVocab
+from .modeling_cell_encoder import ScMMGPTCellModel, ScMMGPTCellPreTrainedModel
+from .modeling_scmmgpt import (
+    ScMMGPTCausalLMOutputWithPast,
+    ScMMGPTCellGenerationOutput,
+    ScMMGPTCellTowerOutput,
+    ScMMGPTForConditionalGeneration,
+    ScMMGPTModel,
+    ScMMGPTModelOutputWithPast,
+    ScMMGPTPreTrainedModel,
+)
+from .processing_scmmgpt import GeneCoverage, ScMMGPTCellProcessor, ScMMGPTProcessor
+
+AutoConfig.register(ScMMGPTCellConfig.model_type, ScMMGPTCellConfig, exist_ok=True)
+AutoConfig.register(ScMMGPTConfig.model_type, ScMMGPTConfig, exist_ok=True)
+AutoModel.register(ScMMGPTCellConfig, ScMMGPTCellModel, exist_ok=True)
+AutoModel.register(ScMMGPTConfig, ScMMGPTModel, exist_ok=True)
+AutoModelForCausalLM.register(ScMMGPTConfig, ScMMGPTForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(ScMMGPTConfig, ScMMGPTProcessor, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GeneCoverage",
+    "GeneVocab",
+    "ScMMGPTCausalLMOutputWithPast",
+    "ScMMGPTCellConfig",
+    "ScMMGPTCellGenerationOutput",
+    "ScMMGPTCellModel",
+    "ScMMGPTCellPreTrainedModel",
+    "ScMMGPTCellProcessor",
+    "ScMMGPTCellTowerOutput",
+    "ScMMGPTConfig",
+    "ScMMGPTForConditionalGeneration",
+    "ScMMGPTModel",
+    "ScMMGPTModelOutputWithPast",
+    "ScMMGPTPreTrainedModel",
+    "ScMMGPTProcessor",
+]

@@ -1,0 +1,209 @@
+"""scMMGPT configuration: a scGPT-style cell encoder, a BLIP-2 Q-Former and any causal LM."""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class ScMMGPTCellConfig(PreTrainedConfig):
+    r"""
+    Configuration of the scGPT-architecture cell encoder ([`ScMMGPTCellModel`]). Defaults are scGPT's whole-human
+    checkpoint. scGPT's own argument names (`d_model`, `nhead`, `nlayers`, `d_hid`) are accepted as aliases.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 60697):
+            Number of gene tokens, special tokens included (the 60,694-gene census vocabulary plus `<pad>`, `<cls>`,
+            `<eoc>`).
+        hidden_size (`int`, *optional*, defaults to 512):
+            Width of the encoder (scGPT `d_model` / `embsize`).
+        num_hidden_layers (`int`, *optional*, defaults to 12):
+            Number of transformer layers (scGPT `nlayers`).
+        num_attention_heads (`int`, *optional*, defaults to 8):
+            Number of attention heads (scGPT `nhead`).
+        intermediate_size (`int`, *optional*, defaults to 512):
+            Width of the feed-forward block (scGPT `d_hid`).
+        hidden_act (`str`, *optional*, defaults to `"relu"`):
+            Feed-forward activation; scGPT uses ReLU.
+        dropout (`float`, *optional*, defaults to 0.2):
+            Dropout in the value encoder, the attention output and the feed-forward block.
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention weights (torch's `TransformerEncoderLayer` applies `dropout` there too; scGPT
+            checkpoints are used in eval mode, where both are off).
+        layer_norm_eps (`float`, *optional*, defaults to 1e-5):
+            Epsilon of every LayerNorm.
+        value_embedding (`str`, *optional*, defaults to `"continuous"`):
+            `"continuous"`: a value goes through Linear-ReLU-Linear-LayerNorm (scGPT's `ContinuousValueEncoder`, used
+            by the released checkpoints, also on binned values). `"binned"`: a value is an integer bin looked up in an
+            embedding table (scGPT's `CategoryValueEncoder`).
+        n_bins (`int`, *optional*, defaults to 51):
+            Number of expression bins. With `value_embedding="binned"` the table has `n_bins + 2` rows so that the
+            `<cls>` and padding values fit after the bins.
+        max_value (`float`, *optional*, defaults to 512.0):
+            Continuous values are clamped to at most this before encoding, as in scGPT.
+        pad_token_id (`int`, *optional*, defaults to 60694):
+            Gene id of `<pad>`. Positions holding it are masked out.
+        cls_token_id (`int`, *optional*, defaults to 60695):
+            Gene id of `<cls>`, prepended to every cell; its output is the cell embedding.
+        mask_token_id (`int`, *optional*):
+            Gene id of a mask token, if the vocabulary has one (scGPT masks values, not genes, so it usually has not).
+        pad_value (`float`, *optional*, defaults to -2.0):
+            Expression value at padded positions.
+        mask_value (`float`, *optional*, defaults to -1.0):
+            Expression value of masked genes in masked-expression modelling.
+        max_genes (`int`, *optional*, defaults to 1200):
+            Maximum tokens per cell, `<cls>` included (scGPT `max_seq_len`).
+
+    Example:
+
+    ```python
+    >>> from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel
+    >>> config = ScMMGPTCellConfig(vocab_size=100, d_model=32, nhead=4, nlayers=2, d_hid=32, pad_token_id=97, cls_token_id=98)
+    >>> model = ScMMGPTCellModel(config)
+    ```"""
+
+    model_type = "scmmgpt_cell"
+    base_config_key = "cell_config"
+    attribute_map = {
+        "d_model": "hidden_size",
+        "embsize": "hidden_size",
+        "nhead": "num_attention_heads",
+        "nlayers": "num_hidden_layers",
+        "d_hid": "intermediate_size",
+    }
+
+    vocab_size: int = 60697
+    hidden_size: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    intermediate_size: int = 512
+    hidden_act: str = "relu"
+    dropout: float | int = 0.2
+    attention_dropout: float | int = 0.0
+    layer_norm_eps: float = 1e-5
+    value_embedding: Literal["continuous", "binned"] = "continuous"
+    n_bins: int = 51
+    max_value: float | int = 512.0
+    pad_token_id: int | None = 60694
+    cls_token_id: int | None = 60695
+    mask_token_id: int | None = None
+    pad_value: float | int = -2.0
+    mask_value: float | int = -1.0
+    max_genes: int = 1200
+    initializer_range: float = 0.02
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: catch sizes the encoder cannot be built with."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        for name in ("pad_token_id", "cls_token_id"):
+            token_id = getattr(self, name)
+            if token_id is None or not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"{name}={token_id} must be a gene id in [0, vocab_size={self.vocab_size}).")
+
+
+@strict
+class ScMMGPTConfig(PreTrainedConfig):
+    r"""
+    Configuration of scMMGPT ([`ScMMGPTModel`], [`ScMMGPTForConditionalGeneration`]): a cell encoder read by a
+    Q-Former whose `num_cell_tokens` query outputs are projected into a causal LM between `<cell>` and `</cell>`.
+
+    Args:
+        cell_config (`dict` or [`ScMMGPTCellConfig`], *optional*):
+            The cell encoder. Defaults to scGPT's whole-human sizes.
+        qformer_config (`dict` or `Blip2QFormerConfig`, *optional*):
+            The Q-Former. Its `encoder_hidden_size` is set to the cell encoder's width, and its text path
+            (`use_qformer_text_input`) is always built.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Any causal LM config (Llama, Qwen2, GPT-2, ...); defaults to Llama.
+        num_cell_tokens (`int`, *optional*, defaults to 32):
+            Number of Q-Former queries, i.e. of `<cell_i>` tokens in a cell span.
+        projection_dim (`int`, *optional*, defaults to 256):
+            Width of the shared cell-text space used by contrastive alignment.
+        projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the cell-to-LM and LM-to-cell MLPs.
+        cell_start_token_index (`int`, *optional*):
+            LM token id of `<cell>`. Set by [`ScMMGPTProcessor`] / `from_pretrained_parts` once the tokens are added.
+        cell_token_index (`int`, *optional*):
+            LM token id of `<cell_0>`; `<cell_i>` is `cell_token_index + i`.
+        cell_end_token_index (`int`, *optional*):
+            LM token id of `</cell>`.
+        lm_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the next-token loss in the total loss.
+        cell_regression_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the MSE between the LM's `<cell_i>` hidden states (through the LM-to-cell head) and the target
+            cell's Q-Former outputs.
+        expression_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the MSE between decoded and target expression of a generated cell.
+        freeze_cell_encoder (`bool`, *optional*, defaults to `False`):
+            Keep the cell encoder's weights fixed.
+        freeze_qformer (`bool`, *optional*, defaults to `False`):
+            Keep the Q-Former, its queries and its text path fixed.
+        freeze_language_model (`bool`, *optional*, defaults to `False`):
+            Keep the LM and `lm_head` fixed (LoRA adapters added later still train).
+
+    Example:
+
+    ```python
+    >>> from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTForConditionalGeneration
+    >>> config = ScMMGPTConfig(
+    ...     cell_config={"vocab_size": 100, "d_model": 32, "nhead": 4, "nlayers": 2, "d_hid": 32, "pad_token_id": 97, "cls_token_id": 98},
+    ...     qformer_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
+    ...     text_config={"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 128},
+    ...     num_cell_tokens=4,
+    ... )
+    >>> model = ScMMGPTForConditionalGeneration(config)
+    ```"""
+
+    model_type = "scmmgpt"
+    sub_configs_defaults = {
+        "cell_config": ScMMGPTCellConfig,
+        "qformer_config": Blip2QFormerConfig,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    cell_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    num_cell_tokens: int = 32
+    projection_dim: int = 256
+    projector_hidden_act: str = "gelu"
+    cell_start_token_index: int | None = None
+    cell_token_index: int | None = None
+    cell_end_token_index: int | None = None
+    lm_loss_weight: float | int = 1.0
+    cell_regression_loss_weight: float | int = 1.0
+    expression_loss_weight: float | int = 1.0
+    freeze_cell_encoder: bool = False
+    freeze_qformer: bool = False
+    freeze_language_model: bool = False
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The Q-Former cross-attends to the cell encoder's per-gene outputs.
+        self.qformer_config.encoder_hidden_size = self.cell_config.hidden_size
+        # Contrastive alignment runs text through the Q-Former, which needs its text feed-forward blocks.
+        self.qformer_config.use_qformer_text_input = True
+        # LMs such as SmolLM2 and GPT-2 tie lm_head to the input embeddings; keep their behaviour.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    @property
+    def cell_token_ids(self) -> list[int]:
+        """LM token ids of `<cell_0>` ... `<cell_{num_cell_tokens-1}>`."""
+        if self.cell_token_index is None:
+            raise ValueError(
+                "The config has no cell token ids. Add the cell tokens with ScMMGPTProcessor / "
+                "ScMMGPTForConditionalGeneration.from_pretrained_parts, or set cell_token_index."
+            )
+        return list(range(self.cell_token_index, self.cell_token_index + self.num_cell_tokens))
+
+
+__all__ = ["ScMMGPTCellConfig", "ScMMGPTConfig"]

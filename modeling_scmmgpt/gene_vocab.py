@@ -1,0 +1,177 @@
+"""Gene vocabulary: gene symbols and Ensembl IDs to the cell encoder's gene token ids."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from .utils import atomic_write_text
+
+GENE_VOCAB_NAME = "gene_vocab.json"
+SCGPT_SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
+
+
+def strip_ensembl_version(gene_id: str) -> str:
+    """`ENSG00000141510.17` -> `ENSG00000141510`; other names are returned unchanged."""
+    if gene_id.startswith("ENS") and "." in gene_id:
+        return gene_id.split(".", 1)[0]
+    return gene_id
+
+
+class GeneVocab:
+    """Maps gene names to token ids of the cell encoder.
+
+    Symbols are the primary keys, as in scGPT's `vocab.json`. Ensembl IDs resolve through `ensembl_to_symbol`
+    aliases, with or without a version suffix.
+
+    Args:
+        gene_to_id (`Mapping[str, int]`): symbol (or special token) to id. Ids must be unique.
+        ensembl_to_symbol (`Mapping[str, str]`, *optional*): Ensembl gene ID to symbol.
+        pad_token (`str`, defaults to `"<pad>"`), cls_token (`str`, defaults to `"<cls>"`): special tokens, which
+            must be in `gene_to_id`.
+    """
+
+    def __init__(
+        self,
+        gene_to_id: Mapping[str, int],
+        ensembl_to_symbol: Mapping[str, str] | None = None,
+        pad_token: str = "<pad>",
+        cls_token: str = "<cls>",
+    ):
+        self.gene_to_id = dict(gene_to_id)
+        ids = list(self.gene_to_id.values())
+        if len(set(ids)) != len(ids):
+            raise ValueError("GeneVocab ids must be unique; two genes share an id.")
+        for token in (pad_token, cls_token):
+            if token not in self.gene_to_id:
+                raise ValueError(f"Special token {token!r} is not in the vocabulary; add it before building GeneVocab.")
+        self.pad_token, self.cls_token = pad_token, cls_token
+        self.ensembl_to_symbol: dict[str, str] = {}
+        if ensembl_to_symbol:
+            self.add_ensembl_ids(ensembl_to_symbol)
+
+    # --- construction ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_genes(cls, genes: Iterable[str], special_tokens: Iterable[str] = SCGPT_SPECIAL_TOKENS) -> GeneVocab:
+        """Ids in order: the genes, then the special tokens (scGPT's layout)."""
+        tokens = list(dict.fromkeys(list(genes) + list(special_tokens)))
+        return cls({token: i for i, token in enumerate(tokens)})
+
+    @classmethod
+    def from_scgpt_json(
+        cls, path: str | os.PathLike, special_tokens: Iterable[str] = SCGPT_SPECIAL_TOKENS
+    ) -> GeneVocab:
+        """Reads scGPT's `vocab.json` (`{token: id}`). Special tokens it lacks (e.g. `default_census_vocab.json` has
+        none) are appended after the largest id, which is how scGPT's released checkpoints number them."""
+        with open(path, encoding="utf-8") as f:
+            gene_to_id = json.load(f)
+        if not isinstance(gene_to_id, dict) or not all(isinstance(v, int) for v in gene_to_id.values()):
+            raise ValueError(f"{path} is not a scGPT vocab.json: expected a JSON object of gene name to integer id.")
+        next_id = max(gene_to_id.values()) + 1
+        for token in special_tokens:
+            if token not in gene_to_id:
+                gene_to_id[token] = next_id
+                next_id += 1
+        return cls(gene_to_id)
+
+    def add_ensembl_ids(self, ensembl_to_symbol: Mapping[str, str]) -> int:
+        """Adds Ensembl aliases whose symbol is in the vocabulary; returns how many were added."""
+        added = 0
+        for ensembl_id, symbol in ensembl_to_symbol.items():
+            if symbol in self.gene_to_id:
+                self.ensembl_to_symbol[strip_ensembl_version(ensembl_id)] = symbol
+                added += 1
+        return added
+
+    def add_ensembl_ids_from_gencode(self, path: str | os.PathLike) -> int:
+        """Adds aliases from a CELLxGENE gencode table (`genes_homo_sapiens.csv.gz`: Ensembl ID, symbol, ...)."""
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            mapping = {row[0]: row[1] for row in csv.reader(f) if len(row) >= 2}
+        return self.add_ensembl_ids(mapping)
+
+    # --- lookup ---------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.gene_to_id)
+
+    def __contains__(self, gene: str) -> bool:
+        return self.token_id(gene) is not None
+
+    def __getitem__(self, gene: str) -> int:
+        token_id = self.token_id(gene)
+        if token_id is None:
+            raise KeyError(f"Gene {gene!r} is not in the vocabulary.")
+        return token_id
+
+    def token_id(self, gene: str) -> int | None:
+        """Id of a symbol or Ensembl ID, or None."""
+        token_id = self.gene_to_id.get(gene)
+        if token_id is None:
+            symbol = self.ensembl_to_symbol.get(strip_ensembl_version(gene))
+            token_id = self.gene_to_id.get(symbol) if symbol is not None else None
+        return token_id
+
+    def lookup(self, genes: Iterable[str]) -> np.ndarray:
+        """Ids for many genes, -1 where a gene is unknown. Shape `(len(genes),)`, int64."""
+        return np.array([(-1 if (i := self.token_id(str(g))) is None else i) for g in genes], dtype=np.int64)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.gene_to_id[self.pad_token]
+
+    @property
+    def cls_token_id(self) -> int:
+        return self.gene_to_id[self.cls_token]
+
+    @property
+    def id_to_gene(self) -> dict[int, str]:
+        return {i: g for g, i in self.gene_to_id.items()}
+
+    # --- persistence ----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "gene_to_id": self.gene_to_id,
+            "ensembl_to_symbol": self.ensembl_to_symbol,
+            "pad_token": self.pad_token,
+            "cls_token": self.cls_token,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, GENE_VOCAB_NAME)
+        atomic_write_text(path, json.dumps(self.to_dict()))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory_or_file: str | os.PathLike) -> GeneVocab:
+        """Loads our `gene_vocab.json` (from a folder or the file itself), or a scGPT `vocab.json`."""
+        path = str(directory_or_file)
+        if os.path.isdir(path):
+            candidates = [os.path.join(path, name) for name in (GENE_VOCAB_NAME, "vocab.json")]
+            path = next((p for p in candidates if os.path.isfile(p)), candidates[0])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No gene vocabulary at {path}: expected {GENE_VOCAB_NAME} or scGPT's vocab.json.")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if "gene_to_id" not in data:
+            return cls.from_scgpt_json(path)
+        return cls(
+            data["gene_to_id"],
+            ensembl_to_symbol=data.get("ensembl_to_symbol"),
+            pad_token=data.get("pad_token", "<pad>"),
+            cls_token=data.get("cls_token", "<cls>"),
+        )
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, GeneVocab) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"GeneVocab({len(self)} tokens, {len(self.ensembl_to_symbol)} Ensembl aliases)"
+
+
+__all__ = ["GeneVocab", "strip_ensembl_version"]

@@ -1,0 +1,200 @@
+"""The scGPT-architecture cell encoder.
+
+Same maths as scGPT's `TransformerModel._encode` (post-norm, ReLU, no positional encoding, no final norm), with the
+attention written as explicit `q_proj`/`k_proj`/`v_proj`/`o_proj` linears: `nn.MultiheadAttention` calls its
+`out_proj` functionally, so a PEFT LoRA adapter on it silently never trains.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_scmmgpt import ScMMGPTCellConfig
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention; `query`/`key`/`value` are `(batch, heads, seq, head_dim)`, the mask is additive."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class ScMMGPTGeneEncoder(nn.Module):
+    """LayerNorm(Embedding(gene)), scGPT's `GeneEncoder`."""
+
+    def __init__(self, config: ScMMGPTCellConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.enc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, gene_ids: torch.LongTensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(gene_ids))
+
+
+class ScMMGPTContinuousValueEncoder(nn.Module):
+    """LayerNorm(Linear(ReLU(Linear(clamp(value, max))))), scGPT's `ContinuousValueEncoder`."""
+
+    def __init__(self, config: ScMMGPTCellConfig):
+        super().__init__()
+        self.linear1 = nn.Linear(1, config.hidden_size)
+        self.activation = nn.ReLU()
+        self.linear2 = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.max_value = config.max_value
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        values = torch.clamp(values.unsqueeze(-1).to(self.linear1.weight.dtype), max=self.max_value)
+        return self.dropout(self.norm(self.linear2(self.activation(self.linear1(values)))))
+
+
+class ScMMGPTBinnedValueEncoder(nn.Module):
+    """LayerNorm(Embedding(bin)), scGPT's `CategoryValueEncoder`; negative values (`<cls>`, padding) use the two
+    rows after the bins."""
+
+    def __init__(self, config: ScMMGPTCellConfig):
+        super().__init__()
+        self.n_bins = config.n_bins
+        self.embedding = nn.Embedding(config.n_bins + 2, config.hidden_size)
+        self.enc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        bins = values.round().long()
+        bins = torch.where(bins < 0, self.n_bins + (bins == -1).long(), bins.clamp(max=self.n_bins - 1))
+        return self.enc_norm(self.embedding(bins))
+
+
+class ScMMGPTCellAttention(nn.Module):
+    def __init__(self, config: ScMMGPTCellConfig):
+        super().__init__()
+        self.config = config
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, seq_len, _ = hidden_states.shape
+        shape = (batch, seq_len, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        return self.o_proj(attn_output.reshape(batch, seq_len, -1))
+
+
+class ScMMGPTCellLayer(nn.Module):
+    """Post-norm encoder layer, as torch's `TransformerEncoderLayer(norm_first=False)`."""
+
+    def __init__(self, config: ScMMGPTCellConfig):
+        super().__init__()
+        self.self_attn = ScMMGPTCellAttention(config)
+        self.linear1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.linear2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        hidden_states = self.norm1(hidden_states + self.dropout(self.self_attn(hidden_states, attention_mask)))
+        feed_forward = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
+        return self.norm2(hidden_states + self.dropout(feed_forward))
+
+
+class ScMMGPTCellPreTrainedModel(PreTrainedModel):
+    config: ScMMGPTCellConfig
+    config_class = ScMMGPTCellConfig
+    base_model_prefix = "cell_model"
+    main_input_name = "gene_ids"
+    input_modalities = ("cell",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["ScMMGPTCellLayer"]
+
+
+class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
+    """scGPT cell encoder. Its output at position 0 (`<cls>`) is the cell embedding."""
+
+    def __init__(self, config: ScMMGPTCellConfig):
+        super().__init__(config)
+        self.gene_encoder = ScMMGPTGeneEncoder(config)
+        if config.value_embedding == "continuous":
+            self.value_encoder = ScMMGPTContinuousValueEncoder(config)
+        else:
+            self.value_encoder = ScMMGPTBinnedValueEncoder(config)
+        self.layers = nn.ModuleList(ScMMGPTCellLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.gene_encoder.embedding
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.gene_encoder.embedding = value
+
+    def forward(
+        self,
+        gene_ids: torch.LongTensor,
+        values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Args:
+            gene_ids (`torch.LongTensor` of shape `(batch_size, num_genes)`): gene token ids, `<cls>` first.
+            values (`torch.Tensor` of shape `(batch_size, num_genes)`): expression values (continuous or bins).
+            attention_mask (`torch.Tensor` of shape `(batch_size, num_genes)`, *optional*): 1 for genes, 0 for
+                padding. Defaults to `gene_ids != pad_token_id`, as scGPT does.
+
+        Returns:
+            `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, num_genes, hidden_size)`,
+            `pooler_output` the `<cls>` output `(batch_size, hidden_size)`.
+        """
+        if attention_mask is None:
+            attention_mask = gene_ids.ne(self.config.pad_token_id)
+        hidden_states = self.gene_encoder(gene_ids) + self.value_encoder(values)
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask.bool()
+        )
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, mask)
+            else:
+                hidden_states = layer(hidden_states, mask)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0], hidden_states=all_hidden_states
+        )
+
+
+__all__ = ["ScMMGPTCellPreTrainedModel", "ScMMGPTCellModel"]

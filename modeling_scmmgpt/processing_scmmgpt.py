@@ -1,0 +1,472 @@
+"""Processors: cells (AnnData, numpy, scipy sparse) to encoder inputs, and text with cell spans to LM inputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers.processing_utils import ProcessorMixin
+
+from .gene_vocab import GeneVocab
+from .utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CELL_PROCESSOR_NAME = "cell_processor_config.json"
+CELL_START_TOKEN, CELL_END_TOKEN = "<cell>", "</cell>"
+
+
+def cell_token(i: int) -> str:
+    return f"<cell_{i}>"
+
+
+# --- per-cell value transforms ----------------------------------------------------------------------------------------
+def bin_values(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """scGPT's per-cell binning of the nonzero values into `n_bins - 1` quantile bins (bin 0 is for zeros).
+
+    scGPT spreads a value that sits on several equal bin edges uniformly at random between them (its `_digitize`),
+    so its embeddings change from run to run (scGPT issue #281). We take the middle of that range instead: the same
+    bins as scGPT wherever there is no tie, and deterministic where there is.
+
+    Args:
+        values (`np.ndarray` of shape `(num_genes,)`): one cell's values, zeros allowed.
+    Returns:
+        `np.ndarray` of shape `(num_genes,)`, int64 bins in `[0, n_bins - 1]`.
+    """
+    binned = np.zeros(values.shape, dtype=np.int64)
+    nonzero = values > 0
+    if not nonzero.any():
+        return binned
+    x = values[nonzero]
+    edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))
+    left, right = np.digitize(x, edges), np.digitize(x, edges, right=True)
+    binned[nonzero] = np.ceil(left + 0.5 * (right - left)).astype(np.int64)
+    return binned
+
+
+@dataclass
+class GeneCoverage:
+    """How the input's genes map to the vocabulary.
+
+    `unknown` lists the names not in the vocabulary (all of them, so nothing is dropped unreported);
+    `duplicated` lists names whose token id was already taken by an earlier column (those columns are skipped).
+    """
+
+    n_genes: int
+    n_known: int
+    unknown: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return self.n_known / max(self.n_genes, 1)
+
+    def __str__(self) -> str:
+        text = f"{self.n_known}/{self.n_genes} genes ({self.fraction:.1%}) are in the vocabulary"
+        if self.unknown:
+            text += f"; {len(self.unknown)} unknown, e.g. {', '.join(self.unknown[:5])}"
+        if self.duplicated:
+            text += f"; {len(self.duplicated)} map to a gene already used and are skipped, e.g. {', '.join(self.duplicated[:5])}"
+        return text
+
+
+class ScMMGPTCellProcessor:
+    """Cells to cell-encoder inputs (`gene_ids`, `values`, `attention_mask`) with scGPT's preprocessing.
+
+    Per cell: optional `normalize_total` and `log1p` (these need raw counts), optional per-cell binning into
+    `n_bins` (rank-based, so counts or log-normalised input give the same bins), then the `max_genes - 1`
+    highest-expressed genes (ties broken by column order, so the choice is deterministic) and `<cls>` first.
+    Every step looks at one cell only, so a cell's tensors never depend on the rest of its batch.
+
+    Args:
+        gene_vocab ([`GeneVocab`]): gene names to ids.
+        max_genes (`int`, defaults to 1200): tokens per cell, `<cls>` included.
+        n_bins (`int`, defaults to 51): bins for `binning=True`.
+        binning (`bool`, defaults to `True`): bin values per cell, as scGPT's pre-trained models expect.
+        normalize_total (`float`, *optional*): scale each cell's counts to this total first (scGPT uses 1e4).
+        log1p (`bool`, defaults to `False`): apply `log1p` after `normalize_total`.
+        include_zero_genes (`bool`, defaults to `False`): also feed known genes with zero expression.
+        cls_value (`float`, defaults to -2.0): value at `<cls>` (scGPT's embedding path uses its pad value).
+        pad_value (`float`, defaults to -2.0): value at padding.
+        min_vocab_coverage (`float`, defaults to 0.5): fail when fewer input genes than this are known.
+        gene_id_column (`str`, *optional*): `var` column holding gene names or Ensembl IDs, instead of `var_names`.
+        layer (`str`, *optional*): read `adata.layers[layer]` instead of `adata.X`.
+        use_raw (`bool`, defaults to `False`): read `adata.raw` (its `X` and `var_names`).
+    """
+
+    def __init__(
+        self,
+        gene_vocab: GeneVocab,
+        max_genes: int = 1200,
+        n_bins: int = 51,
+        binning: bool = True,
+        normalize_total: float | None = None,
+        log1p: bool = False,
+        include_zero_genes: bool = False,
+        cls_value: float = -2.0,
+        pad_value: float = -2.0,
+        min_vocab_coverage: float = 0.5,
+        gene_id_column: str | None = None,
+        layer: str | None = None,
+        use_raw: bool = False,
+    ):
+        if max_genes < 2:
+            raise ValueError(f"max_genes={max_genes} leaves no room for genes after <cls>; use at least 2.")
+        self.gene_vocab = gene_vocab
+        self.max_genes = max_genes
+        self.n_bins = n_bins
+        self.binning = binning
+        self.normalize_total = normalize_total
+        self.log1p = log1p
+        self.include_zero_genes = include_zero_genes
+        self.cls_value = cls_value
+        self.pad_value = pad_value
+        self.min_vocab_coverage = min_vocab_coverage
+        self.gene_id_column = gene_id_column
+        self.layer = layer
+        self.use_raw = use_raw
+        self.last_coverage: GeneCoverage | None = None
+
+    # --- configuration ----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            name: getattr(self, name)
+            for name in (
+                "max_genes", "n_bins", "binning", "normalize_total", "log1p", "include_zero_genes", "cls_value",
+                "pad_value", "min_vocab_coverage", "gene_id_column", "layer", "use_raw",
+            )
+        }  # fmt: skip
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_text(os.path.join(save_directory, CELL_PROCESSOR_NAME), json.dumps(self.to_dict(), indent=2))
+        self.gene_vocab.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **overrides) -> ScMMGPTCellProcessor:
+        path = os.path.join(directory, CELL_PROCESSOR_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: this folder was not saved by ScMMGPTCellProcessor.")
+        with open(path, encoding="utf-8") as f:
+            kwargs = json.load(f)
+        kwargs.update(overrides)
+        return cls(GeneVocab.from_pretrained(directory), **kwargs)
+
+    # --- inputs -----------------------------------------------------------------------------------------------------
+    def _matrix_and_genes(self, cells, gene_names):
+        """Returns (matrix, gene names, where it was read) for AnnData, numpy or scipy input."""
+        if hasattr(cells, "obs") and hasattr(cells, "var"):  # AnnData, in memory or backed
+            if self.use_raw:
+                if cells.raw is None:
+                    raise ValueError("use_raw=True but adata.raw is empty; read adata.X or a layer instead.")
+                matrix, var, source = cells.raw.X, cells.raw.var, "adata.raw.X"
+                var_names = cells.raw.var_names
+            elif self.layer is not None:
+                if self.layer not in cells.layers:
+                    raise KeyError(f"Layer {self.layer!r} not in adata.layers ({list(cells.layers)}).")
+                matrix, var, var_names, source = cells.layers[self.layer], cells.var, cells.var_names, f"adata.layers[{self.layer!r}]"
+            else:
+                matrix, var, var_names, source = cells.X, cells.var, cells.var_names, "adata.X"
+            if self.gene_id_column is not None:
+                if self.gene_id_column not in var.columns:
+                    raise KeyError(
+                        f"gene_id_column={self.gene_id_column!r} is not a var column; available: {list(var.columns)}."
+                    )
+                names = var[self.gene_id_column].astype(str).tolist()
+            else:
+                names = [str(g) for g in var_names]
+            return matrix, names, source
+        if gene_names is None:
+            raise ValueError("Pass gene_names (one per column) with a numpy or scipy matrix.")
+        matrix = cells if sp.issparse(cells) else np.atleast_2d(np.asarray(cells))
+        return matrix, [str(g) for g in gene_names], "the input matrix"
+
+    def gene_coverage(self, gene_names: list[str]) -> tuple[np.ndarray, GeneCoverage]:
+        """Maps column names to token ids (-1 for unknown or duplicated columns) and reports coverage."""
+        ids = self.gene_vocab.lookup(gene_names)
+        unknown = [g for g, i in zip(gene_names, ids) if i < 0]
+        seen, duplicated = set(), []
+        for col, token_id in enumerate(ids):
+            if token_id < 0:
+                continue
+            if token_id in seen:
+                duplicated.append(gene_names[col])
+                ids[col] = -1
+            seen.add(token_id)
+        coverage = GeneCoverage(n_genes=len(gene_names), n_known=len(seen), unknown=unknown, duplicated=duplicated)
+        return ids, coverage
+
+    def _check_coverage(self, coverage: GeneCoverage, source: str) -> None:
+        if coverage.fraction < self.min_vocab_coverage:
+            missing = 1 - coverage.fraction
+            looks_ensembl = sum(g.startswith("ENS") for g in coverage.unknown) > len(coverage.unknown) / 2
+            hint = (
+                "they look like Ensembl IDs: add aliases with gene_vocab.add_ensembl_ids_from_gencode(...)"
+                if looks_ensembl
+                else "pass gene_id_column='feature_name' (symbols) or 'feature_id' (Ensembl IDs) if var_names hold "
+                "something else"
+            )
+            raise ValueError(
+                f"{missing:.0%} of genes in {source} are not in the vocabulary "
+                f"(e.g. {', '.join(coverage.unknown[:5])}); {hint}. Lower min_vocab_coverage "
+                f"(now {self.min_vocab_coverage}) to accept this."
+            )
+        if coverage.unknown or coverage.duplicated:
+            logger.warning("Gene vocabulary coverage for %s: %s", source, coverage)
+
+    def _process_cell(self, row: np.ndarray, token_ids: np.ndarray, columns: np.ndarray, row_index: int):
+        """One cell: returns (gene ids, model values, expression) without padding."""
+        if not np.all(np.isfinite(row)):
+            raise ValueError(f"Cell {row_index} has NaN or infinite values; clean the matrix before processing.")
+        if (row < 0).any():
+            raise ValueError(
+                f"Cell {row_index} has negative values: the matrix looks scaled or centred. Pass raw counts or "
+                "log-normalised values (e.g. use_raw=True or layer='counts')."
+            )
+        if self.normalize_total is not None:
+            total = row.sum()
+            row = row * (self.normalize_total / total) if total > 0 else row
+        if self.log1p:
+            row = np.log1p(row)
+        expression = row[columns]
+        if not self.include_zero_genes:
+            keep = expression > 0
+            expression, token_ids, columns = expression[keep], token_ids[keep], columns[keep]
+        values = bin_values(expression, self.n_bins).astype(np.float32) if self.binning else expression
+        if len(token_ids) > self.max_genes - 1:
+            # Highest-expressed first; a stable sort keeps column order among ties.
+            top = np.sort(np.argsort(-expression, kind="stable")[: self.max_genes - 1])
+            token_ids, values, expression = token_ids[top], values[top], expression[top]
+        gene_ids = np.concatenate([[self.gene_vocab.cls_token_id], token_ids])
+        values = np.concatenate([[self.cls_value], values]).astype(np.float32)
+        expression = np.concatenate([[0.0], expression]).astype(np.float32)
+        return gene_ids, values, expression
+
+    def __call__(
+        self,
+        cells,
+        gene_names: list[str] | None = None,
+        padding: str = "longest",
+        return_tensors: str | None = "pt",
+        check_nonempty: bool = True,
+    ) -> BatchFeature:
+        r"""
+        Args:
+            cells: `AnnData` (reads `X`, `layer` or `.raw` as configured; counts, or log-normalised values when no
+                `normalize_total`/`log1p` is asked for), a numpy array `(num_cells, num_genes)` or a scipy sparse
+                matrix, or a single cell as a 1-D array.
+            gene_names (`list[str]`, *optional*): column names for array input.
+            padding (`str`, defaults to `"longest"`): `"longest"` pads to the longest cell in the batch,
+                `"max_length"` to `max_genes`.
+
+        Returns:
+            [`BatchFeature`] with `gene_ids` (int64), `values` and `expression` (float32) and `attention_mask`
+            (int64), each `(num_cells, length)`. `expression` is the value before binning (0 at `<cls>`).
+        """
+        matrix, names, source = self._matrix_and_genes(cells, gene_names)
+        if matrix.shape[1] != len(names):
+            raise ValueError(f"{source} has {matrix.shape[1]} columns but {len(names)} gene names were given.")
+        if matrix.shape[0] == 0:
+            raise ValueError(f"{source} has no cells.")
+        token_ids, coverage = self.gene_coverage(names)
+        self._check_coverage(coverage, source)
+        self.last_coverage = coverage
+        columns = np.flatnonzero(token_ids >= 0)
+        known_ids = token_ids[columns]
+
+        rows = []
+        for start in range(0, matrix.shape[0], 1024):  # dense conversion a chunk at a time
+            chunk = matrix[start : start + 1024]
+            chunk = chunk.toarray() if sp.issparse(chunk) or hasattr(chunk, "toarray") else np.asarray(chunk)
+            for offset, row in enumerate(np.asarray(chunk, dtype=np.float64)):
+                rows.append(self._process_cell(row, known_ids, columns, start + offset))
+
+        empty = [i for i, (genes, _, _) in enumerate(rows) if len(genes) == 1]
+        if empty and check_nonempty:
+            logger.warning(
+                "%d of %d cells express none of the known genes (e.g. rows %s); they are kept with <cls> only.",
+                len(empty), len(rows), empty[:5],
+            )  # fmt: skip
+        length = self.max_genes if padding == "max_length" else max(len(genes) for genes, _, _ in rows)
+        gene_ids = np.full((len(rows), length), self.gene_vocab.pad_token_id, dtype=np.int64)
+        values = np.full((len(rows), length), self.pad_value, dtype=np.float32)
+        expression = np.zeros((len(rows), length), dtype=np.float32)
+        attention_mask = np.zeros((len(rows), length), dtype=np.int64)
+        for i, (genes, vals, expr) in enumerate(rows):
+            gene_ids[i, : len(genes)], values[i, : len(genes)], expression[i, : len(genes)] = genes, vals, expr
+            attention_mask[i, : len(genes)] = 1
+        data = {"gene_ids": gene_ids, "values": values, "expression": expression, "attention_mask": attention_mask}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def __repr__(self) -> str:
+        return f"ScMMGPTCellProcessor({self.gene_vocab!r}, {self.to_dict()})"
+
+
+class ScMMGPTProcessor(ProcessorMixin):
+    """Cell processor plus the LM's tokenizer (and, optionally, the Q-Former's BERT tokenizer for the text path).
+
+    Each `<cell>` in a text is expanded into `<cell><cell_0>...<cell_{N-1}></cell>`; the cells given alongside fill
+    those spans in order.
+
+    Args:
+        cell_processor ([`ScMMGPTCellProcessor`]): cells to encoder inputs.
+        tokenizer ([`PreTrainedTokenizerBase`]): the LM's tokenizer; the cell tokens are added if missing.
+        num_cell_tokens (`int`, defaults to 32): `N`, the Q-Former's number of queries.
+        qformer_tokenizer ([`PreTrainedTokenizerBase`], *optional*): tokenizer of the Q-Former text path.
+        chat_template (`str`, *optional*): replaces the tokenizer's chat template (and is saved with it).
+    """
+
+    def __init__(
+        self,
+        cell_processor: ScMMGPTCellProcessor,
+        tokenizer: PreTrainedTokenizerBase,
+        num_cell_tokens: int = 32,
+        qformer_tokenizer: PreTrainedTokenizerBase | None = None,
+        chat_template: str | None = None,
+    ):
+        self.cell_processor = cell_processor
+        self.num_cell_tokens = num_cell_tokens
+        self.qformer_tokenizer = qformer_tokenizer
+        self.cell_tokens = [CELL_START_TOKEN] + [cell_token(i) for i in range(num_cell_tokens)] + [CELL_END_TOKEN]
+        missing = [t for t in self.cell_tokens if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        ids = tokenizer.convert_tokens_to_ids(self.cell_tokens)
+        if ids[1:-1] != list(range(ids[1], ids[1] + num_cell_tokens)):
+            raise ValueError("The tokenizer's <cell_i> tokens must have consecutive ids; add them in order.")
+        self.cell_start_token_id, self.cell_token_id, self.cell_end_token_id = ids[0], ids[1], ids[-1]
+        if chat_template is not None:
+            tokenizer.chat_template = chat_template
+        super().__init__(tokenizer, chat_template=tokenizer.chat_template)
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        # Only the LM tokenizer is a transformers sub-processor; the cell processor and the optional Q-Former
+        # tokenizer are saved by our own save_pretrained.
+        return ["tokenizer"]
+
+    @property
+    def cell_span(self) -> str:
+        """`<cell><cell_0>...<cell_{N-1}></cell>`."""
+        return "".join(self.cell_tokens)
+
+    def config_token_ids(self) -> dict:
+        """The `ScMMGPTConfig` fields that name the cell tokens."""
+        return {
+            "cell_start_token_index": self.cell_start_token_id,
+            "cell_token_index": self.cell_token_id,
+            "cell_end_token_index": self.cell_end_token_id,
+            "num_cell_tokens": self.num_cell_tokens,
+        }
+
+    def expand_cell_placeholders(self, text: str) -> str:
+        """Replaces each bare `<cell>` with the full span; spans already expanded are left as they are."""
+        return re.sub(re.escape(CELL_START_TOKEN) + r"(?!\s*" + re.escape(cell_token(0)) + ")", self.cell_span, text)
+
+    def count_cell_spans(self, text: str) -> int:
+        return self.expand_cell_placeholders(text).count(cell_token(0))
+
+    def build_prompt(self, instruction: str, with_cell: bool = True, response: str | None = None) -> str:
+        """A chat prompt (the tokenizer's chat template when it has one) whose user turn holds a `<cell>` and the
+        instruction; with `response`, the assistant turn too."""
+        user = f"{CELL_START_TOKEN}\n{instruction}" if with_cell else instruction
+        messages = [{"role": "user", "content": user}]
+        if response is not None:
+            messages.append({"role": "assistant", "content": response})
+        if self.chat_template:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=response is None
+            )
+        prompt = f"User: {user}\nAssistant:"
+        return prompt + (f" {response}{self.tokenizer.eos_token or ''}" if response is not None else "")
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        cells=None,
+        gene_names: list[str] | None = None,
+        return_tensors: str | None = "pt",
+        **tokenizer_kwargs,
+    ) -> BatchFeature:
+        r"""
+        Args:
+            text (`str` or `list[str]`, *optional*): texts, each `<cell>` marking where one cell is read.
+            cells (*optional*): cells for [`ScMMGPTCellProcessor`], one per `<cell>` across all texts, in order.
+
+        Returns:
+            [`BatchFeature`] with `input_ids`, `attention_mask` (text) and `cell_gene_ids`, `cell_values`,
+            `cell_attention_mask` (cells).
+        """
+        if text is None and cells is None:
+            raise ValueError("Pass text, cells, or both.")
+        data = {}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            texts = [self.expand_cell_placeholders(t) for t in texts]
+            n_spans = sum(t.count(cell_token(0)) for t in texts)
+            n_cells = 0 if cells is None else self._num_cells(cells)
+            if cells is not None and n_spans != n_cells:
+                raise ValueError(
+                    f"The texts hold {n_spans} '<cell>' placeholders but {n_cells} cells were given; "
+                    "put one '<cell>' per cell."
+                )
+            tokenizer_kwargs.setdefault("padding", True)
+            data.update(self.tokenizer(texts, return_tensors=return_tensors, **tokenizer_kwargs))
+        if cells is not None:
+            cell_inputs = self.cell_processor(cells, gene_names=gene_names, return_tensors=return_tensors)
+            # `expression` is a reconstruction target, not a model input for cells that are read.
+            data.update({f"cell_{k}": v for k, v in cell_inputs.items() if k != "expression"})
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @staticmethod
+    def _num_cells(cells) -> int:
+        return 1 if getattr(cells, "ndim", 2) == 1 else cells.shape[0]
+
+    def to_dict(self) -> dict:
+        return {"processor_class": type(self).__name__, "num_cell_tokens": self.num_cell_tokens}
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    # --- persistence: the cell processor is not a transformers sub-processor, so we save each part ourselves ----------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
+        os.makedirs(save_directory, exist_ok=True)
+        self.tokenizer.save_pretrained(save_directory)
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(os.path.join(save_directory, "qformer_tokenizer"))
+        self.cell_processor.save_pretrained(save_directory)
+        path = os.path.join(save_directory, "processor_config.json")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        return [path]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ScMMGPTProcessor:
+        directory = str(pretrained_model_name_or_path)
+        if not os.path.isdir(directory):
+            from huggingface_hub import snapshot_download
+
+            directory = snapshot_download(directory, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs})
+        with open(os.path.join(directory, "processor_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        qformer_dir = os.path.join(directory, "qformer_tokenizer")
+        return cls(
+            cell_processor=ScMMGPTCellProcessor.from_pretrained(directory),
+            tokenizer=AutoTokenizer.from_pretrained(directory),
+            num_cell_tokens=config["num_cell_tokens"],
+            qformer_tokenizer=AutoTokenizer.from_pretrained(qformer_dir) if os.path.isdir(qformer_dir) else None,
+        )
+
+
+__all__ = ["GeneCoverage", "ScMMGPTCellProcessor", "ScMMGPTProcessor", "bin_values"]
