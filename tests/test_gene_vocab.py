@@ -1,0 +1,45 @@
+import json
+
+import pytest
+
+from modeling_scmmgpt import GeneVocab
+from modeling_scmmgpt.gene_vocab import strip_ensembl_version
+
+
+def test_reads_scgpt_census_vocab(census_vocab):
+    # 60,694 census genes plus <pad>, <cls>, <eoc> appended, as in scGPT's whole-human checkpoint.
+    assert len(census_vocab) == 60697
+    assert (census_vocab.pad_token_id, census_vocab.cls_token_id, census_vocab["<eoc>"]) == (60694, 60695, 60696)
+    assert census_vocab["ZZZ3"] == 36565
+
+
+def test_keeps_special_tokens_already_in_vocab_json(tmp_path):
+    path = tmp_path / "vocab.json"
+    path.write_text(json.dumps({"A": 0, "<pad>": 1, "B": 2, "<cls>": 3}))
+    vocab = GeneVocab.from_scgpt_json(path)
+    assert (vocab.pad_token_id, vocab.cls_token_id, vocab["<eoc>"]) == (1, 3, 4)
+    assert GeneVocab.from_pretrained(tmp_path) == vocab
+
+
+def test_lookup_symbols_and_ensembl():
+    vocab = GeneVocab.from_genes(["CD14", "MS4A1"])
+    assert vocab.add_ensembl_ids({"ENSG00000170458": "CD14", "ENSG00000000001": "NOT_IN_VOCAB"}) == 1
+    assert vocab["ENSG00000170458.14"] == vocab["CD14"] == 0
+    assert vocab.lookup(["MS4A1", "ENSG00000170458", "XYZ"]).tolist() == [1, 0, -1]
+    with pytest.raises(KeyError, match="XYZ"):
+        vocab["XYZ"]
+    assert strip_ensembl_version("ENSG1.2") == "ENSG1" and strip_ensembl_version("HLA-A.1") == "HLA-A.1"
+
+
+def test_save_load_and_errors(tmp_path):
+    vocab = GeneVocab.from_genes(["A", "B"])
+    vocab.add_ensembl_ids({"ENSG9": "B"})
+    vocab.save_pretrained(tmp_path)
+    assert GeneVocab.from_pretrained(tmp_path) == vocab
+    assert not list(tmp_path.glob(".tmp-*"))
+    with pytest.raises(ValueError, match="unique"):
+        GeneVocab({"A": 0, "B": 0, "<pad>": 1, "<cls>": 2})
+    with pytest.raises(ValueError, match="<cls>"):
+        GeneVocab({"A": 0, "<pad>": 1})
+    with pytest.raises(FileNotFoundError, match="gene_vocab.json"):
+        GeneVocab.from_pretrained(tmp_path / "nowhere")

@@ -1,0 +1,206 @@
+import logging
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from transformers import AutoProcessor
+
+from modeling_scmmgpt import GeneVocab, ScMMGPTCellProcessor, ScMMGPTConfig, ScMMGPTProcessor
+from modeling_scmmgpt.processing_scmmgpt import bin_values
+from modeling_scmmgpt.resources import gencode_human_path
+
+
+def _cells_equal(a, b):
+    for key in ("gene_ids", "values", "expression", "attention_mask"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_outputs_shapes_cls_and_padding(pbmc, pbmc_cell_processor):
+    out = pbmc_cell_processor(pbmc[:4])
+    assert out["gene_ids"].dtype == torch.int64 and out["values"].dtype == torch.float32
+    assert out["gene_ids"].shape == out["values"].shape == out["attention_mask"].shape
+    assert out["gene_ids"].shape[1] <= pbmc_cell_processor.max_genes
+    assert (out["gene_ids"][:, 0] == pbmc_cell_processor.gene_vocab.cls_token_id).all()
+    assert (out["values"][:, 0] == -2).all()
+    pad = out["attention_mask"] == 0
+    assert (out["gene_ids"][pad] == pbmc_cell_processor.gene_vocab.pad_token_id).all()
+    assert (out["values"][pad] == -2).all()
+    real = out["values"][:, 1:][out["attention_mask"][:, 1:] == 1]
+    assert real.min() >= 1 and real.max() <= 50  # nonzero genes land in bins 1..n_bins-1
+
+
+def test_sparse_dense_and_anndata_inputs_agree(pbmc, pbmc_cell_processor):
+    genes = list(pbmc.raw.var_names)
+    dense = pbmc.raw.X[:6].toarray()
+    from_adata = pbmc_cell_processor(pbmc[:6])
+    from_sparse = pbmc_cell_processor(sp.csr_matrix(dense), gene_names=genes)
+    from_dense = pbmc_cell_processor(dense, gene_names=genes)
+    _cells_equal(from_adata, from_sparse)
+    _cells_equal(from_adata, from_dense)
+
+
+def test_batch_composition_does_not_change_a_cell(pbmc, pbmc_cell_processor):
+    alone = pbmc_cell_processor(pbmc[10:11], padding="max_length")
+    mixed = pbmc_cell_processor(pbmc[[3, 10, 500]], padding="max_length")
+    for key in ("gene_ids", "values", "attention_mask"):
+        assert torch.equal(alone[key][0], mixed[key][1]), key
+
+
+def test_top_expressed_genes_are_kept(pbmc, pbmc_vocab):
+    small = ScMMGPTCellProcessor(pbmc_vocab, max_genes=11, use_raw=True, binning=False)
+    full = ScMMGPTCellProcessor(pbmc_vocab, max_genes=2000, use_raw=True, binning=False)
+    cut, whole = small(pbmc[:1]), full(pbmc[:1])
+    kept = cut["expression"][0, 1:][cut["attention_mask"][0, 1:] == 1]
+    everything = whole["expression"][0, 1:][whole["attention_mask"][0, 1:] == 1]
+    assert len(kept) == 10
+    assert torch.equal(kept.sort(descending=True).values, everything.sort(descending=True).values[:10])
+
+
+def test_ensembl_ids_match_symbols(pbmc, census_vocab):
+    vocab = GeneVocab(census_vocab.gene_to_id)
+    assert vocab.add_ensembl_ids_from_gencode(gencode_human_path()) > 30000
+    symbol_to_ensembl = {s: e for e, s in vocab.ensembl_to_symbol.items()}
+    adata = pbmc.raw.to_adata()
+    adata = adata[:, [g in symbol_to_ensembl for g in adata.var_names]].copy()
+    assert adata.n_vars > 650
+    # Versioned IDs, as CELLxGENE and 10x write them.
+    adata.var["feature_id"] = [symbol_to_ensembl[g] + ".5" for g in adata.var_names]
+    by_symbol = ScMMGPTCellProcessor(vocab, max_genes=100)(adata[:5])
+    by_ensembl = ScMMGPTCellProcessor(vocab, max_genes=100, gene_id_column="feature_id")(adata[:5])
+    _cells_equal(by_symbol, by_ensembl)
+
+
+def test_ensembl_ids_without_aliases_fail_with_a_hint(pbmc, census_vocab):
+    adata = pbmc.raw.to_adata()
+    adata.var_names = [f"ENSG{i:011d}" for i in range(adata.n_vars)]
+    with pytest.raises(ValueError, match=r"100% of genes in adata.X are not in the vocabulary.*Ensembl"):
+        ScMMGPTCellProcessor(census_vocab)(adata[:2])
+
+
+def test_unknown_and_duplicated_genes_are_counted(pbmc, census_vocab, caplog):
+    adata = pbmc.raw.to_adata()[:3].copy()
+    names = list(adata.var_names)
+    names[0], names[1] = "NOT_A_GENE_1", "NOT_A_GENE_2"
+    names[3] = names[2]  # duplicated column
+    adata.var_names = names
+    processor = ScMMGPTCellProcessor(census_vocab)
+    with caplog.at_level(logging.WARNING):
+        processor(adata)
+    cov = processor.last_coverage
+    assert {"NOT_A_GENE_1", "NOT_A_GENE_2"} <= set(cov.unknown)
+    assert cov.duplicated == [names[2]]
+    assert cov.n_known == adata.n_vars - len(cov.unknown) - 1
+    assert "unknown" in caplog.text and "already used" in caplog.text
+
+
+def test_coverage_threshold_is_configurable(pbmc, pbmc_vocab):
+    adata = pbmc.raw.to_adata()[:2]
+    strict = ScMMGPTCellProcessor(pbmc_vocab, min_vocab_coverage=0.99)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        strict(adata)
+    ScMMGPTCellProcessor(pbmc_vocab, min_vocab_coverage=0.5)(adata)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [(lambda x: x.__setitem__((0, 3), np.nan), "NaN"), (lambda x: x.__setitem__((1, 3), -1.0), "negative")],
+)
+def test_bad_values_raise_clear_errors(pbmc, pbmc_vocab, corrupt, message):
+    x = pbmc.raw.X[:2].toarray()
+    corrupt(x)
+    with pytest.raises(ValueError, match=message):
+        ScMMGPTCellProcessor(pbmc_vocab)(x, gene_names=list(pbmc.raw.var_names))
+
+
+def test_scaled_x_is_refused_with_a_hint(pbmc, pbmc_vocab):
+    # pbmc.X is scaled (negative values); the processor must point at .raw or a counts layer.
+    with pytest.raises(ValueError, match="use_raw=True"):
+        ScMMGPTCellProcessor(pbmc_vocab, min_vocab_coverage=0.0)(pbmc[:2])
+
+
+def test_missing_gene_id_column_and_layer(pbmc, pbmc_vocab):
+    with pytest.raises(KeyError, match="gene_id_column='feature_id'"):
+        ScMMGPTCellProcessor(pbmc_vocab, gene_id_column="feature_id")(pbmc[:2])
+    with pytest.raises(KeyError, match="counts"):
+        ScMMGPTCellProcessor(pbmc_vocab, layer="counts")(pbmc[:2])
+
+
+def test_binning_matches_scgpt_where_deterministic(oracle):
+    """scGPT breaks ties between equal bin edges at random; ours takes the middle of that same range."""
+    for name, case in oracle["io"]["caseD_binning_units"]["cases"].items():
+        row = case["row"].numpy()
+        ours = bin_values(row, 51)
+        nonzero = row > 0
+        edges = np.quantile(row[nonzero], np.linspace(0, 1, 50))
+        left = np.digitize(row[nonzero], edges)
+        right = np.digitize(row[nonzero], edges, right=True)
+        low = np.minimum(right + 1, left)
+        assert ((ours[nonzero] >= low) & (ours[nonzero] <= left)).all(), name
+        assert ((case["binned"].numpy()[nonzero] >= low) & (case["binned"].numpy()[nonzero] <= left)).all()
+        assert (ours[~nonzero] == 0).all()
+        if name == "distinct_floats":
+            assert ours.tolist() == case["binned"].tolist()
+
+
+def test_scgpt_preprocessor_path_gives_the_same_tokens(oracle):
+    """Case C: normalize_total 1e4, log1p, binning, zero genes included, <cls> value 0."""
+    io = oracle["io"]
+    case = io["caseC_preprocessor_tokenize_path"]
+    vocab = GeneVocab(io["meta"]["vocab_stoi"])
+    processor = ScMMGPTCellProcessor(
+        vocab, normalize_total=1e4, log1p=True, include_zero_genes=True, cls_value=0, max_genes=98
+    )
+    genes = [vocab.id_to_gene[i] for i in range(97)]
+    out = processor(case["raw_counts"].numpy(), gene_names=genes)
+    assert torch.equal(out["gene_ids"], case["gene"])
+    torch.testing.assert_close(out["expression"][:, 1:], case["X_log1p"], atol=1e-5, rtol=0)
+    assert out["values"][:, 0].eq(0).all()
+
+
+def test_cell_processor_save_load(pbmc, pbmc_cell_processor, tmp_path):
+    pbmc_cell_processor.save_pretrained(tmp_path)
+    reloaded = ScMMGPTCellProcessor.from_pretrained(tmp_path)
+    assert reloaded.gene_vocab == pbmc_cell_processor.gene_vocab
+    assert reloaded.to_dict() == pbmc_cell_processor.to_dict()
+    _cells_equal(reloaded(pbmc[:3]), pbmc_cell_processor(pbmc[:3]))
+
+
+def test_processor_expands_placeholders_and_builds_prompts(pbmc, pbmc_cell_processor, tokenizer):
+    processor = ScMMGPTProcessor(pbmc_cell_processor, tokenizer, num_cell_tokens=3)
+    span = "<cell><cell_0><cell_1><cell_2></cell>"
+    assert processor.expand_cell_placeholders("a <cell> and <cell> b") == f"a {span} and {span} b"
+    assert processor.expand_cell_placeholders(f"x {span}") == f"x {span}"
+    prompt = processor.build_prompt("Describe this cell.")
+    assert prompt.startswith("<|user|> <cell>") and prompt.endswith("<|assistant|>")
+    inputs = processor(text=[prompt, "<cell> <cell> two cells"], cells=pbmc[:3])
+    ids = inputs["input_ids"]
+    for token_id in [processor.cell_start_token_id, processor.cell_token_id + 2, processor.cell_end_token_id]:
+        assert int((ids == token_id).sum()) == 3
+    assert inputs["cell_gene_ids"].shape[0] == 3 and "cell_expression" not in inputs
+    tok_ids = tokenizer.convert_tokens_to_ids(["<cell_0>", "<cell_1>", "<cell_2>"])
+    assert tok_ids == [processor.cell_token_id + i for i in range(3)]
+
+
+def test_processor_without_chat_template_uses_plain_prompt(pbmc_cell_processor, tokenizer):
+    tokenizer.chat_template = None
+    processor = ScMMGPTProcessor(pbmc_cell_processor, tokenizer, num_cell_tokens=2)
+    assert processor.build_prompt("Which cell type is this?") == "User: <cell>\nWhich cell type is this?\nAssistant:"
+
+
+def test_processor_roundtrip_with_autoprocessor(pbmc, pbmc_cell_processor, tokenizer, tmp_path):
+    processor = ScMMGPTProcessor(pbmc_cell_processor, tokenizer, num_cell_tokens=3)
+    ScMMGPTConfig(
+        cell_config=dict(vocab_size=len(pbmc_cell_processor.gene_vocab), pad_token_id=0, cls_token_id=1),
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer)),
+        **processor.config_token_ids(),
+    ).save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(reloaded, ScMMGPTProcessor)
+    assert reloaded.config_token_ids() == processor.config_token_ids()
+    assert reloaded.chat_template == processor.chat_template
+    a = processor(text=processor.build_prompt("Describe."), cells=pbmc[:1])
+    b = reloaded(text=reloaded.build_prompt("Describe."), cells=pbmc[:1])
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
