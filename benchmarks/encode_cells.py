@@ -1,0 +1,105 @@
+"""Cells/s of the cell encoder plus Q-Former at scGPT whole-human sizes, in fp32 and in bf16, and the fraction of
+this machine's GEMM FLOP/s (measured in the same run) that the encoder reaches.
+
+    python benchmarks/encode_cells.py [--batch-size 8] [--genes 1200] [--repeats 3]
+
+Sizes: d_model 512, 12 layers, 8 heads, d_hid 512, vocab 60,697 (scGPT's whole-human checkpoint), and BLIP-2's
+default Q-Former (768 wide, 12 layers, cross-attention every 2nd layer) with 32 queries. FLOPs are counted by
+torch's FlopCounterMode on one forward pass. For scale, scGPT's own implementation ran at about 1.07 cells/s on
+this 2-core CPU in fp32 (shared/scgpt_oracle/README.md); the hub issue adds a side-by-side run.
+"""
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from modeling_scmmgpt import ScMMGPTConfig
+from modeling_scmmgpt.modeling_scmmgpt import ScMMGPTCellTower
+from modeling_scmmgpt.utils import cpu_has_native_bf16
+
+
+def gemm_flops_per_second(autocast: bool, size: int = 1024, seconds: float = 2.0) -> float:
+    """GEMM throughput through `F.linear`, the path the encoder's layers take (under bf16 autocast or not)."""
+    a, w = torch.randn(size, size), torch.randn(size, size)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.nn.functional.linear(a, w)
+        count, start = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - start < seconds:
+            torch.nn.functional.linear(a, w)
+            count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def attention_flops(config: ScMMGPTConfig, batch_size: int, genes: int) -> tuple[float, float]:
+    """QK^T and AV FLOPs, which FlopCounterMode does not see inside CPU SDPA: (encoder, Q-Former)."""
+    cell, qformer, queries = config.cell_config, config.qformer_config, config.num_cell_tokens
+    encoder = 4 * genes**2 * cell.hidden_size * cell.num_hidden_layers
+    cross_layers = len(range(0, qformer.num_hidden_layers, qformer.cross_attention_frequency))
+    qformer_attn = 4 * queries * qformer.hidden_size * (queries * qformer.num_hidden_layers + genes * cross_layers)
+    return batch_size * encoder, batch_size * qformer_attn
+
+
+def make_batch(config: ScMMGPTConfig, batch_size: int, genes: int):
+    cell = config.cell_config
+    generator = torch.Generator().manual_seed(0)
+    gene_ids = torch.randint(0, cell.pad_token_id, (batch_size, genes), generator=generator)
+    gene_ids[:, 0] = cell.cls_token_id
+    values = torch.randint(1, cell.n_bins, (batch_size, genes), generator=generator).float()
+    values[:, 0] = cell.pad_value
+    return gene_ids, values, torch.ones(batch_size, genes, dtype=torch.long)
+
+
+def time_forward(tower, batch, autocast: bool, repeats: int) -> float:
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        tower(*batch)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            tower(*batch)
+    return (time.perf_counter() - start) / repeats
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--genes", type=int, default=1200)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    config = ScMMGPTConfig(text_config={"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1})
+    tower = ScMMGPTCellTower(config).eval().requires_grad_(False)
+    batch = make_batch(config, args.batch_size, args.genes)
+
+    encoder_attention, qformer_attention = attention_flops(config, args.batch_size, args.genes)
+    with FlopCounterMode(display=False) as counter:
+        tower.cell_model(*batch)
+    encoder_flops = counter.get_total_flops() + encoder_attention
+    with FlopCounterMode(display=False) as counter:
+        tower(*batch)
+    total_flops = counter.get_total_flops() + encoder_attention + qformer_attention
+
+    peak = {"fp32": gemm_flops_per_second(False), "bf16": gemm_flops_per_second(True)}
+    print(f"threads: {torch.get_num_threads()}  batch {args.batch_size} x {args.genes} genes")
+    print(f"CPU has native bf16 (AVX512-BF16/AMX): {cpu_has_native_bf16()}; fast_autocast() uses "
+          f"{'bf16' if cpu_has_native_bf16() else 'fp32'} here")
+    print(f"GEMM peak measured now: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"FLOPs per cell: encoder {encoder_flops / args.batch_size / 1e9:.1f} G, "
+          f"encoder + Q-Former {total_flops / args.batch_size / 1e9:.1f} G")  # fmt: skip
+    results = {}
+    for mode, autocast in (("fp32", False), ("bf16", True)):
+        seconds = time_forward(tower, batch, autocast, args.repeats)
+        enc_seconds = time_forward(tower.cell_model, batch, autocast, args.repeats)
+        results[mode] = args.batch_size / seconds
+        print(
+            f"{mode}: {args.batch_size / seconds:.2f} cells/s (encoder + Q-Former); encoder alone "
+            f"{args.batch_size / enc_seconds:.2f} cells/s = {encoder_flops / enc_seconds / peak[mode]:.0%} of {mode} GEMM peak"
+        )
+    print(f"bf16 / fp32 speed: {results['bf16'] / results['fp32']:.2f}x; GEMM bf16 / fp32: {peak['bf16'] / peak['fp32']:.2f}x")
+    print(f"fp32 vs scGPT's own implementation (1.07 cells/s quoted for this CPU class, not measured in this run): "
+          f"{results['fp32'] / 1.07:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
