@@ -96,6 +96,13 @@ class ScMMGPTCellGenerationOutput(ModelOutput):
     sequences: torch.LongTensor | None = None
 
 
+def _left_align(input_ids: torch.LongTensor, attention_mask: torch.Tensor):
+    """Moves padding to the left of each row (stable, so token order is kept), so that text appended after the
+    prompt follows its last real token whatever the tokenizer's padding side."""
+    order = torch.argsort(attention_mask.long(), dim=1, stable=True)
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
 # --- building blocks --------------------------------------------------------------------------------------------------
 class ScMMGPTMLP(nn.Module):
     """Linear-act-Linear, used for cell-to-LM (`multi_modal_projector`) and LM-to-cell (`cell_head`) maps."""
@@ -552,7 +559,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         prompt and read in one causal pass, which gives exactly the states the LM has when it generates the span.
 
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`): prompts, left-padded.
+            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`): prompts, left- or right-padded.
             gene_ids (`torch.LongTensor` of shape `(num_genes,)` or `(batch_size, num_genes)`): genes to read out.
             attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*).
 
@@ -561,8 +568,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generate_cells needs left-padded prompts; set tokenizer.padding_side = 'left'.")
+        input_ids, attention_mask = _left_align(input_ids, attention_mask)
         batch = input_ids.shape[0]
         span = torch.tensor(
             [self.config.cell_start_token_index] + self.config.cell_token_ids, device=input_ids.device

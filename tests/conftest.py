@@ -8,16 +8,11 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from modeling_scmmgpt import GeneVocab, ScMMGPTCellProcessor
+from modeling_scmmgpt.demo import train_word_tokenizer
 from modeling_scmmgpt.resources import census_vocab_path, pbmc68k_reduced_path
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 SENTENCES = [
     "cell type: CD14-positive monocyte. A monocyte that expresses CD14 and is found in blood.",
     "cell type: B cell. A lymphocyte of B lineage capable of B cell mediated immunity.",
@@ -57,21 +52,13 @@ def pbmc_cell_processor(pbmc_vocab) -> ScMMGPTCellProcessor:
     return ScMMGPTCellProcessor(pbmc_vocab, max_genes=64, use_raw=True)
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
+def make_tokenizer():
     """A word-level tokenizer trained in-process on a few cell descriptions."""
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>"])
-    tokenizer.train_from_iterator(SENTENCES, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", padding_side="left"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return train_word_tokenizer(SENTENCES)
 
 
 @pytest.fixture
-def tokenizer() -> PreTrainedTokenizerFast:
+def tokenizer():
     return make_tokenizer()
 
 

@@ -204,3 +204,17 @@ def test_model_matches_trl_layout(tester):
     assert hidden.shape == (1, ids.shape[1], 32)
     assert model.get_output_embeddings() is model.lm_head
     assert isinstance(ScMMGPTForConditionalGeneration._tied_weights_keys, dict)
+
+
+def test_generate_cells_accepts_either_padding_side(tester):
+    model = ScMMGPTForConditionalGeneration(tester.get_config()).eval()
+    processor = tester.processor
+    prompts = [processor.build_prompt("Generate a cell of type monocyte.", with_cell=False),
+               processor.build_prompt("Generate a cell.", with_cell=False)]  # fmt: skip
+    genes = torch.arange(5, 25)
+    left = processor(text=prompts, padding_side="left")
+    right = processor(text=prompts, padding_side="right")
+    assert not torch.equal(left["input_ids"], right["input_ids"])
+    a = model.generate_cells(left["input_ids"], genes, left["attention_mask"]).expression
+    b = model.generate_cells(right["input_ids"], genes, right["attention_mask"]).expression
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
