@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,6 +22,48 @@ def strip_ensembl_version(gene_id: str) -> str:
     if gene_id.startswith("ENS") and "." in gene_id:
         return gene_id.split(".", 1)[0]
     return gene_id
+
+
+@dataclass
+class GeneCoverage:
+    """How a list of gene names maps to the vocabulary.
+
+    `unknown` lists the names not in the vocabulary (all of them, so nothing is dropped unreported);
+    `duplicated` lists names whose token id was already taken by an earlier column (those columns are skipped).
+    """
+
+    n_genes: int
+    n_known: int
+    unknown: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return self.n_known / max(self.n_genes, 1)
+
+    def __str__(self) -> str:
+        text = f"{self.n_known}/{self.n_genes} genes ({self.fraction:.1%}) are in the vocabulary"
+        if self.unknown:
+            text += f"; {len(self.unknown)} unknown, e.g. {', '.join(self.unknown[:5])}"
+        if self.duplicated:
+            text += f"; {len(self.duplicated)} map to a gene already used and are skipped, e.g. {', '.join(self.duplicated[:5])}"
+        return text
+
+    def check(self, min_fraction: float, source: str) -> None:
+        """Raises when fewer than `min_fraction` of the genes are known, with a hint at the likely cause."""
+        if self.fraction >= min_fraction:
+            return
+        looks_ensembl = sum(g.startswith("ENS") for g in self.unknown) > len(self.unknown) / 2
+        hint = (
+            "they look like Ensembl IDs: add aliases with gene_vocab.add_ensembl_ids_from_gencode(...)"
+            if looks_ensembl
+            else "pass gene_id_column='feature_name' (symbols) or 'feature_id' (Ensembl IDs) if var_names hold "
+            "something else"
+        )
+        raise ValueError(
+            f"{1 - self.fraction:.0%} of genes in {source} are not in the vocabulary "
+            f"(e.g. {', '.join(self.unknown[:5])}); {hint}. Lower min_vocab_coverage (now {min_fraction}) to accept this."
+        )
 
 
 class GeneVocab:
@@ -120,6 +163,21 @@ class GeneVocab:
         """Ids for many genes, -1 where a gene is unknown. Shape `(len(genes),)`, int64."""
         return np.array([(-1 if (i := self.token_id(str(g))) is None else i) for g in genes], dtype=np.int64)
 
+    def map_genes(self, gene_names: list[str]) -> tuple[np.ndarray, GeneCoverage]:
+        """Token ids of a matrix's columns (-1 for unknown columns and for repeats of an already used gene), and
+        the coverage report."""
+        ids = self.lookup(gene_names)
+        unknown = [g for g, i in zip(gene_names, ids) if i < 0]
+        seen, duplicated = set(), []
+        for col, token_id in enumerate(ids):
+            if token_id < 0:
+                continue
+            if token_id in seen:
+                duplicated.append(gene_names[col])
+                ids[col] = -1
+            seen.add(int(token_id))
+        return ids, GeneCoverage(len(gene_names), len(seen), unknown, duplicated)
+
     @property
     def pad_token_id(self) -> int:
         return self.gene_to_id[self.pad_token]
@@ -174,4 +232,4 @@ class GeneVocab:
         return f"GeneVocab({len(self)} tokens, {len(self.ensembl_to_symbol)} Ensembl aliases)"
 
 
-__all__ = ["GeneVocab", "strip_ensembl_version"]
+__all__ = ["GeneCoverage", "GeneVocab", "strip_ensembl_version"]

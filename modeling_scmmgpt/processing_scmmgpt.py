@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -14,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.processing_utils import ProcessorMixin
 
-from .gene_vocab import GeneVocab
+from .gene_vocab import GeneCoverage, GeneVocab
 from .utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -28,6 +27,17 @@ def cell_token(i: int) -> str:
 
 
 # --- per-cell value transforms ----------------------------------------------------------------------------------------
+def check_expression_values(values: np.ndarray, where: str) -> None:
+    """Raises a clear error for NaN, infinite or negative expression values (`where` names the cell)."""
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{where} has NaN or infinite values; clean the matrix before processing.")
+    if (values < 0).any():
+        raise ValueError(
+            f"{where} has negative values: the matrix looks scaled or centred. Pass raw counts or log-normalised "
+            "values (e.g. use_raw=True or layer='counts')."
+        )
+
+
 def bin_values(values: np.ndarray, n_bins: int) -> np.ndarray:
     """scGPT's per-cell binning of the nonzero values into `n_bins - 1` quantile bins (bin 0 is for zeros).
 
@@ -49,32 +59,6 @@ def bin_values(values: np.ndarray, n_bins: int) -> np.ndarray:
     left, right = np.digitize(x, edges), np.digitize(x, edges, right=True)
     binned[nonzero] = np.ceil(left + 0.5 * (right - left)).astype(np.int64)
     return binned
-
-
-@dataclass
-class GeneCoverage:
-    """How the input's genes map to the vocabulary.
-
-    `unknown` lists the names not in the vocabulary (all of them, so nothing is dropped unreported);
-    `duplicated` lists names whose token id was already taken by an earlier column (those columns are skipped).
-    """
-
-    n_genes: int
-    n_known: int
-    unknown: list[str] = field(default_factory=list)
-    duplicated: list[str] = field(default_factory=list)
-
-    @property
-    def fraction(self) -> float:
-        return self.n_known / max(self.n_genes, 1)
-
-    def __str__(self) -> str:
-        text = f"{self.n_known}/{self.n_genes} genes ({self.fraction:.1%}) are in the vocabulary"
-        if self.unknown:
-            text += f"; {len(self.unknown)} unknown, e.g. {', '.join(self.unknown[:5])}"
-        if self.duplicated:
-            text += f"; {len(self.duplicated)} map to a gene already used and are skipped, e.g. {', '.join(self.duplicated[:5])}"
-        return text
 
 
 class ScMMGPTCellProcessor:
@@ -188,48 +172,9 @@ class ScMMGPTCellProcessor:
         matrix = cells if sp.issparse(cells) else np.atleast_2d(np.asarray(cells))
         return matrix, [str(g) for g in gene_names], "the input matrix"
 
-    def gene_coverage(self, gene_names: list[str]) -> tuple[np.ndarray, GeneCoverage]:
-        """Maps column names to token ids (-1 for unknown or duplicated columns) and reports coverage."""
-        ids = self.gene_vocab.lookup(gene_names)
-        unknown = [g for g, i in zip(gene_names, ids) if i < 0]
-        seen, duplicated = set(), []
-        for col, token_id in enumerate(ids):
-            if token_id < 0:
-                continue
-            if token_id in seen:
-                duplicated.append(gene_names[col])
-                ids[col] = -1
-            seen.add(token_id)
-        coverage = GeneCoverage(n_genes=len(gene_names), n_known=len(seen), unknown=unknown, duplicated=duplicated)
-        return ids, coverage
-
-    def _check_coverage(self, coverage: GeneCoverage, source: str) -> None:
-        if coverage.fraction < self.min_vocab_coverage:
-            missing = 1 - coverage.fraction
-            looks_ensembl = sum(g.startswith("ENS") for g in coverage.unknown) > len(coverage.unknown) / 2
-            hint = (
-                "they look like Ensembl IDs: add aliases with gene_vocab.add_ensembl_ids_from_gencode(...)"
-                if looks_ensembl
-                else "pass gene_id_column='feature_name' (symbols) or 'feature_id' (Ensembl IDs) if var_names hold "
-                "something else"
-            )
-            raise ValueError(
-                f"{missing:.0%} of genes in {source} are not in the vocabulary "
-                f"(e.g. {', '.join(coverage.unknown[:5])}); {hint}. Lower min_vocab_coverage "
-                f"(now {self.min_vocab_coverage}) to accept this."
-            )
-        if coverage.unknown or coverage.duplicated:
-            logger.warning("Gene vocabulary coverage for %s: %s", source, coverage)
-
     def _process_cell(self, row: np.ndarray, token_ids: np.ndarray, columns: np.ndarray, row_index: int):
         """One cell: returns (gene ids, model values, expression) without padding."""
-        if not np.all(np.isfinite(row)):
-            raise ValueError(f"Cell {row_index} has NaN or infinite values; clean the matrix before processing.")
-        if (row < 0).any():
-            raise ValueError(
-                f"Cell {row_index} has negative values: the matrix looks scaled or centred. Pass raw counts or "
-                "log-normalised values (e.g. use_raw=True or layer='counts')."
-            )
+        check_expression_values(row, f"cell {row_index}")
         if self.normalize_total is not None:
             total = row.sum()
             row = row * (self.normalize_total / total) if total > 0 else row
@@ -275,8 +220,10 @@ class ScMMGPTCellProcessor:
             raise ValueError(f"{source} has {matrix.shape[1]} columns but {len(names)} gene names were given.")
         if matrix.shape[0] == 0:
             raise ValueError(f"{source} has no cells.")
-        token_ids, coverage = self.gene_coverage(names)
-        self._check_coverage(coverage, source)
+        token_ids, coverage = self.gene_vocab.map_genes(names)
+        coverage.check(self.min_vocab_coverage, source)
+        if coverage.unknown or coverage.duplicated:
+            logger.warning("Gene vocabulary coverage for %s: %s", source, coverage)
         self.last_coverage = coverage
         columns = np.flatnonzero(token_ids >= 0)
         known_ids = token_ids[columns]
@@ -469,4 +416,4 @@ class ScMMGPTProcessor(ProcessorMixin):
         )
 
 
-__all__ = ["GeneCoverage", "ScMMGPTCellProcessor", "ScMMGPTProcessor", "bin_values"]
+__all__ = ["GeneCoverage", "ScMMGPTCellProcessor", "ScMMGPTProcessor", "bin_values", "check_expression_values"]

@@ -204,3 +204,15 @@ def test_processor_roundtrip_with_autoprocessor(pbmc, pbmc_cell_processor, token
     b = reloaded(text=reloaded.build_prompt("Describe."), cells=pbmc[:1])
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_backed_anndata_gives_the_same_tensors(pbmc, pbmc_cell_processor, tmp_path):
+    import anndata as ad
+
+    path = tmp_path / "pbmc.h5ad"
+    adata = pbmc.raw.to_adata()
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    processor = ScMMGPTCellProcessor(pbmc_cell_processor.gene_vocab, max_genes=64)
+    _cells_equal(processor(backed[100:110]), pbmc_cell_processor(pbmc[100:110]))
+    backed.file.close()
