@@ -26,9 +26,10 @@ setup(
         "tokenizers>=0.21",
         "gguf>=0.10",
         "zstandard>=0.22",
+        "cellxgene-ontology-guide>=1.0",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest>=8"]},
+    extras_require={"soma": ["tiledbsoma>=1.15"], "dev": ["pytest>=8", "tiledbsoma>=1.15"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Bio-Informatics",

@@ -1,0 +1,45 @@
+"""Instruction examples for the three tasks, built from the same cell records as the descriptions."""
+
+from __future__ import annotations
+
+import random
+
+CELL = "<cell>"
+
+DESCRIBE = (
+    "Describe this cell.",
+    "What can you tell me about this cell?",
+    "Write a short description of this cell.",
+    "Give a description of the cell shown.",
+)
+ANNOTATE = (
+    "Which cell type is this?",
+    "What type of cell is this?",
+    "Name the cell type of this cell.",
+    "Identify the cell type.",
+)
+GENERATE = (
+    "Generate a cell of type {cell_type}{tissue}.",
+    "Create a {cell_type}{tissue}.",
+    "Produce the expression profile of a {cell_type}{tissue}.",
+    "Write a cell that is a {cell_type}{tissue}.",
+)
+
+
+def instruction_examples(record: dict, seed: int = 0) -> list[dict]:
+    """Three instruction examples for one cell record (`cell_id`, `cell_type`, `description`, optional `tissue`).
+
+    Returns dicts with `task`, `prompt`, `response` and `cell_role`: `"input"` when the prompt holds the cell
+    (`<cell>`), `"output"` when the response is the cell span the LM must write. The phrasing is picked by a
+    generator seeded with `seed` and the cell id, so it is the same on every run and every rank.
+    """
+    rng = random.Random(f"{seed}:{record['cell_id']}")
+    cell_type = record.get("cell_type") or "unknown cell type"
+    tissue = f" from {record['tissue']}" if record.get("tissue") else ""
+    return [
+        {"task": "describe", "prompt": f"{CELL}\n{rng.choice(DESCRIBE)}", "response": record["description"],
+         "cell_role": "input"},
+        {"task": "annotate", "prompt": f"{CELL}\n{rng.choice(ANNOTATE)}", "response": cell_type, "cell_role": "input"},
+        {"task": "generate", "prompt": rng.choice(GENERATE).format(cell_type=cell_type, tissue=tissue),
+         "response": CELL, "cell_role": "output"},
+    ]  # fmt: skip
