@@ -216,3 +216,35 @@ def test_backed_anndata_gives_the_same_tensors(pbmc, pbmc_cell_processor, tmp_pa
     processor = ScMMGPTCellProcessor(pbmc_cell_processor.gene_vocab, max_genes=64)
     _cells_equal(processor(backed[100:110]), pbmc_cell_processor(pbmc[100:110]))
     backed.file.close()
+
+
+def test_sparse_examples_give_the_same_tensors_as_the_matrix(pbmc, pbmc_cell_processor):
+    """The data builders yield vocabulary ids and nonzero values; processing them equals processing the matrix."""
+    vocab = pbmc_cell_processor.gene_vocab
+    ids, _ = vocab.map_genes(list(pbmc.raw.var_names))
+    dense = pbmc.raw.X[:5].toarray()
+    examples = [{"gene_ids": ids[(ids >= 0) & (row > 0)], "values": row[(ids >= 0) & (row > 0)]} for row in dense]
+    _cells_equal(pbmc_cell_processor(examples), pbmc_cell_processor(pbmc[:5]))
+    batch = {"gene_ids": [e["gene_ids"] for e in examples], "values": [e["values"] for e in examples]}
+    _cells_equal(pbmc_cell_processor(batch), pbmc_cell_processor(pbmc[:5]))
+    import pyarrow as pa
+
+    table = pa.table({"gene_ids": [e["gene_ids"].tolist() for e in examples], "values": [e["values"].tolist() for e in examples]})
+    _cells_equal(pbmc_cell_processor(table.slice(1, 3)), pbmc_cell_processor(pbmc[1:4]))
+    bad = [{"gene_ids": [1, 2], "values": [1.0, float("nan")], "cell_id": "AAAC-1"}]
+    with pytest.raises(ValueError, match=r"example 0 \(AAAC-1\) has NaN"):
+        pbmc_cell_processor(bad)
+
+
+def test_fast_quantiles_are_bit_identical_to_numpy():
+    from modeling_scmmgpt.processing_scmmgpt import _linear_quantiles
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        n = int(rng.integers(1, 1500))
+        dtype = rng.choice([np.float32, np.float64])
+        x = np.sort(np.round(rng.gamma(1.0, 2.0, n), int(rng.integers(0, 4))).astype(dtype) + dtype(0.001))
+        q = np.linspace(0, 1, int(rng.integers(2, 60)))
+        expected = np.quantile(x, q)
+        got = _linear_quantiles(x, q)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)

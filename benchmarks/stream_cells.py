@@ -1,0 +1,105 @@
+"""Cells/s streamed from a backed h5ad through `ScMMGPTH5ADBuilder` and tokenised by `ScMMGPTCellProcessor`, and
+peak RSS, as the input grows (real PBMC cells tiled).
+
+    python benchmarks/stream_cells.py [--sizes 10000 50000 200000] [--batch-size 256]
+
+Each size runs in a fresh subprocess so that its peak RSS is its own. Targets: at least 5,000 cells/s, and a peak
+RSS that does not grow with the number of cells.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_tiled(path: str, n_cells: int) -> None:
+    """PBMC's 700 real cells (log-normalised `.raw`), repeated to `n_cells`, with unique cell ids."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from modeling_scmmgpt.resources import pbmc68k_reduced_path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pbmc = ad.read_h5ad(pbmc68k_reduced_path())
+    reps = -(-n_cells // pbmc.n_obs)
+    matrix = sp.vstack([pbmc.raw.X] * reps, format="csr")[:n_cells]
+    labels = np.tile(pbmc.obs["bulk_labels"].astype(str).to_numpy(), reps)[:n_cells]
+    obs = pd.DataFrame({"cell_type": labels}, index=[f"cell{i}" for i in range(n_cells)])
+    ad.AnnData(matrix, obs=obs, var=pd.DataFrame(index=pbmc.raw.var_names)).write_h5ad(path)
+
+
+def measure(path: str, batch_size: int) -> dict:
+    """Runs in the child: stream the whole file, tokenise every batch, report cells/s and peak RSS."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    from modeling_scmmgpt import GeneVocab, ScMMGPTCellProcessor
+    from modeling_scmmgpt.resources import census_vocab_path
+    from trainers.data import ScMMGPTH5ADBuilder
+
+    with tempfile.TemporaryDirectory() as cache:
+        builder = ScMMGPTH5ADBuilder(cache_dir=cache, h5ad_files=[path])
+        processor = ScMMGPTCellProcessor(GeneVocab.from_scgpt_json(census_vocab_path()), max_genes=1200)
+        # Arrow batches reach the processor without a detour through Python lists.
+        stream = builder.as_streaming_dataset("train").select_columns(["gene_ids", "values"]).with_format("arrow")
+        cells, start = 0, time.perf_counter()
+        for batch in stream.iter(batch_size=batch_size):
+            cells += len(processor(batch)["gene_ids"])
+        seconds = time.perf_counter() - start
+    return {"cells": cells, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. VmHWM belongs to the address space, which exec replaces; getrusage's
+    ru_maxrss is not used because Linux carries it over from the parent that forked us."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.batch_size)))
+        return
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sizes:
+            path = os.path.join(tmp, f"pbmc_{n}.h5ad")
+            write_tiled(path, n)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", path, "--batch-size", str(args.batch_size)],
+                check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO},
+            )  # fmt: skip
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            assert result["cells"] == n, f"streamed {result['cells']} of {n} cells"
+            results.append((n, result))
+            os.remove(path)
+            print(f"{n:>8} cells: {n / result['seconds']:8.0f} cells/s, peak RSS {result['peak_rss_mb']:.0f} MB",
+                  flush=True)  # fmt: skip
+    first, last = results[0][1], results[-1][1]
+    print(f"peak RSS {results[-1][0]:,} / {results[0][0]:,} cells: {last['peak_rss_mb'] / first['peak_rss_mb']:.2f}x "
+          f"(flat memory is 1.0x); slowest rate {min(n / r['seconds'] for n, r in results):.0f} cells/s "
+          "(target >= 5,000)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
