@@ -66,6 +66,8 @@ def test_h5ad_and_soma_yield_the_same_cells_and_texts(census_like, tmp_path):
     soma_builder = ScMMGPTSomaBuilder(cache_dir=str(tmp_path / "cache_soma"), experiment_uris=[census_like["soma"]],
                                       rows_per_shard=128, rows_per_chunk=50)  # fmt: skip
     soma = _rows(soma_builder.as_streaming_dataset("train"))
+    soma_builder.download_and_prepare()
+    assert _rows(soma_builder.as_dataset("train")) == soma
     assert len(h5ad) == len(soma) == 700
     for a, b in zip(h5ad, soma):
         assert a.pop("source") != b.pop("source")
@@ -119,6 +121,14 @@ def test_stream_resumes_exactly_from_saved_state(census_like, tmp_path):
     rest = [e["cell_id"] + e["source"] for e in resumed]
     assert len(seen) + len(rest) == len(full)
     assert rest == full[333:]
+
+
+def test_stream_pickles_for_worker_processes(census_like, tmp_path):
+    import pickle
+
+    stream = _h5ad_builder(tmp_path, [census_like["h5ad"]]).as_streaming_dataset("train")
+    first = [e["cell_id"] for e in stream]  # opens file handles inside the builder
+    assert [e["cell_id"] for e in pickle.loads(pickle.dumps(stream))] == first
 
 
 def test_buffered_shuffle_is_a_seeded_permutation(census_like, tmp_path):
@@ -213,6 +223,10 @@ def test_missing_and_corrupt_files_name_the_file(census_like, tmp_path):
     truncated.write_bytes(open(census_like["h5ad"], "rb").read()[:5000])
     with pytest.raises(ValueError, match="truncated.h5ad is not a readable .h5ad file"):
         _rows(_h5ad_builder(tmp_path, [str(truncated)]).as_streaming_dataset("train"))
+    garbage = tmp_path / "garbage.h5ad"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="garbage.h5ad is not a readable .h5ad file"):
+        _rows(_h5ad_builder(tmp_path, [str(garbage)]).as_streaming_dataset("train"))
 
 
 def _write(tmp_path, name, adata):
