@@ -59,4 +59,88 @@ def convert_scgpt_state_dict(
     return converted, report
 
 
-__all__ = ["ScGPTConversionReport", "convert_scgpt_state_dict"]
+
+
+
+def convert_scgpt_checkpoint(
+    checkpoint: str,
+    args_json: str | None = None,
+    vocab_json: str | None = None,
+    output_dir: str | None = None,
+    strict: bool = True,
+):
+    """A scGPT checkpoint (`best_model.pt`, `args.json`, `vocab.json`) to a [`ScMMGPTCellModel`] and its
+    [`ScMMGPTCellProcessor`], optionally saved (safetensors) to `output_dir` as a cell-encoder folder that
+    `ScMMGPTForConditionalGeneration.from_pretrained_parts` reads.
+
+    Args:
+        checkpoint: `best_model.pt`, or the folder holding the three files.
+        args_json, vocab_json: default to `args.json` / `vocab.json` next to the checkpoint.
+        strict: raise when encoder weights are missing (unused scGPT heads are only reported).
+
+    Returns:
+        `(model, cell_processor, report)`.
+    """
+    import json
+    import logging
+    import os
+
+    from .configuration_scmmgpt import ScMMGPTCellConfig
+    from .gene_vocab import GeneVocab
+    from .modeling_cell_encoder import ScMMGPTCellModel
+    from .processing_scmmgpt import ScMMGPTCellProcessor
+
+    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
+    checkpoint = os.path.join(checkpoint, "best_model.pt") if os.path.isdir(checkpoint) else checkpoint
+    args_json = args_json or os.path.join(folder, "args.json")
+    vocab_json = vocab_json or os.path.join(folder, "vocab.json")
+    for path in (checkpoint, args_json, vocab_json):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: a scGPT checkpoint folder holds best_model.pt, args.json, vocab.json.")
+    with open(args_json, encoding="utf-8") as f:
+        args = json.load(f)
+    vocab = GeneVocab.from_scgpt_json(vocab_json, special_tokens=(args.get("pad_token", "<pad>"), "<cls>", "<eoc>"))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = state.get("model_state_dict", state) if isinstance(state, dict) else state
+
+    binned = args.get("input_emb_style", "continuous") == "category"
+    n_bins = args.get("n_bins", 51)
+    if binned:  # the table's row count is the truth: scGPT sizes it n_input_bins = n_bins + 2
+        n_bins = state["value_encoder.embedding.weight"].shape[0] - 2
+    config = ScMMGPTCellConfig(
+        vocab_size=state["encoder.embedding.weight"].shape[0],
+        hidden_size=args.get("embsize", args.get("d_model")),
+        num_attention_heads=args.get("nheads", args.get("nhead")),
+        intermediate_size=args["d_hid"],
+        num_hidden_layers=args.get("nlayers"),
+        dropout=args.get("dropout", 0.2),
+        value_embedding="binned" if binned else "continuous",
+        n_bins=n_bins,
+        pad_token_id=vocab.pad_token_id,
+        cls_token_id=vocab.cls_token_id,
+        pad_value=args.get("pad_value", -2),
+        mask_value=args.get("mask_value", -1),
+        max_genes=args.get("max_seq_len", 1200),
+    )
+    if args.get("pre_norm") or args.get("use_batch_labels") or args.get("DSBN") or args.get("domain_spec_batchnorm"):
+        raise ValueError(f"{args_json}: pre-norm or batch-label scGPT variants are not supported by this encoder.")
+    model = ScMMGPTCellModel(config)
+    converted, report = convert_scgpt_state_dict(state, list(model.state_dict()))
+    if report.missing and strict:
+        raise ValueError(f"{checkpoint}: encoder weights missing from the checkpoint: {report.missing}")
+    unexpected = [k for k in converted if k not in model.state_dict()]
+    if unexpected:
+        raise ValueError(f"{checkpoint}: converted keys the encoder does not have: {unexpected}")
+    model.load_state_dict(converted, strict=strict)
+    if report.unused:
+        logging.getLogger(__name__).info("Unused scGPT keys (task heads): %s", report.unused)
+    processor = ScMMGPTCellProcessor(
+        vocab, max_genes=config.max_genes, n_bins=args.get("n_bins", 51), pad_value=config.pad_value,
+        cls_value=config.pad_value,
+    )  # fmt: skip
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+    return model, processor, report
+
+__all__ = ["ScGPTConversionReport", "convert_scgpt_checkpoint", "convert_scgpt_state_dict"]

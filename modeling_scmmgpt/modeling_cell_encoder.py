@@ -59,8 +59,9 @@ class ScMMGPTContinuousValueEncoder(nn.Module):
 
 
 class ScMMGPTBinnedValueEncoder(nn.Module):
-    """LayerNorm(Embedding(bin)), scGPT's `CategoryValueEncoder`; negative values (`<cls>`, padding) use the two
-    rows after the bins."""
+    """LayerNorm(Embedding(bin)), scGPT's `CategoryValueEncoder`. The table has `n_bins + 2` rows: bins index it
+    directly (scGPT's category checkpoints put padding at `n_bins` and masking at `n_bins + 1`), and negative
+    values (`pad_value=-2`, `mask_value=-1`) map to those same two rows."""
 
     def __init__(self, config: ScMMGPTCellConfig):
         super().__init__()
@@ -70,7 +71,7 @@ class ScMMGPTBinnedValueEncoder(nn.Module):
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
         bins = values.round().long()
-        bins = torch.where(bins < 0, self.n_bins + (bins == -1).long(), bins.clamp(max=self.n_bins - 1))
+        bins = torch.where(bins < 0, self.n_bins + (bins == -1).long(), bins.clamp(max=self.n_bins + 1))
         return self.enc_norm(self.embedding(bins))
 
 

@@ -1,0 +1,47 @@
+"""scGPT's own `TransformerModel`, imported from the installed `scgpt` package without running its `__init__`
+(which needs torchtext, whose binary no longer loads on current torch). `scgpt/model/model.py` itself needs only
+torch, numpy and tqdm."""
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+
+def scgpt_model_module():
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scgpt is not installed (pip install --no-deps scgpt); the fixture comparisons still run")
+    if "_scgpt_model" not in sys.modules:
+        package = types.ModuleType("_scgpt_model")
+        package.__path__ = [os.path.join(list(spec.submodule_search_locations)[0], "model")]
+        sys.modules["_scgpt_model"] = package
+    try:
+        return importlib.import_module("_scgpt_model.model")
+    except Exception as err:  # e.g. a future scgpt release that imports more
+        pytest.skip(f"scGPT's model module does not import here: {type(err).__name__}: {err}")
+
+
+def random_scgpt(d_model, nhead, nlayers, d_hid, vocab, seed, input_emb_style="continuous", n_bins=51, pad_value=-2):
+    """A scGPT TransformerModel with every parameter randomised (biases and LayerNorms too), in eval mode."""
+    module = scgpt_model_module()
+    torch.manual_seed(seed)
+    model = module.TransformerModel(
+        ntoken=len(vocab), d_model=d_model, nhead=nhead, d_hid=d_hid, nlayers=nlayers, vocab=vocab, dropout=0.2,
+        pad_token="<pad>", pad_value=pad_value, input_emb_style=input_emb_style,
+        n_input_bins=n_bins + 2 if input_emb_style == "category" else None, do_mvc=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.3 + (1.0 if param.dim() == 1 and param.shape[0] == d_model else 0.0))
+    return model.eval()
+
+
+def flash_layout(state: dict) -> dict:
+    """The released checkpoints' layout: flash-attn `Wqkv` names for the packed projection."""
+    return {k.replace("self_attn.in_proj_weight", "self_attn.Wqkv.weight").replace("self_attn.in_proj_bias", "self_attn.Wqkv.bias"): v
+            for k, v in state.items()}  # fmt: skip
