@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_scmmgpt", "modeling_scmmgpt.*", "trainers", "trainers.*"]),
+    packages=find_packages(include=["modeling_scmmgpt", "modeling_scmmgpt.*", "trainers", "trainers.*", "hub_cards"]),
+    package_data={"hub_cards": ["*.md"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",

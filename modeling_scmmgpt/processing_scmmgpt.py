@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.processing_utils import ProcessorMixin
 
 from .gene_vocab import GeneCoverage, GeneVocab
@@ -474,8 +475,11 @@ class ScMMGPTProcessor(ProcessorMixin):
         if self.qformer_tokenizer is not None:
             self.qformer_tokenizer.save_pretrained(os.path.join(save_directory, "qformer_tokenizer"))
         self.cell_processor.save_pretrained(save_directory)
+        config = self.to_dict()
+        if self._auto_class is not None:  # copy our code next to the files for trust_remote_code users
+            custom_object_save(self, save_directory, config=config)
         path = os.path.join(save_directory, "processor_config.json")
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        atomic_write_text(path, json.dumps(config, indent=2))
         return [path]
 
     @classmethod

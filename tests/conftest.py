@@ -27,12 +27,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses real shipped weights (SmolLM2, MiniLM); run in CI")
 
 
-@pytest.fixture(scope="session")
-def pbmc() -> ad.AnnData:
+def pbmc_cells() -> ad.AnnData:
     """700 real PBMCs; `.raw` holds log-normalised expression of 765 genes."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore")
         return ad.read_h5ad(pbmc68k_reduced_path())
+
+
+@pytest.fixture(scope="session")
+def pbmc() -> ad.AnnData:
+    return pbmc_cells()
 
 
 @pytest.fixture(scope="session")
