@@ -1,12 +1,18 @@
 """Cells/s of the cell encoder plus Q-Former at scGPT whole-human sizes, in fp32 and in bf16, and the fraction of
 this machine's GEMM FLOP/s (measured in the same run) that the encoder reaches.
 
-    python benchmarks/encode_cells.py [--batch-size 8] [--genes 1200] [--repeats 3]
+    python benchmarks/encode_cells.py [--batch-size 8] [--genes 1200] [--repeats 3] [--vs-scgpt]
 
 Sizes: d_model 512, 12 layers, 8 heads, d_hid 512, vocab 60,697 (scGPT's whole-human checkpoint), and BLIP-2's
 default Q-Former (768 wide, 12 layers, cross-attention every 2nd layer) with 32 queries. FLOPs are counted by
 torch's FlopCounterMode on one forward pass. For scale, scGPT's own implementation ran at about 1.07 cells/s on
-this 2-core CPU in fp32 (shared/scgpt_oracle/README.md); the hub issue adds a side-by-side run.
+this 2-core CPU in fp32 (shared/scgpt_oracle/README.md).
+
+`--vs-scgpt` runs scGPT's own `TransformerModel` (from the installed `scgpt` package) and our encoder side by side
+on the same converted random weights and the same cells: real PBMC expression values (binned per cell) on 1,200
+census genes per cell. It prints cells/s for scGPT (fp32, torch's fast path), ours in fp32 and ours in its fast
+mode (`fast_autocast()`: bf16 where the CPU computes it natively, else fp32), their ratios, the fp32 difference to
+scGPT and the cosine of fast-mode to fp32 cell embeddings.
 """
 
 import argparse
@@ -17,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from modeling_scmmgpt import ScMMGPTConfig
 from modeling_scmmgpt.modeling_scmmgpt import ScMMGPTCellTower
-from modeling_scmmgpt.utils import cpu_has_native_bf16
+from modeling_scmmgpt.utils import cpu_has_native_bf16, fast_autocast
 
 
 def gemm_flops_per_second(autocast: bool, size: int = 1024, seconds: float = 2.0) -> float:
@@ -60,12 +66,89 @@ def time_forward(tower, batch, autocast: bool, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def pbmc_batch(batch_size: int, genes: int, vocab_size: int, cls_id: int, pad_value: float):
+    """Real PBMC cells' binned expression on `genes` census gene ids per cell (scGPT's input layout)."""
+    import warnings
+
+    import anndata as ad
+    import numpy as np
+
+    from modeling_scmmgpt import GeneVocab, ScMMGPTCellProcessor
+    from modeling_scmmgpt.resources import census_vocab_path, pbmc68k_reduced_path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cells = ad.read_h5ad(pbmc68k_reduced_path())
+    processor = ScMMGPTCellProcessor(GeneVocab.from_scgpt_json(census_vocab_path()), max_genes=genes, use_raw=True)
+    real = processor(cells[:batch_size])
+    rng = np.random.default_rng(0)
+    gene_ids = torch.as_tensor(rng.choice(vocab_size - 3, size=(batch_size, genes), replace=True))
+    keep = real["attention_mask"].bool()
+    sampled = real["values"][:, 1:][keep[:, 1:]]
+    values = sampled[torch.randint(len(sampled), (batch_size, genes))]
+    # Each cell's real genes and bins first; its remaining slots up to `genes` are census genes with bins drawn
+    # like the real ones (PBMC measures only 765 genes).
+    for row in range(batch_size):
+        n = int(keep[row].sum())
+        gene_ids[row, :n], values[row, :n] = real["gene_ids"][row, :n], real["values"][row, :n]
+    gene_ids[:, 0], values[:, 0] = cls_id, pad_value
+    return gene_ids, values, torch.ones(batch_size, genes, dtype=torch.long)
+
+
+def vs_scgpt(args) -> None:
+    from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel
+    from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict, scgpt_model_module
+
+    module = scgpt_model_module()
+    config = ScMMGPTCellConfig()
+    vocab = {f"g{i}": i for i in range(config.vocab_size - 3)}
+    vocab.update({"<pad>": config.pad_token_id, "<cls>": config.cls_token_id, "<eoc>": config.vocab_size - 1})
+    torch.manual_seed(0)
+    scgpt = module.TransformerModel(
+        ntoken=config.vocab_size, d_model=512, nhead=8, d_hid=512, nlayers=12, vocab=vocab, dropout=0.2,
+        pad_token="<pad>", pad_value=-2, do_mvc=True,
+    ).eval()  # fmt: skip
+    ours = ScMMGPTCellModel(config).eval()
+    ours.load_state_dict(convert_scgpt_state_dict(scgpt.state_dict(), list(ours.state_dict()))[0])
+    batch = pbmc_batch(args.batch_size, args.genes, config.vocab_size, config.cls_token_id, config.pad_value)
+    pad_mask = batch[0].eq(config.pad_token_id)
+
+    def run_scgpt():
+        return scgpt._encode(batch[0], batch[1], src_key_padding_mask=pad_mask)
+
+    def run_ours(fast: bool):
+        with fast_autocast(enabled=fast):
+            return ours(*batch).last_hidden_state
+
+    def timed(fn):
+        with torch.inference_mode():
+            out = fn()
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                fn()
+        return out, args.batch_size * args.repeats / (time.perf_counter() - start)
+
+    reference, scgpt_rate = timed(run_scgpt)
+    fp32, fp32_rate = timed(lambda: run_ours(False))
+    fast, fast_rate = timed(lambda: run_ours(True))
+    cosine = torch.nn.functional.cosine_similarity(fast[:, 0].float(), fp32[:, 0], dim=-1).min()
+    mode = "bf16 autocast" if cpu_has_native_bf16() else "fp32 (no native bf16 on this CPU)"
+    print(f"scGPT TransformerModel (fp32):  {scgpt_rate:.2f} cells/s")
+    print(f"ours fp32:                     {fp32_rate:.2f} cells/s  ({fp32_rate / scgpt_rate:.2f}x scGPT), "
+          f"max |diff| vs scGPT {float((fp32 - reference).abs().max()):.2e}")
+    print(f"ours fast mode [{mode}]: {fast_rate:.2f} cells/s  ({fast_rate / scgpt_rate:.2f}x scGPT; target 3x), "
+          f"min cosine to fp32 cell embeddings {float(cosine):.5f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--genes", type=int, default=1200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vs-scgpt", action="store_true", help="time scGPT's own implementation side by side")
     args = parser.parse_args()
+    if args.vs_scgpt:
+        return vs_scgpt(args)
 
     torch.manual_seed(0)
     config = ScMMGPTConfig(text_config={"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1})

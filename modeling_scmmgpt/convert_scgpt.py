@@ -143,4 +143,26 @@ def convert_scgpt_checkpoint(
         processor.save_pretrained(output_dir)
     return model, processor, report
 
-__all__ = ["ScGPTConversionReport", "convert_scgpt_checkpoint", "convert_scgpt_state_dict"]
+def scgpt_model_module():
+    """scGPT's own `scgpt/model/model.py` (with `TransformerModel`), imported from the installed `scgpt` package
+    without running the package's `__init__`, which needs torchtext (whose binary no longer loads on current
+    torch). The model module itself needs only torch, numpy and tqdm. For side-by-side checks and benchmarks.
+
+    Raises `ImportError` when `scgpt` is not installed (`pip install --no-deps scgpt`)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("scgpt is not installed: pip install --no-deps scgpt")
+    if "_scgpt_model" not in sys.modules:
+        package = types.ModuleType("_scgpt_model")
+        package.__path__ = [os.path.join(list(spec.submodule_search_locations)[0], "model")]
+        sys.modules["_scgpt_model"] = package
+    return importlib.import_module("_scgpt_model.model")
+
+
+__all__ = ["ScGPTConversionReport", "convert_scgpt_checkpoint", "convert_scgpt_state_dict", "scgpt_model_module"]

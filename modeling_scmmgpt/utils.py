@@ -29,10 +29,10 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def fast_autocast(device_type: str = "cpu"):
+def fast_autocast(device_type: str = "cpu", enabled: bool = True):
     """`torch.autocast` in bf16 where that is faster than fp32 (GPUs, CPUs with native bf16), else a no-op, so the
-    same code runs at the best precision-speed trade-off on each machine."""
+    same code runs at the best precision-speed trade-off on each machine. `enabled=False` forces fp32."""
     import torch
 
-    enabled = device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
+    enabled = enabled and (device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16()))
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)

@@ -2,28 +2,17 @@
 (which needs torchtext, whose binary no longer loads on current torch). `scgpt/model/model.py` itself needs only
 torch, numpy and tqdm."""
 
-import importlib
-import importlib.util
-import os
-import sys
-import types
-
 import pytest
 import torch
 
+from modeling_scmmgpt.convert_scgpt import scgpt_model_module as _module
+
 
 def scgpt_model_module():
-    spec = importlib.util.find_spec("scgpt")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scgpt is not installed (pip install --no-deps scgpt); the fixture comparisons still run")
-    if "_scgpt_model" not in sys.modules:
-        package = types.ModuleType("_scgpt_model")
-        package.__path__ = [os.path.join(list(spec.submodule_search_locations)[0], "model")]
-        sys.modules["_scgpt_model"] = package
     try:
-        return importlib.import_module("_scgpt_model.model")
-    except Exception as err:  # e.g. a future scgpt release that imports more
-        pytest.skip(f"scGPT's model module does not import here: {type(err).__name__}: {err}")
+        return _module()
+    except Exception as err:  # not installed, or a future scgpt release that imports more
+        pytest.skip(f"scGPT's model module does not import here ({type(err).__name__}: {err}); the fixture comparisons still run")
 
 
 def random_scgpt(d_model, nhead, nlayers, d_hid, vocab, seed, input_emb_style="continuous", n_bins=51, pad_value=-2):
