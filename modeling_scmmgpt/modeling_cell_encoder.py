@@ -182,9 +182,11 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
         if attention_mask is None:
             attention_mask = gene_ids.ne(self.config.pad_token_id)
         hidden_states = self.gene_encoder(gene_ids) + self.value_encoder(values)
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask.bool()
-        )
+        mask = None
+        if not bool(attention_mask.all()):  # no mask at all lets SDPA take its unmasked (faster) kernel
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask.bool()
+            )
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
