@@ -12,7 +12,7 @@ setup(
     package_data={"hub_cards": ["*.md"]},
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0,<6",
+        "transformers>=5.24,<6",
         "datasets>=4",
         "peft>=0.17",
         "trl>=1.0",

@@ -73,7 +73,7 @@ class ScMMGPTCausalLMOutputWithPast(ModelOutput):
     cell_regression_loss: torch.FloatTensor | None = None
     expression_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor] | None = None
     attentions: tuple[torch.FloatTensor] | None = None
     cell_hidden_states: torch.FloatTensor | None = None
@@ -217,7 +217,7 @@ class ScMMGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("cell", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -313,7 +313,7 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         cell_gene_ids: torch.LongTensor | None = None,
         cell_values: torch.Tensor | None = None,
@@ -356,13 +356,13 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             **kwargs,
         )
         return ScMMGPTModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             cell_hidden_states=cell_hidden_states,
@@ -435,7 +435,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         cell_gene_ids: torch.LongTensor | None = None,
@@ -471,7 +471,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             cell_gene_ids=cell_gene_ids,
             cell_values=cell_values,
@@ -521,7 +521,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             cell_regression_loss=cell_regression_loss,
             expression_loss=expression_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             cell_hidden_states=outputs.cell_hidden_states,
@@ -551,6 +551,8 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         gene_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
+        max_text_tokens: int = 0,
+        **generate_kwargs,
     ) -> ScMMGPTCellGenerationOutput:
         r"""Text to cell: the LM writes a cell span after each prompt, and its own hidden states at the `<cell_i>`
         positions go through `cell_head` and the expression decoder.
@@ -562,12 +564,24 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`): prompts, left- or right-padded.
             gene_ids (`torch.LongTensor` of shape `(num_genes,)` or `(batch_size, num_genes)`): genes to read out.
             attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*).
+            max_text_tokens (`int`, defaults to 0): let the LM first write up to this many tokens (stopping early
+                when it writes `<cell>`), with `generate_kwargs` (e.g. `do_sample=True`): sampled text gives
+                different cells for the same prompt.
 
         Returns:
             [`ScMMGPTCellGenerationOutput`] with `expression` of shape `(batch_size, num_genes)`.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if max_text_tokens > 0:
+            written = self.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_text_tokens,
+                eos_token_id=self.config.cell_start_token_index, **generate_kwargs,
+            )[:, input_ids.shape[1] :]  # fmt: skip
+            # Keep what precedes the first <cell> (the span below starts with one); later tokens are padding.
+            before_cell = written.eq(self.config.cell_start_token_index).long().cumsum(-1) == 0
+            input_ids = torch.cat([input_ids, written], dim=1)
+            attention_mask = torch.cat([attention_mask, before_cell.to(attention_mask.dtype)], dim=1)
         input_ids, attention_mask = _left_align(input_ids, attention_mask)
         batch = input_ids.shape[0]
         span = torch.tensor(
