@@ -1,7 +1,8 @@
 """scMMGPT: joint single-cell + text language modelling, as a transformers model family.
 
 Importing this package registers the `scmmgpt` and `scmmgpt_cell` model types with `AutoConfig`, `AutoModel`,
-`AutoModelForCausalLM` and `AutoProcessor`.
+`AutoModelForCausalLM` and `AutoProcessor`, and the `pipeline()` tasks `cell-feature-extraction`,
+`cell-type-annotation`, `cell-description` and `text-to-cell`.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
@@ -18,6 +19,7 @@ from .modeling_scmmgpt import (
     ScMMGPTModelOutputWithPast,
     ScMMGPTPreTrainedModel,
 )
+from .pipelines import register_pipelines
 from .processing_scmmgpt import GeneCoverage, ScMMGPTCellProcessor, ScMMGPTProcessor
 
 AutoConfig.register(ScMMGPTCellConfig.model_type, ScMMGPTCellConfig, exist_ok=True)
@@ -26,6 +28,7 @@ AutoModel.register(ScMMGPTCellConfig, ScMMGPTCellModel, exist_ok=True)
 AutoModel.register(ScMMGPTConfig, ScMMGPTModel, exist_ok=True)
 AutoModelForCausalLM.register(ScMMGPTConfig, ScMMGPTForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(ScMMGPTConfig, ScMMGPTProcessor, exist_ok=True)
+register_pipelines()
 
 __version__ = "0.1.0"
 

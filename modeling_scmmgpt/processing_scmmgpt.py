@@ -271,10 +271,14 @@ class ScMMGPTCellProcessor:
             raise ValueError(f"{source} has {matrix.shape[1]} columns but {len(names)} gene names were given.")
         if matrix.shape[0] == 0:
             raise ValueError(f"{source} has no cells.")
-        token_ids, coverage = self.gene_vocab.map_genes(names)
-        coverage.check(self.min_vocab_coverage, source)
-        if coverage.unknown or coverage.duplicated:
-            logger.warning("Gene vocabulary coverage for %s: %s", source, coverage)
+        key = (source, tuple(names))
+        if getattr(self, "_mapped", (None,))[0] != key:  # chunked callers pass the same genes again and again
+            token_ids, coverage = self.gene_vocab.map_genes(names)
+            coverage.check(self.min_vocab_coverage, source)
+            if coverage.unknown or coverage.duplicated:
+                logger.warning("Gene vocabulary coverage for %s: %s", source, coverage)
+            self._mapped = (key, token_ids, coverage)
+        _, token_ids, coverage = self._mapped
         self.last_coverage = coverage
         columns = np.flatnonzero(token_ids >= 0)
         known_ids = token_ids[columns]

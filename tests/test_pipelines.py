@@ -1,0 +1,93 @@
+"""pipeline() tasks on real PBMC cells with a tiny model."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import pipeline
+
+from modeling_scmmgpt import ScMMGPTForConditionalGeneration
+from tester import ScMMGPTModelTester
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, pbmc_cell_processor):
+    from conftest import make_tokenizer
+
+    tester = ScMMGPTModelTester(pbmc_cell_processor, make_tokenizer())
+    tester.processor.qformer_tokenizer = tester.processor.tokenizer  # the tiny Q-Former reads the same words
+    torch.manual_seed(0)
+    config = tester.get_config()
+    config.qformer_config.vocab_size = len(tester.processor.tokenizer)
+    model = ScMMGPTForConditionalGeneration(config).eval()
+    directory = tmp_path_factory.mktemp("tiny_scmmgpt")
+    model.save_pretrained(directory)
+    tester.processor.save_pretrained(directory)
+    return str(directory)
+
+
+def test_feature_extraction_shapes_writeback_and_batch_invariance(saved_model, pbmc):
+    extractor = pipeline("cell-feature-extraction", model=saved_model)
+    adata = pbmc[:40].copy()
+    features = extractor(adata, batch_size=16, write_to_adata=True, progress=False)
+    assert features.shape == (40, 16) and np.allclose(np.linalg.norm(features, axis=1), 1, atol=1e-5)
+    assert np.array_equal(adata.obsm["X_scmmgpt"], features)
+    other = extractor(pbmc[[7, 3, 500]], batch_size=1, progress=False)
+    assert np.abs(other[0] - features[7]).max() < 1e-5 and np.abs(other[1] - features[3]).max() < 1e-5
+    dense = extractor(pbmc.raw.X[:40].toarray(), gene_names=list(pbmc.raw.var_names), batch_size=40, progress=False)
+    assert np.abs(dense - features).max() < 1e-5
+
+
+def test_feature_extraction_from_backed_h5ad_path(saved_model, pbmc, tmp_path):
+    path = tmp_path / "cells.h5ad"
+    pbmc.raw.to_adata()[:30].write_h5ad(path)
+    extractor = pipeline("cell-feature-extraction", model=saved_model)
+    extractor.cell_processor.use_raw = False
+    from_path = extractor(str(path), batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="in-memory AnnData"):
+        extractor(str(path), write_to_adata=True, progress=False)
+    extractor.cell_processor.use_raw = True
+    assert np.abs(from_path - extractor(pbmc[:30], progress=False)).max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["zero-shot", "generative"])
+def test_annotation_top_k_ordering_and_writeback(saved_model, pbmc, mode):
+    annotator = pipeline("cell-type-annotation", model=saved_model)
+    labels = ["CL:0001054", "B cell", "natural killer cell", "a cluster nobody named"]
+    adata = pbmc[:12].copy()
+    results = annotator(adata, candidate_labels=labels, top_k=3, mode=mode, write_to_adata=True, progress=False)
+    assert len(results) == 12
+    for ranked in results:
+        assert len(ranked) == 3 and {r["label"] for r in ranked} <= set(labels)
+        scores = [r["score"] for r in ranked]
+        assert scores == sorted(scores, reverse=True)
+    assert list(adata.obs["scmmgpt_cell_type"]) == [r[0]["label"] for r in results]
+    if mode == "zero-shot":
+        assert all(0 <= r["score"] <= 1 for ranked in results for r in ranked)
+    with pytest.raises(ValueError, match="candidate_labels"):
+        annotator(adata, progress=False)
+
+
+def test_description_writes_obs(saved_model, pbmc):
+    describer = pipeline("cell-description", model=saved_model)
+    adata = pbmc[:4].copy()
+    texts = describer(adata, max_new_tokens=5, write_to_adata=True, progress=False)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+    assert list(adata.obs["scmmgpt_description"]) == texts
+
+
+def test_text_to_cell_gives_anndata_that_depends_on_prompt_and_seed(saved_model):
+    generator = pipeline("text-to-cell", model=saved_model)
+    prompts = ["a CD14-positive monocyte from blood", "a B cell from blood"]
+    cells = generator(prompts, n_cells=3, seed=0, max_text_tokens=4)
+    assert cells.shape[0] == 6 and cells.shape[1] > 600
+    assert list(cells.obs["prompt"]) == [prompts[0]] * 3 + [prompts[1]] * 3
+    X = cells.X
+    assert np.isfinite(X).all()
+    assert not np.allclose(X[:3].mean(0), X[3:].mean(0))  # different prompts, different mean profiles
+    again = generator(prompts, n_cells=3, seed=0, max_text_tokens=4)
+    assert np.array_equal(again.X, X)  # seeded
+    assert not np.allclose(X[0], X[1])  # sampled text before the span: seeds give different cells
+    few = generator(prompts[0], n_cells=1, genes=["LYZ", "MS4A1", "GNLY"], max_text_tokens=0)
+    assert list(few.var_names) == ["LYZ", "MS4A1", "GNLY"] and few.shape == (1, 3)
+    with pytest.raises(ValueError, match="CD14"):
+        generator(prompts[0], genes=["CD14"], max_text_tokens=0)
