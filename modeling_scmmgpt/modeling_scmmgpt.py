@@ -159,8 +159,24 @@ class ScMMGPTExpressionDecoder(nn.Module):
         return self.value_head(hidden + self.readout(hidden)).squeeze(-1)
 
 
+class ScMMGPTMaskedValueHead(nn.Module):
+    """Per-gene encoder output to one expression value, scGPT's `ExprDecoder` (masked expression modelling)."""
+
+    def __init__(self, cell_config):
+        super().__init__()
+        hidden = cell_config.hidden_size
+        self.fc = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        r"""`(num_cells, num_genes, cell_hidden_size)` to `(num_cells, num_genes)`."""
+        return self.fc(encoder_hidden_states).squeeze(-1)
+
+
 class ScMMGPTCellTower(nn.Module):
-    """Cell encoder, Q-Former with its learned queries, the Q-Former's text path and the contrastive heads.
+    """Cell encoder, Q-Former with its learned queries, the Q-Former's text path, the contrastive and matching heads
+    and the masked-value head of the reconstruction stage.
 
     Kept in one module so that PEFT's `modules_to_save` can reach the query tokens.
     """
@@ -175,6 +191,7 @@ class ScMMGPTCellTower(nn.Module):
         self.cell_projection = nn.Linear(qformer_hidden, config.projection_dim)
         self.text_projection = nn.Linear(qformer_hidden, config.projection_dim)
         self.itm_head = nn.Linear(qformer_hidden, 2)
+        self.masked_value_head = ScMMGPTMaskedValueHead(config.cell_config)
         # CLIP's learnable temperature, log(1/0.07); clamped by the contrastive loss.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -222,6 +239,9 @@ class ScMMGPTPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _no_split_modules = ["ScMMGPTCellLayer", "Blip2QFormerLayer"]
+    # Every loss part is a mean over its own items, so Trainer must scale for gradient accumulation itself rather
+    # than pass `num_items_in_batch` (which only the LM part could use).
+    accepts_loss_kwargs = False
     # BLIP-2 keeps its Q-Former and queries in fp32; half-precision queries lose too much.
     _keep_in_fp32_modules = ["qformer", "query_tokens"]
 
