@@ -96,6 +96,12 @@ class ScMMGPTCellGenerationOutput(ModelOutput):
     sequences: torch.LongTensor | None = None
 
 
+def _as_input_of(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Casts to the dtype of `module`'s weights. The Q-Former stays in fp32 in a half-precision model
+    (`_keep_in_fp32_modules`), so its outputs must be cast before the half-precision layers that read them."""
+    return hidden_states.to(next(module.parameters()).dtype)
+
+
 def _left_align(input_ids: torch.LongTensor, attention_mask: torch.Tensor):
     """Moves padding to the left of each row (stable, so token order is kept), so that text appended after the
     prompt follows its last real token whatever the tokenizer's padding side."""
@@ -242,7 +248,8 @@ class ScMMGPTPreTrainedModel(PreTrainedModel):
     # Every loss part is a mean over its own items, so Trainer must scale for gradient accumulation itself rather
     # than pass `num_items_in_batch` (which only the LM part could use).
     accepts_loss_kwargs = False
-    # BLIP-2 keeps its Q-Former and queries in fp32; half-precision queries lose too much.
+    # As BLIP-2: with `dtype=torch.float16` (transformers applies this list to fp16 loads only) the Q-Former and its
+    # queries stay fp32, whose range fp16 attention over thousands of genes can overflow; bf16 has fp32's range.
     _keep_in_fp32_modules = ["qformer", "query_tokens"]
 
     @torch.no_grad()
@@ -299,21 +306,24 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         """L2-normalised cell embeddings for cell-text alignment, shape `(num_cells, projection_dim)`: the mean of the
         Q-Former query outputs, projected."""
         query_output = self.cell_tower(gene_ids, values, attention_mask).query_output
-        return F.normalize(self.cell_tower.cell_projection(query_output.mean(dim=1)), dim=-1)
+        projection = self.cell_tower.cell_projection
+        return F.normalize(projection(_as_input_of(projection, query_output.mean(dim=1))), dim=-1)
 
     def get_text_features(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """L2-normalised text embeddings from the Q-Former text path, shape `(batch_size, projection_dim)`.
         `input_ids` come from the Q-Former's (BERT) tokenizer, `ScMMGPTProcessor.qformer_tokenizer`."""
-        return F.normalize(self.cell_tower.text_projection(self.cell_tower.encode_text(input_ids, attention_mask)), dim=-1)
+        projection = self.cell_tower.text_projection
+        return F.normalize(projection(_as_input_of(projection, self.cell_tower.encode_text(input_ids, attention_mask))), dim=-1)
 
     # cell tokens for the LM
     def get_cell_token_embeddings(
         self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Cell tokens projected into the LM, shape `(num_cells, num_cell_tokens, lm_hidden_size)`."""
-        return self.multi_modal_projector(self.cell_tower(gene_ids, values, attention_mask).query_output)
+        query_output = self.cell_tower(gene_ids, values, attention_mask).query_output
+        return self.multi_modal_projector(_as_input_of(self.multi_modal_projector, query_output))
 
     def decode_expression(self, cell_queries: torch.Tensor, gene_ids: torch.LongTensor) -> torch.Tensor:
         r"""Expression of `gene_ids` (`(num_genes,)` or `(batch_size, num_genes)`) for cell tokens `cell_queries`
@@ -321,7 +331,7 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         if gene_ids.dim() == 1:
             gene_ids = gene_ids.unsqueeze(0).expand(cell_queries.shape[0], -1)
         gene_embeds = self.cell_tower.cell_model.gene_encoder(gene_ids)
-        return self.expression_decoder(cell_queries, gene_embeds)
+        return self.expression_decoder(_as_input_of(self.expression_decoder, cell_queries), gene_embeds)
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         """Positions holding any `<cell_i>` token, shape `(batch_size, sequence_length)`."""
@@ -478,12 +488,16 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
                 read, one per unlabelled span.
             target_cell_gene_ids, target_cell_values, target_cell_attention_mask (`(num_target_cells, num_genes)`,
                 *optional*): cells to write, one per labelled span, in order.
-            target_cell_expression (`(num_target_cells, num_genes)`, *optional*): expression to reconstruct at the
-                target genes (the processor's `expression`); defaults to `target_cell_values`.
+            target_cell_expression (`(num_target_cells, num_genes)`, *optional*, required with target cells):
+                expression to reconstruct at the target genes (the cell processor's `expression`).
         """
         placeholder_mask = self.model.get_placeholder_mask(input_ids) if input_ids is not None else None
         output_positions = None
-        if placeholder_mask is not None and labels is not None:
+        if target_cell_gene_ids is not None:
+            if placeholder_mask is None or labels is None:
+                raise ValueError("Target cells need input_ids and labels: the labelled <cell_i> spans are the ones to write.")
+            # Only with target cells do labelled spans mean "write this cell": a collator that copies input_ids into
+            # labels must not turn the cells it reads into cells to write.
             output_positions = placeholder_mask & labels.ne(-100)
             placeholder_mask = placeholder_mask & ~output_positions
 
@@ -508,8 +522,6 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
 
         if target_cell_gene_ids is not None:
-            if output_positions is None:
-                raise ValueError("Target cells need labels: the labelled <cell_i> spans are the ones to write.")
             n_spans = int(output_positions.sum()) / self.config.num_cell_tokens
             if n_spans != target_cell_gene_ids.shape[0]:
                 raise ValueError(
@@ -519,13 +531,17 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             predicted_queries = self.cell_head(hidden_states[output_positions]).view(
                 target_cell_gene_ids.shape[0], self.config.num_cell_tokens, -1
             )
-            target = self.model.cell_tower(target_cell_gene_ids, target_cell_values, target_cell_attention_mask)
-            # The target is detached: the LM learns to reach the cell space, the cell space does not move to the LM.
-            cell_regression_loss = F.mse_loss(predicted_queries.float(), target.query_output.detach().float())
+            target_queries = self._target_cell_queries(target_cell_gene_ids, target_cell_values, target_cell_attention_mask)
+            cell_regression_loss = F.mse_loss(predicted_queries.float(), target_queries.float())
+            if target_cell_expression is None:
+                # target_cell_values are what the encoder reads (often bins), not expression to reconstruct.
+                raise ValueError(
+                    "Target cells need target_cell_expression: pass the cell processor's `expression` output "
+                    "(ScMMGPTProcessor(target_cells=...) returns it as target_cell_expression)."
+                )
             expression_loss = self._expression_loss(
-                predicted_queries, target_cell_gene_ids, target_cell_attention_mask,
-                target_cell_values if target_cell_expression is None else target_cell_expression,
-            )  # fmt: skip
+                predicted_queries, target_cell_gene_ids, target_cell_attention_mask, target_cell_expression
+            )
 
         parts = [
             (self.config.lm_loss_weight, lm_loss),
@@ -548,13 +564,27 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             predicted_cell_queries=predicted_queries,
         )
 
+    @torch.no_grad()
+    def _target_cell_queries(self, gene_ids, values, attention_mask) -> torch.Tensor:
+        """The cells to write, as the Q-Former reads them: a fixed target (no gradient, no dropout), so the LM learns
+        to reach the cell space and the cell space does not move towards the LM."""
+        tower = self.model.cell_tower
+        modes = {module: module.training for module in tower.modules()}
+        tower.eval()
+        try:
+            return tower(gene_ids, values, attention_mask).query_output
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
     def _expression_loss(self, cell_queries, gene_ids, attention_mask, expression) -> torch.Tensor:
-        """MSE over real genes only: padding and `<cls>` are excluded."""
+        """MSE over real genes only: padding and `<cls>` are excluded. Zero (not NaN) for cells with no genes."""
         valid = gene_ids.ne(self.config.cell_config.pad_token_id) & gene_ids.ne(self.config.cell_config.cls_token_id)
         if attention_mask is not None:
             valid &= attention_mask.bool()
-        predicted = self.model.decode_expression(cell_queries, gene_ids)
-        return F.mse_loss(predicted.float()[valid], expression.float()[valid])
+        predicted = self.model.decode_expression(cell_queries, gene_ids).float()
+        squared = (predicted - expression.to(predicted.device).float()).square() * valid
+        return squared.sum() / valid.sum().clamp(min=1)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         # GenerationMixin does not know the cell modality: the cells are merged during prefill only, later steps

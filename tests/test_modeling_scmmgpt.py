@@ -218,3 +218,80 @@ def test_generate_cells_accepts_either_padding_side(tester):
     a = model.generate_cells(left["input_ids"], genes, left["attention_mask"]).expression
     b = model.generate_cells(right["input_ids"], genes, right["attention_mask"]).expression
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_half_precision_load_runs_every_path(pbmc, tester, tmp_path):
+    model = ScMMGPTForConditionalGeneration(tester.get_config())
+    model.save_pretrained(tmp_path)
+    for dtype in (torch.float16, torch.bfloat16):
+        loaded = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path, dtype=dtype)
+        assert loaded.model.multi_modal_projector.linear_1.weight.dtype == dtype
+        if dtype == torch.float16:  # the Q-Former stays fp32 and its outputs must be cast for fp16 layers
+            assert loaded.model.cell_tower.qformer.layernorm.weight.dtype == torch.float32
+        out = loaded(**_joint_batch(tester, pbmc))
+        assert torch.isfinite(out.loss)
+        inputs, _ = tester.describe_inputs(pbmc[:2])
+        features = loaded.get_cell_features(inputs["cell_gene_ids"], inputs["cell_values"], inputs["cell_attention_mask"])
+        assert features.dtype == dtype
+
+
+def test_labels_copied_from_input_ids_keep_input_cells(pbmc, tester):
+    """A collator that sets labels = input_ids labels the cell spans it reads; without target cells they stay
+    cells to read (so the cells change the LM loss), and no cell is expected as output."""
+    model = ScMMGPTForConditionalGeneration(tester.get_config()).eval()
+    inputs, _ = tester.describe_inputs(pbmc[:2])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    first = model(**inputs, labels=labels)
+    others, _ = tester.describe_inputs(pbmc[2:4])
+    second = model(**{**inputs, **{k: v for k, v in others.items() if k.startswith("cell_")}}, labels=labels)
+    assert first.cell_regression_loss is None
+    assert not torch.equal(first.logits, second.logits)
+
+
+def test_target_cells_need_expression_and_survive_empty_cells(pbmc, tester):
+    model = ScMMGPTForConditionalGeneration(tester.get_config())
+    inputs, labels = tester.generate_inputs(pbmc[:2])
+    without = {k: v for k, v in inputs.items() if k != "target_cell_expression"}
+    with pytest.raises(ValueError, match="target_cell_expression"):
+        model(**without, labels=labels)
+    # A cell with no expressed gene (only <cls>) must give a finite expression loss, not NaN.
+    empty = dict(inputs)
+    empty["target_cell_attention_mask"] = torch.zeros_like(inputs["target_cell_attention_mask"])
+    empty["target_cell_attention_mask"][:, 0] = 1
+    assert torch.isfinite(model(**empty, labels=labels).expression_loss)
+
+
+def test_cell_regression_target_is_fixed(pbmc, pbmc_cell_processor, tokenizer):
+    """The target cell's Q-Former output is a fixed target: no gradient and no dropout noise in it."""
+    tester = ScMMGPTModelTester(pbmc_cell_processor, tokenizer)
+    config = tester.get_config()
+    config.cell_config.dropout = 0.5
+    model = ScMMGPTForConditionalGeneration(config).train()
+    inputs, labels = tester.generate_inputs(pbmc[:2])
+    inputs = {k: v for k, v in inputs.items() if k.startswith("target_cell_")}
+    targets = [model._target_cell_queries(inputs["target_cell_gene_ids"], inputs["target_cell_values"],
+                                          inputs["target_cell_attention_mask"]) for _ in range(2)]  # fmt: skip
+    torch.testing.assert_close(targets[0], targets[1])
+    assert not targets[0].requires_grad
+    assert model.model.cell_tower.cell_model.training  # modes restored
+
+
+def test_gradient_accumulation_matches_the_full_batch(pbmc, tester, tmp_path):
+    """Trainer must not treat our mean losses as sums: 2 x 2 accumulated equals one step on 4."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    inputs, labels = tester.describe_inputs(pbmc[:4])
+    rows = Dataset.from_dict({**{k: v.tolist() for k, v in inputs.items()}, "labels": labels.tolist()})
+    weights = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        torch.manual_seed(0)
+        model = ScMMGPTForConditionalGeneration(tester.get_config())
+        args = TrainingArguments(
+            tmp_path / f"b{batch}", per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+            max_steps=1, learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant", report_to=[],
+            save_strategy="no", use_cpu=True, max_grad_norm=0.0,  # no clipping, which would hide the scale
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=rows).train()
+        weights.append(model.lm_head.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=1e-5)
