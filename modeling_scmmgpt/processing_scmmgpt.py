@@ -271,8 +271,11 @@ class ScMMGPTCellProcessor:
             raise ValueError(f"{source} has {matrix.shape[1]} columns but {len(names)} gene names were given.")
         if matrix.shape[0] == 0:
             raise ValueError(f"{source} has no cells.")
-        key = (source, tuple(names))
-        if getattr(self, "_mapped", (None,))[0] != key:  # chunked callers pass the same genes again and again
+        # Chunked callers pass the same genes again and again; the vocabulary's identity and size are in the key so
+        # that adding ids (e.g. `add_ensembl_ids`) or swapping the vocabulary invalidates it.
+        vocab = self.gene_vocab
+        key = (source, tuple(names), id(vocab), len(vocab.gene_to_id), len(vocab.ensembl_to_symbol))
+        if getattr(self, "_mapped", (None,))[0] != key:
             token_ids, coverage = self.gene_vocab.map_genes(names)
             coverage.check(self.min_vocab_coverage, source)
             if coverage.unknown or coverage.duplicated:
@@ -286,9 +289,18 @@ class ScMMGPTCellProcessor:
         rows = []
         for start in range(0, matrix.shape[0], 1024):  # dense conversion a chunk at a time
             chunk = matrix[start : start + 1024]
-            chunk = chunk.toarray() if sp.issparse(chunk) or hasattr(chunk, "toarray") else np.asarray(chunk)
-            for offset, row in enumerate(np.asarray(chunk, dtype=np.float64)):
-                rows.append(self._process_cell(known_ids, row[columns], f"cell {start + offset}"))
+            if sp.issparse(chunk) or hasattr(chunk, "toarray"):
+                # Known columns first, then densify: a 60k-gene row block stays sparse until it is cut down.
+                chunk = sp.csr_matrix(chunk)[:, columns].toarray()
+            else:
+                chunk = np.asarray(chunk)[:, columns]
+            if start == 0 and (self.normalize_total is not None or self.log1p) and np.any(chunk % 1):
+                logger.warning(
+                    "%s holds non-integer values but normalize_total/log1p expect raw counts: the data look already "
+                    "normalised. Pass a counts layer (layer='counts') or turn normalize_total and log1p off.", source
+                )  # fmt: skip
+            for offset, row in enumerate(chunk):
+                rows.append(self._process_cell(known_ids, row.astype(np.float64), f"cell {start + offset}"))
         return rows
 
     def __call__(
@@ -426,30 +438,34 @@ class ScMMGPTProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         cells=None,
         gene_names: list[str] | None = None,
+        target_cells=None,
         return_tensors: str | None = "pt",
         **tokenizer_kwargs,
     ) -> BatchFeature:
         r"""
         Args:
-            text (`str` or `list[str]`, *optional*): texts, each `<cell>` marking where one cell is read.
-            cells (*optional*): cells for [`ScMMGPTCellProcessor`], one per `<cell>` across all texts, in order.
+            text (`str` or `list[str]`, *optional*): texts, each `<cell>` marking where one cell is read or written.
+            cells (*optional*): cells to read, for [`ScMMGPTCellProcessor`] (AnnData, arrays or builder examples).
+            target_cells (*optional*): cells the LM must write (text to cell), in the same forms. Every `<cell>`
+                across the texts is one of the two: there must be as many as `cells` plus `target_cells`.
 
         Returns:
-            [`BatchFeature`] with `input_ids`, `attention_mask` (text) and `cell_gene_ids`, `cell_values`,
-            `cell_attention_mask` (cells).
+            [`BatchFeature`] with `input_ids`, `attention_mask` (text), `cell_gene_ids`, `cell_values`,
+            `cell_attention_mask` (cells) and `target_cell_gene_ids`, `target_cell_values`,
+            `target_cell_attention_mask`, `target_cell_expression` (target cells).
         """
-        if text is None and cells is None:
-            raise ValueError("Pass text, cells, or both.")
+        if text is None and cells is None and target_cells is None:
+            raise ValueError("Pass text, cells, target_cells, or a combination.")
         data = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
             texts = [self.expand_cell_placeholders(t) for t in texts]
             n_spans = sum(t.count(cell_token(0)) for t in texts)
-            n_cells = 0 if cells is None else self._num_cells(cells)
-            if cells is not None and n_spans != n_cells:
+            n_read, n_written = self._num_cells(cells), self._num_cells(target_cells)
+            if (cells is not None or target_cells is not None) and n_spans != n_read + n_written:
                 raise ValueError(
-                    f"The texts hold {n_spans} '<cell>' placeholders but {n_cells} cells were given; "
-                    "put one '<cell>' per cell."
+                    f"The texts hold {n_spans} '<cell>' placeholders but {n_read} cells to read and {n_written} to "
+                    "write were given; put one '<cell>' per cell."
                 )
             tokenizer_kwargs.setdefault("padding", True)
             data.update(self.tokenizer(texts, return_tensors=return_tensors, **tokenizer_kwargs))
@@ -457,10 +473,19 @@ class ScMMGPTProcessor(ProcessorMixin):
             cell_inputs = self.cell_processor(cells, gene_names=gene_names, return_tensors=return_tensors)
             # `expression` is a reconstruction target, not a model input for cells that are read.
             data.update({f"cell_{k}": v for k, v in cell_inputs.items() if k != "expression"})
+        if target_cells is not None:
+            targets = self.cell_processor(target_cells, gene_names=gene_names, return_tensors=return_tensors)
+            data.update({f"target_cell_{k}": v for k, v in targets.items()})
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     @staticmethod
     def _num_cells(cells) -> int:
+        if cells is None:
+            return 0
+        if _is_examples(cells):
+            if hasattr(cells, "num_rows"):
+                return cells.num_rows
+            return len(cells["gene_ids"]) if isinstance(cells, dict) else len(cells)
         return 1 if getattr(cells, "ndim", 2) == 1 else cells.shape[0]
 
     def to_dict(self) -> dict:

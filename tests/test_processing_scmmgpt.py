@@ -248,3 +248,41 @@ def test_fast_quantiles_are_bit_identical_to_numpy():
         expected = np.quantile(x, q)
         got = _linear_quantiles(x, q)
         assert got.dtype == expected.dtype and np.array_equal(got, expected)
+
+
+def test_processor_reads_and_writes_cells_from_examples(pbmc, pbmc_cell_processor, tokenizer):
+    """Builder examples count as cells, and a span the LM writes takes a target cell, not an input cell."""
+    processor = ScMMGPTProcessor(pbmc_cell_processor, tokenizer, num_cell_tokens=3)
+    ids, _ = pbmc_cell_processor.gene_vocab.map_genes(list(pbmc.raw.var_names))
+    dense = pbmc.raw.X[:3].toarray()
+    examples = [{"gene_ids": ids[(ids >= 0) & (row > 0)], "values": row[(ids >= 0) & (row > 0)]} for row in dense]
+    texts = [processor.build_prompt("Describe this cell.", response="a cell"),
+             processor.build_prompt("Generate a B cell.", with_cell=False, response="<cell>")]  # fmt: skip
+    inputs = processor(text=texts, cells=examples[:1], target_cells=examples[1:2])
+    assert inputs["cell_gene_ids"].shape[0] == 1 and inputs["target_cell_gene_ids"].shape[0] == 1
+    expected = pbmc_cell_processor(pbmc[1:2])
+    torch.testing.assert_close(inputs["target_cell_expression"], expected["expression"])
+    with pytest.raises(ValueError, match="2 '<cell>' placeholders but 2 cells to read and 1 to write"):
+        processor(text=texts, cells=examples[:2], target_cells=examples[2:])
+
+
+def test_gene_mapping_follows_vocabulary_changes(pbmc, census_vocab):
+    """The per-genes mapping cache must not outlive a vocabulary change (e.g. Ensembl ids added later)."""
+    symbol_vocab = GeneVocab(census_vocab.gene_to_id)
+    adata = pbmc.raw.to_adata()[:3]
+    ensembl = GeneVocab(census_vocab.gene_to_id)
+    ensembl.add_ensembl_ids_from_gencode(gencode_human_path())
+    symbol_to_ensembl = {s: e for e, s in ensembl.ensembl_to_symbol.items()}
+    adata = adata[:, [g in symbol_to_ensembl for g in adata.var_names]].copy()
+    adata.var["feature_id"] = [symbol_to_ensembl[g] for g in adata.var_names]
+    processor = ScMMGPTCellProcessor(symbol_vocab, max_genes=50, gene_id_column="feature_id", min_vocab_coverage=0)
+    assert processor(adata)["gene_ids"].shape == (3, 1)  # <cls> only: no Ensembl id is known yet
+    symbol_vocab.add_ensembl_ids_from_gencode(gencode_human_path())
+    assert processor(adata)["gene_ids"].shape == (3, 50)
+
+
+def test_normalising_already_normalised_data_warns(pbmc, pbmc_vocab, caplog):
+    ScMMGPTCellProcessor(pbmc_vocab, use_raw=True)(pbmc[:2])
+    assert "expect raw counts" not in caplog.text
+    ScMMGPTCellProcessor(pbmc_vocab, use_raw=True, normalize_total=1e4, log1p=True)(pbmc[:2])
+    assert "look already normalised" in caplog.text
