@@ -121,7 +121,13 @@ def build_from_parts(
         if result.unexpected_keys:
             raise ValueError(f"BERT weights that do not fit the Q-Former: {result.unexpected_keys[:5]}")
         logger.info("Q-Former initialised from %s; unused BERT keys: %s", qformer, unused)
-    # New special tokens: grow the embeddings (and a tied lm_head) to the tokenizer.
-    model.resize_token_embeddings(len(tokenizer))
-    model.config.text_config.vocab_size = len(tokenizer)
+    # New special tokens: grow the embeddings (and a tied lm_head) to the tokenizer. Never shrink them: LMs such as
+    # Qwen2 pad their embedding table beyond the tokenizer (151936 rows for 151665 tokens), and their ids past the
+    # tokenizer are real rows of the checkpoint. New rows start at the mean embedding (transformers' default).
+    vocab_size = max(len(tokenizer), lm.get_input_embeddings().weight.shape[0])
+    model.resize_token_embeddings(vocab_size)
+    model.config.text_config.vocab_size = vocab_size
+    # The LM's own decoding defaults (eos ids, sampling settings) carry over to generate().
+    if lm.generation_config is not None:
+        model.generation_config = lm.generation_config
     return model, processor

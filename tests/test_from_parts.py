@@ -81,3 +81,24 @@ def test_generate_on_real_cells_and_save_load_gives_same_generations(built, pbmc
     a = model.generate_cells(prompt["input_ids"], genes, prompt["attention_mask"]).expression
     b = reloaded.generate_cells(prompt["input_ids"], genes, prompt["attention_mask"]).expression
     assert a.shape == (1, 49) and torch.equal(a, b)
+
+
+def test_padded_lm_vocabulary_is_not_shrunk(cell_encoder_dir, tmp_path):
+    """Qwen2-style checkpoints have more embedding rows than tokens; those rows must survive, and the LM's
+    generation defaults must carry over."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    padded = len(tokenizer) + 64  # room for the 6 cell tokens and more
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=padded, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True))  # fmt: skip
+    lm.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, repetition_penalty=1.3)
+    lm.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, processor = ScMMGPTForConditionalGeneration.from_pretrained_parts(tmp_path, cell_encoder_dir, num_cell_tokens=4)
+    embeddings = model.get_input_embeddings().weight
+    assert embeddings.shape[0] == padded and model.config.text_config.vocab_size == padded
+    torch.testing.assert_close(embeddings[-1], lm.get_input_embeddings().weight[-1])
+    assert model.generation_config.repetition_penalty == 1.3
