@@ -1,0 +1,115 @@
+"""Instruction stage on TRL's SFTTrainer: batches, response-only labels, LoRA choices, loss going down, merging."""
+
+import os
+import re
+
+import pytest
+import torch
+
+from trainers.data.instructions import instruction_examples
+from trainers.instruction import ScMMGPTInstructionArguments, ScMMGPTInstructionCollator, ScMMGPTInstructionTrainer
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, pbmc):
+    """A tiny scMMGPT over the PBMC genes and the PBMC demo splits tokenised with the same gene vocabulary."""
+    from modeling_scmmgpt.demo import build_model
+    from trainers.data import load_pbmc_demo
+
+    torch.manual_seed(0)
+    model, processor = build_model(pbmc, tiny_lm=True)
+    processor.cell_processor.max_genes = 48
+    vocab_dir = tmp_path_factory.mktemp("vocab")
+    processor.cell_processor.gene_vocab.save_pretrained(vocab_dir)
+    splits = load_pbmc_demo(gene_vocab=str(vocab_dir), cache_dir=str(tmp_path_factory.mktemp("hf")))
+    return model, processor, splits
+
+
+def _args(tmp_path, **overrides):
+    defaults = dict(per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=5, save_strategy="no",
+                    use_cpu=True, lora_r=8, seed=0, max_steps=12, eval_strategy="no")  # fmt: skip
+    return ScMMGPTInstructionArguments(str(tmp_path), **{**defaults, **overrides})
+
+
+def test_collator_labels_responses_and_routes_cells(demo):
+    model, processor, splits = demo
+    records = [splits["train"][i] for i in range(2)]
+    batch = ScMMGPTInstructionCollator(processor)(records)
+    assert batch["input_ids"].shape[0] == 6  # three tasks per cell
+    assert batch["cell_gene_ids"].shape[0] == 4 and batch["target_cell_gene_ids"].shape[0] == 2
+    assert "target_cell_expression" in batch
+    tokenizer = processor.tokenizer
+    examples = [e for r in records for e in instruction_examples(r)]
+    for row, example in enumerate(examples):
+        labelled = tokenizer.decode(batch["input_ids"][row][batch["labels"][row] != -100])
+        if example["cell_role"] == "output":
+            assert labelled == processor.cell_span.replace("><", "> <")
+        else:
+            assert re.findall(r"\w+", example["response"])[0].lower() in labelled.lower()
+            assert "<cell_0>" not in labelled  # the cell read is never a target
+    # Annotate-only batches read every cell and write none.
+    only = ScMMGPTInstructionCollator(processor, tasks=["annotate"])(records)
+    assert only["cell_gene_ids"].shape[0] == 2 and "target_cell_gene_ids" not in only
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="Unknown tasks"):
+        ScMMGPTInstructionArguments("/tmp/x", tasks=["translate"])
+    with pytest.raises(ValueError, match="cell_encoder_mode"):
+        ScMMGPTInstructionArguments("/tmp/x", cell_encoder_mode="half")
+
+
+def test_instruction_tuning_lowers_validation_loss_with_lora(demo, tmp_path):
+    model, processor, splits = demo
+    before_lm = {n: p.detach().clone() for n, p in model.named_parameters() if "language_model" in n}
+    before_encoder = {n: p.detach().clone() for n, p in model.model.cell_tower.cell_model.named_parameters()}
+    validation = splits["validation"].select(range(24))
+    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path), processor, splits["train"], validation)
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n and "language_model" in n for n in trainable)
+    assert not any("cell_model" in n for n in trainable)
+    assert any("cell_head" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < before["eval_loss"]
+    for part in ("eval_lm_loss", "eval_cell_regression_loss", "eval_expression_loss"):
+        assert part in after
+    base = trainer.model.get_base_model()
+    for name, value in base.model.cell_tower.cell_model.named_parameters():
+        torch.testing.assert_close(value, before_encoder[name], msg="the frozen cell encoder changed")
+    for name, value in base.named_parameters():
+        if name in before_lm:  # LoRA leaves the LM's own weights as they were
+            torch.testing.assert_close(value, before_lm[name])
+
+    # Adapters save as safetensors; merging gives a full checkpoint with the adapted outputs.
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+    batch = ScMMGPTInstructionCollator(processor)([splits["test"][0]])
+    trainer.model.eval()
+    with torch.no_grad():
+        adapted = trainer.model(**batch).logits
+    trainer.save_merged(str(tmp_path / "merged"))
+    from modeling_scmmgpt import ScMMGPTForConditionalGeneration
+
+    merged = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    assert not [f for f in os.listdir(tmp_path / "merged") if f.endswith((".bin", ".pt"))]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_cell_encoder_lora_and_full_modes(demo, tmp_path):
+    from modeling_scmmgpt.demo import build_model
+
+    _, processor, splits = demo
+    model, _ = build_model(__import__("modeling_scmmgpt.demo", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
+    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, cell_encoder_mode="lora", train_qformer=True),
+                                        processor, splits["train"])  # fmt: skip
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("cell_model" in n and "lora_A" in n and "o_proj" in n for n in names)
+    assert any("qformer" in n for n in names)
+    model, _ = build_model(__import__("modeling_scmmgpt.demo", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
+    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, use_lora=False, cell_encoder_mode="full"),
+                                        processor, splits["train"])  # fmt: skip
+    assert all(p.requires_grad for p in trainer.model.model.cell_tower.cell_model.parameters())
+    assert not any(p.requires_grad for p in trainer.model.model.cell_tower.qformer.parameters())
