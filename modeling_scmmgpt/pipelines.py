@@ -37,6 +37,43 @@ def _is_anndata(cells) -> bool:
     return hasattr(cells, "obs") and hasattr(cells, "var")
 
 
+class _NpyRowWriter:
+    """Writes a `(n_rows, width)` float32 `.npy` file chunk by chunk with plain file writes (not a memory map, whose
+    dirty pages would count against the process), under a temporary name renamed at the end: an interrupted run
+    never leaves a file that looks complete."""
+
+    def __init__(self, path: str | os.PathLike, n_rows: int, width: int):
+        self.path, self.tmp = str(path), f"{path}.partial"
+        self.file = open(self.tmp, "wb")
+        header = {"descr": "<f4", "fortran_order": False, "shape": (n_rows, width)}
+        np.lib.format.write_array_header_1_0(self.file, header)
+
+    def write(self, rows: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+
+    def close(self, complete: bool) -> None:
+        self.file.close()
+        if complete:
+            os.replace(self.tmp, self.path)
+        else:
+            os.remove(self.tmp)
+
+
+class _CsvRowWriter(_NpyRowWriter):
+    """Rows of a CSV table, written as they come, under a temporary name renamed at the end."""
+
+    def __init__(self, path: str | os.PathLike, header: list[str]):
+        import csv
+
+        self.path, self.tmp = str(path), f"{path}.partial"
+        self.file = open(self.tmp, "w", newline="", encoding="utf-8")
+        self.csv = csv.writer(self.file)
+        self.csv.writerow(header)
+
+    def write(self, rows) -> None:
+        self.csv.writerows(rows)
+
+
 class ScMMGPTCellPipeline(Pipeline):
     """Shared chunked walk over cells. Subclasses define `_forward` and how results are stored."""
 
@@ -61,25 +98,39 @@ class ScMMGPTCellPipeline(Pipeline):
 
     def __call__(
         self, inputs, batch_size: int = 64, gene_names=None, write_to_adata: bool = False, progress: bool = True,
-        **kwargs,
+        output_file: str | os.PathLike | None = None, **kwargs,
     ):  # fmt: skip
         r"""
         Args:
             inputs: AnnData, a path to an `.h5ad` file, or a `(num_cells, num_genes)` matrix with `gene_names`.
             batch_size (`int`, defaults to 64): cells per forward pass.
             write_to_adata (`bool`): also store the results in the AnnData (in-memory AnnData only).
+            output_file (`str`, *optional*): stream the results to this file instead of holding them in memory, so
+                memory stays flat for any number of cells: cell-feature-extraction writes a `.npy` file (returned
+                memory-mapped), annotation and description a CSV table with one row per cell (its path is
+                returned).
         """
+        if write_to_adata and output_file is not None:
+            raise ValueError("Pass either write_to_adata or output_file: results streamed to a file are not in memory.")
         cells = _open_cells(inputs)
         n_cells = cells.shape[0] if hasattr(cells, "shape") else len(cells)
         self._start(n_cells, **kwargs)
-        with tqdm(total=n_cells, desc=self.task or type(self).__name__, disable=not progress, unit="cell") as bar:
-            for start in range(0, n_cells, batch_size):
-                chunk = cells[start : start + batch_size]
-                model_inputs = self.preprocess(chunk, gene_names=gene_names if not _is_anndata(cells) else None)
-                with torch.inference_mode():
-                    outputs = self._forward(model_inputs, **kwargs)
-                self._store(start, outputs)
-                bar.update(len(model_inputs["gene_ids"]))
+        if output_file is not None:
+            self._open_output(output_file, n_cells)
+        complete = False
+        try:
+            with tqdm(total=n_cells, desc=self.task or type(self).__name__, disable=not progress, unit="cell") as bar:
+                for start in range(0, n_cells, batch_size):
+                    chunk = cells[start : start + batch_size]
+                    model_inputs = self.preprocess(chunk, gene_names=gene_names if not _is_anndata(cells) else None)
+                    with torch.inference_mode():
+                        outputs = self._forward(model_inputs, **kwargs)
+                    self._store(start, outputs)
+                    bar.update(len(model_inputs["gene_ids"]))
+            complete = True
+        finally:
+            if output_file is not None:
+                self._writer.close(complete)
         results = self._finish()
         if write_to_adata:
             if not _is_anndata(cells) or cells.isbacked:
@@ -92,15 +143,29 @@ class CellFeatureExtractionPipeline(ScMMGPTCellPipeline):
     """Cells to L2-normalised scMMGPT embeddings, `(num_cells, projection_dim)`; written to `obsm["X_scmmgpt"]`."""
 
     def _start(self, n_cells, **kwargs):
-        self._features = np.zeros((n_cells, self.model.config.projection_dim), dtype=np.float32)
+        self._features, self._writer = None, None
+        self._shape = (n_cells, self.model.config.projection_dim)
+
+    def _open_output(self, path, n_cells):
+        if not str(path).endswith(".npy"):
+            raise ValueError(f"output_file={path!r}: cell-feature-extraction streams to a .npy file.")
+        self._writer = _NpyRowWriter(path, *self._shape)
 
     def _forward(self, inputs, **kwargs):
         return self.model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
 
     def _store(self, start, outputs):
-        self._features[start : start + len(outputs)] = outputs.float().cpu().numpy()
+        rows = outputs.float().cpu().numpy()
+        if self._writer is not None:
+            self._writer.write(rows)
+            return
+        if self._features is None:
+            self._features = np.zeros(self._shape, dtype=np.float32)
+        self._features[start : start + len(rows)] = rows
 
     def _finish(self):
+        if self._writer is not None:
+            return np.load(self._writer.path, mmap_mode="r")
         return self._features
 
     def _write(self, adata, results):
@@ -121,7 +186,7 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         if mode not in ("zero-shot", "generative"):
             raise ValueError(f"mode={mode!r}: use 'zero-shot' or 'generative'.")
         self._labels, self._top_k, self._mode = list(candidate_labels), min(top_k, len(candidate_labels)), mode
-        self._results = []
+        self._results, self._writer = [], None
         if mode == "zero-shot":
             texts = [self._describe(label) for label in self._labels]
             tokenizer = self.processor.qformer_tokenizer or self.processor.tokenizer
@@ -156,13 +221,25 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
                                 for c in self._labels] for a in answers])  # fmt: skip
         return scores
 
+    def _open_output(self, path, n_cells):
+        header = ["cell"] + [f"{name}_{k + 1}" for k in range(self._top_k) for name in ("label", "score")]
+        self._writer = _CsvRowWriter(path, header)
+
     def _store(self, start, scores):
         values, indices = scores.float().cpu().topk(self._top_k, dim=-1)
-        for row_values, row_indices in zip(values.tolist(), indices.tolist()):
-            self._results.append([{"label": self._labels[i], "score": v} for v, i in zip(row_values, row_indices)])
+        ranked = [
+            [{"label": self._labels[i], "score": v} for v, i in zip(row_values, row_indices)]
+            for row_values, row_indices in zip(values.tolist(), indices.tolist())
+        ]
+        if self._writer is None:
+            self._results.extend(ranked)
+            return
+        self._writer.write(
+            [start + i] + [x for r in row for x in (r["label"], f"{r['score']:.6g}")] for i, row in enumerate(ranked)
+        )
 
     def _finish(self):
-        return self._results
+        return self._writer.path if self._writer is not None else self._results
 
     def _write(self, adata, results):
         adata.obs["scmmgpt_cell_type"] = [r[0]["label"] for r in results]
@@ -176,6 +253,10 @@ class CellDescriptionPipeline(ScMMGPTCellPipeline):
 
     def _start(self, n_cells, prompt: str = "Describe this cell.", max_new_tokens: int = 64, **kwargs):
         self._prompt, self._max_new_tokens, self._texts = self.processor.build_prompt(prompt), max_new_tokens, []
+        self._writer = None
+
+    def _open_output(self, path, n_cells):
+        self._writer = _CsvRowWriter(path, ["cell", "description"])
 
     def _forward(self, inputs, **kwargs):
         n = inputs["gene_ids"].shape[0]
@@ -188,10 +269,14 @@ class CellDescriptionPipeline(ScMMGPTCellPipeline):
         return self.processor.batch_decode(generated[:, text["input_ids"].shape[1] :], skip_special_tokens=True)
 
     def _store(self, start, texts):
-        self._texts.extend(t.strip() for t in texts)
+        texts = [t.strip() for t in texts]
+        if self._writer is None:
+            self._texts.extend(texts)
+        else:
+            self._writer.write([start + i, text] for i, text in enumerate(texts))
 
     def _finish(self):
-        return self._texts
+        return self._writer.path if self._writer is not None else self._texts
 
     def _write(self, adata, results):
         adata.obs["scmmgpt_description"] = results

@@ -91,3 +91,37 @@ def test_text_to_cell_gives_anndata_that_depends_on_prompt_and_seed(saved_model)
     assert list(few.var_names) == ["LYZ", "MS4A1", "GNLY"] and few.shape == (1, 3)
     with pytest.raises(ValueError, match="CD14"):
         generator(prompts[0], genes=["CD14"], max_text_tokens=0)
+
+
+def test_results_stream_to_files(saved_model, pbmc, tmp_path):
+    import pandas as pd
+
+    extractor = pipeline("cell-feature-extraction", model=saved_model)
+    in_memory = extractor(pbmc[:20], batch_size=8, progress=False)
+    streamed = extractor(pbmc[:20], batch_size=8, progress=False, output_file=tmp_path / "features.npy")
+    assert isinstance(streamed, np.memmap) and np.array_equal(np.asarray(streamed), in_memory)
+    with pytest.raises(ValueError, match=r"\.npy"):
+        extractor(pbmc[:2], output_file=tmp_path / "features.csv", progress=False)
+    with pytest.raises(ValueError, match="either write_to_adata or output_file"):
+        extractor(pbmc[:2].copy(), output_file=tmp_path / "x.npy", write_to_adata=True, progress=False)
+
+    annotator = pipeline("cell-type-annotation", model=saved_model)
+    labels = ["B cell", "natural killer cell", "CL:0001054"]
+    ranked = annotator(pbmc[:10], candidate_labels=labels, top_k=2, batch_size=4, progress=False)
+    path = annotator(pbmc[:10], candidate_labels=labels, top_k=2, batch_size=4, progress=False,
+                     output_file=tmp_path / "labels.csv")  # fmt: skip
+    table = pd.read_csv(path)
+    assert list(table["cell"]) == list(range(10))
+    assert list(table["label_1"]) == [r[0]["label"] for r in ranked]
+    assert np.allclose(table["score_2"], [r[1]["score"] for r in ranked], atol=1e-5)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_interrupted_stream_leaves_no_output_file(saved_model, pbmc, tmp_path):
+    extractor = pipeline("cell-feature-extraction", model=saved_model)
+    cells = pbmc.raw.X[:10].toarray()
+    cells[7, 0] = np.nan  # fails mid-way, in the second chunk
+    with pytest.raises(ValueError, match="NaN"):
+        extractor(cells, gene_names=list(pbmc.raw.var_names), batch_size=4, progress=False,
+                  output_file=tmp_path / "features.npy")  # fmt: skip
+    assert not list(tmp_path.iterdir())
