@@ -228,6 +228,11 @@ class ScMMGPTCellTower(nn.Module):
         """Q-Former text path (no queries, no cross-attention), BLIP-2's `Blip2TextModelWithProjection`.
 
         Returns the `[CLS]` output, shape `(batch_size, qformer_hidden_size)`."""
+        if attention_mask is not None and not bool(attention_mask[:, 0].all()):
+            # Left padding (e.g. a tokenizer set up for generation) would move [CLS] off position 0 and shift the
+            # absolute positions, making a text's features depend on its batch: right-align the tokens.
+            order = torch.argsort(attention_mask.eq(0).long(), dim=1, stable=True)
+            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
         embeds = self.text_embeddings(input_ids=input_ids)
         output = self.qformer(query_embeds=embeds, query_length=0, attention_mask=attention_mask)
         return output.last_hidden_state[:, 0]

@@ -186,6 +186,18 @@ def test_text_features_are_normalised(tester):
     torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3))
 
 
+def test_text_features_do_not_depend_on_padding_side_or_batch(tester):
+    model = ScMMGPTModel(tester.get_config()).eval()
+    short, long = torch.randint(1, 64, (1, 4)), torch.randint(1, 64, (1, 9))
+    alone = model.get_text_features(short, torch.ones_like(short))
+    for side in ("left", "right"):
+        pad = torch.zeros(1, 5, dtype=torch.long)
+        ids = torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)
+        mask = (torch.arange(9) >= 5 if side == "left" else torch.arange(9) < 4).long()[None]
+        batched = model.get_text_features(torch.cat([ids, long]), torch.cat([mask, torch.ones_like(mask)]))
+        torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_lora_on_cell_encoder_trains_out_projection(pbmc, tester):
     model = ScMMGPTForConditionalGeneration(tester.get_config())
     config = LoraConfig(r=4, target_modules=r".*cell_model.*\.(q_proj|k_proj|v_proj|o_proj)", lora_dropout=0.0)
