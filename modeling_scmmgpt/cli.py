@@ -1,0 +1,296 @@
+"""The `scmmgpt` command: the demo, the pipelines on `.h5ad` files, training, evaluation, conversion and publishing.
+
+Errors print one line and a hint (the traceback only with `--debug`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+EXAMPLES = {
+    "demo": "scmmgpt demo --output-dir scmmgpt_demo          # or --fast: tiny LM, fewer steps",
+    "embed": "scmmgpt embed --model runs/demo/model --input pbmc.h5ad --output pbmc_embedded.h5ad",
+    "annotate": "scmmgpt annotate --model runs/demo/model --input pbmc.h5ad --output labels.csv "
+    "--labels CL:0000236 'natural killer cell' --top-k 2",
+    "describe": "scmmgpt describe --model runs/demo/model --input pbmc.h5ad --output descriptions.csv",
+    "generate": "scmmgpt generate --model runs/demo/model --prompt 'a B cell from blood' --n-cells 5 --output cells.h5ad",
+    "train": "scmmgpt train --stage contrastive examples/configs/contrastive_tiny.yaml",
+    "evaluate": "scmmgpt evaluate --model runs/demo/model --output-json metrics.json",
+    "convert-scgpt": "scmmgpt convert-scgpt path/to/scGPT_human out/cell_encoder",
+    "push": "scmmgpt push --model runs/demo/model --repo-id me/scmmgpt-pbmc --eval-results metrics.json",
+}
+
+
+class CLIError(Exception):
+    """A user-facing error: `message` and a `hint` for the fix."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
+
+
+# --- inputs and outputs -------------------------------------------------------------------------------------------
+def _read_h5ad(path: str, backed: bool = False):
+    import warnings
+
+    import anndata as ad
+
+    if not os.path.isfile(path):
+        raise CLIError(f"{path}: no such file.", "Check the --input path.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ad.read_h5ad(path, backed="r" if backed else None)
+    except OSError as error:
+        raise CLIError(f"{path} is not a readable .h5ad file ({error}).", "Pass an AnnData file written by anndata.")
+
+
+def _load(model_dir: str, cls_name: str = "ScMMGPTForConditionalGeneration", **cell_processor_overrides):
+    import modeling_scmmgpt as lib
+
+    if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise CLIError(f"{model_dir}: not a saved scMMGPT model folder.", "Pass the output folder of training or demo.")
+    model = getattr(lib, cls_name).from_pretrained(model_dir).eval()
+    processor = lib.ScMMGPTProcessor.from_pretrained(model_dir)
+    for name, value in cell_processor_overrides.items():
+        if value is not None:
+            setattr(processor.cell_processor, name, value)
+    return model, processor
+
+
+def _write_table(adata, columns: list[str], output: str) -> None:
+    """`.h5ad` keeps the whole AnnData; `.csv` writes the cell ids and the new obs columns."""
+    if output.endswith(".h5ad"):
+        adata.write_h5ad(output)
+    elif output.endswith(".csv"):
+        adata.obs[columns].to_csv(output, index_label="cell_id")
+    else:
+        raise CLIError(f"--output {output}: unknown format.", "Use a .h5ad or .csv file name.")
+
+
+def _cell_pipeline(task: str, args):
+    from transformers import pipeline
+
+    model, processor = _load(args.model, gene_id_column=args.gene_id_column, layer=args.layer,
+                             use_raw=True if args.use_raw else None)  # fmt: skip
+    return pipeline(task, model=model, processor=processor)
+
+
+# --- subcommands ----------------------------------------------------------------------------------------------------
+def cmd_embed(args):
+    adata = _read_h5ad(args.input)
+    extractor = _cell_pipeline("cell-feature-extraction", args)
+    if args.output.endswith(".npy"):
+        extractor(args.input, batch_size=args.batch_size, output_file=args.output)
+    else:
+        extractor(adata, batch_size=args.batch_size, write_to_adata=True)
+        if not args.output.endswith(".h5ad"):
+            raise CLIError(f"--output {args.output}: embeddings go to .h5ad (obsm['X_scmmgpt']) or .npy.", "")
+        adata.write_h5ad(args.output)
+    print(f"Embedded {adata.n_obs} cells -> {args.output}")
+
+
+def cmd_annotate(args):
+    adata = _read_h5ad(args.input)
+    annotator = _cell_pipeline("cell-type-annotation", args)
+    results = annotator(adata, candidate_labels=args.labels, top_k=args.top_k, mode=args.mode,
+                        batch_size=args.batch_size, write_to_adata=True)  # fmt: skip
+    for k in range(1, args.top_k):
+        adata.obs[f"scmmgpt_cell_type_{k + 1}"] = [r[k]["label"] for r in results]
+        adata.obs[f"scmmgpt_cell_type_{k + 1}_score"] = [r[k]["score"] for r in results]
+    columns = [c for c in adata.obs.columns if c.startswith("scmmgpt_cell_type")]
+    _write_table(adata, columns, args.output)
+    print(f"Annotated {adata.n_obs} cells -> {args.output}")
+
+
+def cmd_describe(args):
+    adata = _read_h5ad(args.input)
+    describer = _cell_pipeline("cell-description", args)
+    describer(adata, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, write_to_adata=True)
+    _write_table(adata, ["scmmgpt_description"], args.output)
+    print(f"Described {adata.n_obs} cells -> {args.output}")
+
+
+def cmd_generate(args):
+    from transformers import pipeline
+
+    model, processor = _load(args.model)
+    cells = pipeline("text-to-cell", model=model, processor=processor)(
+        args.prompt, n_cells=args.n_cells, seed=args.seed, max_text_tokens=args.max_text_tokens
+    )
+    if args.output.endswith(".h5ad"):
+        cells.write_h5ad(args.output)
+    elif args.output.endswith(".csv"):
+        cells.to_df().join(cells.obs).to_csv(args.output, index_label="cell_id")
+    else:
+        raise CLIError(f"--output {args.output}: unknown format.", "Use a .h5ad or .csv file name.")
+    print(f"Generated {cells.n_obs} cells over {cells.n_vars} genes -> {args.output}")
+
+
+def cmd_train(args):
+    from trainers.run import STAGES, run_stage
+
+    if args.stage not in STAGES and args.stage != "all":
+        raise CLIError(f"--stage {args.stage}: unknown stage.", f"Choose from {', '.join(STAGES)} or all.")
+    if not os.path.isfile(args.config):
+        raise CLIError(f"{args.config}: no such config file.", "Pass a YAML or JSON file, e.g. examples/configs/*.yaml.")
+    stages = list(STAGES) if args.stage == "all" else [args.stage]
+    for stage in stages:
+        run_stage(stage, [args.config, *args.overrides])
+
+
+def cmd_evaluate(args):
+    from .evaluation import main as evaluate_main
+
+    evaluate_main(["--model", args.model, *(["--output-json", args.output_json] if args.output_json else []),
+                   *(["--test-cells", str(args.test_cells)] if args.test_cells else [])])  # fmt: skip
+
+
+def cmd_convert_scgpt(args):
+    from .convert_scgpt import convert_scgpt_checkpoint
+
+    if not os.path.exists(args.checkpoint):
+        raise CLIError(f"{args.checkpoint}: no such scGPT checkpoint.", "Pass the folder with best_model.pt, args.json and vocab.json.")
+    model, processor, report = convert_scgpt_checkpoint(args.checkpoint, output_dir=args.output_dir)
+    print(f"Converted {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {args.output_dir}")
+    if report.unused:
+        print(f"Not part of the encoder, left out: {', '.join(report.unused)}")
+
+
+def cmd_push(args):
+    from .hub import push_to_hub
+
+    model, processor = _load(args.model)
+    info = push_to_hub(model, processor, args.repo_id, eval_results=args.eval_results, private=args.private)
+    print(f"Pushed to {getattr(info, 'commit_url', args.repo_id)}")
+
+
+def cmd_demo(args):
+    from .demo import main as demo_main
+
+    demo_main(["--output-dir", args.output_dir, *(["--fast"] if args.fast else [])])
+
+
+# --- parser ---------------------------------------------------------------------------------------------------------
+def _add_cell_io(sub, output_help: str):
+    sub.add_argument("--model", required=True, help="saved scMMGPT folder")
+    sub.add_argument("--input", required=True, help=".h5ad file of cells")
+    sub.add_argument("--output", required=True, help=output_help)
+    sub.add_argument("--batch-size", type=int, default=64)
+    sub.add_argument("--gene-id-column", help="var column with gene symbols or Ensembl IDs (default: var_names)")
+    sub.add_argument("--layer", help="read this layer instead of X")
+    sub.add_argument("--use-raw", action="store_true", help="read adata.raw")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line and a hint instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nhint: `{self.prog} --help` lists the commands and options.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="scmmgpt", description="scMMGPT: joint single-cell and text language modelling.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    subs = parser.add_subparsers(dest="command", metavar="command", required=True)
+
+    def sub(name, help_text):
+        return subs.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+
+    p = sub("demo", "Train scMMGPT on the embedded PBMC data through all three stages, evaluate it and plot.")
+    p.add_argument("--output-dir", default="scmmgpt_demo")
+    p.add_argument("--fast", action="store_true", help="tiny LM and fewer steps (CI)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub("embed", "Cell embeddings into obsm['X_scmmgpt'] (.h5ad) or a .npy file streamed from a backed file.")
+    _add_cell_io(p, ".h5ad or .npy")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub("annotate", "Top-k cell types among --labels (Cell Ontology ids, labels or free text), with scores.")
+    _add_cell_io(p, ".h5ad or .csv")
+    p.add_argument("--labels", nargs="+", required=True, help="candidate cell types")
+    p.add_argument("--mode", choices=["zero-shot", "generative"], default="zero-shot")
+    p.add_argument("--top-k", type=int, default=1)
+    p.set_defaults(func=cmd_annotate)
+
+    p = sub("describe", "A generated text description per cell, in obs['scmmgpt_description'].")
+    _add_cell_io(p, ".h5ad or .csv")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_describe)
+
+    p = sub("generate", "Pseudo-cells from text prompts, as an AnnData over the model's genes.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", nargs="+", required=True)
+    p.add_argument("--n-cells", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-text-tokens", type=int, default=0, help="sampled tokens before the cell (varies cells)")
+    p.add_argument("--output", required=True, help=".h5ad or .csv")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub("train", "Run one training stage, or all three in order, from a YAML/JSON config.")
+    p.add_argument("--stage", required=True, help="contrastive, reconstruction, instruction or all")
+    p.add_argument("config", help="YAML or JSON file of the stage's arguments")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="further --flag value pairs")
+    p.set_defaults(func=cmd_train)
+
+    p = sub("evaluate", "The paper's three evaluations on the PBMC demo test split, next to baselines.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--output-json")
+    p.add_argument("--test-cells", type=int)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub("convert-scgpt", "Convert scGPT's best_model.pt/args.json/vocab.json into a safetensors cell encoder.")
+    p.add_argument("checkpoint")
+    p.add_argument("output_dir")
+    p.set_defaults(func=cmd_convert_scgpt)
+
+    p = sub("push", "Publish a model folder to the Hub: safetensors, processor files and a model card.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--eval-results", help="metrics JSON from `scmmgpt evaluate` for the card's model-index")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
+    return parser
+
+
+def _hint(message: str) -> str:
+    if "not in the vocabulary" in message:
+        return ("--gene-id-column names the var column with gene symbols (or Ensembl IDs the model knows); "
+                "--use-raw or --layer pick the matrix.")  # fmt: skip
+    if "adata.raw is empty" in message:
+        return "this model reads adata.raw; store log-normalised values there, or save the model with use_raw=False."
+    return "run again with --debug for the full traceback."
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:  # our own progress bars stay; library loading chatter goes
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        args.func(args)
+    except CLIError as error:
+        if args.debug:
+            raise
+        print(f"scmmgpt {args.command}: error: {error}", file=sys.stderr)
+        if error.hint:
+            print(f"hint: {error.hint}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, FileNotFoundError, OSError) as error:
+        if args.debug:
+            raise
+        message = str(error).strip("'\"").splitlines()[0] if str(error) else type(error).__name__
+        print(f"scmmgpt {args.command}: error: {textwrap.shorten(message, 400)}", file=sys.stderr)
+        print(f"hint: {_hint(message)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The demo's pictures: learned cell embeddings coloured by true and predicted type, and generated against real
+cells (co-embedding and mean marker expression per type). Uses scanpy's UMAP and matplotlib (no display needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Canonical PBMC markers (those measured in the demo data): monocytes, B, NK, T, dendritic cells.
+PBMC_MARKERS = ["LYZ", "CST3", "FCGR3A", "MS4A1", "CD79A", "GNLY", "NKG7", "GZMB", "CD3E", "CD8A", "CD4", "IL7R",
+                "CCR7", "FCER1A"]  # fmt: skip
+
+
+def _figure_backend():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def annotate_test_cells(model, processor, adata, splits):
+    """The test split's cells as an AnnData with scMMGPT's embeddings (`obsm["X_scmmgpt"]`), zero-shot cell type
+    (among the training types' Cell Ontology ids, shown as labels) and generated description in `obs`."""
+    from .pipelines import CellDescriptionPipeline, CellFeatureExtractionPipeline, CellTypeAnnotationPipeline
+
+    test = splits["test"]
+    cells = adata[list(test["cell_id"])].copy()
+    cells.obs["true_cell_type"] = list(test["cell_type"])
+    features = CellFeatureExtractionPipeline(model=model, processor=processor, task=None)
+    cells.obsm["X_scmmgpt"] = np.asarray(features(test, progress=False))
+    id_to_label = dict(zip(splits["train"]["cell_type_ontology_term_id"], splits["train"]["cell_type"]))
+    annotator = CellTypeAnnotationPipeline(model=model, processor=processor, task=None)
+    ranked = annotator(test, candidate_labels=sorted(id_to_label), progress=False)
+    cells.obs["scmmgpt_cell_type"] = [id_to_label[r[0]["label"]] for r in ranked]
+    cells.obs["scmmgpt_cell_type_score"] = [r[0]["score"] for r in ranked]
+    describer = CellDescriptionPipeline(model=model, processor=processor, task=None)
+    cells.obs["scmmgpt_description"] = describer(test, max_new_tokens=40, progress=False)
+    return cells
+
+
+def plot_embeddings(cells, path: str) -> None:
+    """UMAP of `obsm["X_scmmgpt"]`, coloured by true and by predicted type, side by side."""
+    import scanpy as sc
+
+    plt = _figure_backend()
+    sc.pp.neighbors(cells, use_rep="X_scmmgpt", n_neighbors=10, random_state=0)
+    sc.tl.umap(cells, random_state=0)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    for ax, column, title in ((axes[0], "true_cell_type", "true type"), (axes[1], "scmmgpt_cell_type", "scMMGPT zero-shot")):
+        sc.pl.umap(cells, color=column, ax=ax, show=False, title=f"scMMGPT cell embeddings: {title}", legend_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per_type: int = 4) -> None:
+    """Left: UMAP of real test cells and generated cells together (PCA of shared genes). Right: mean expression of
+    marker genes per type, real against generated."""
+    import anndata as ad
+    import pandas as pd
+    import scanpy as sc
+
+    from .evaluation import GENERATION_PROMPTS
+    from .pipelines import TextToCellPipeline
+
+    plt = _figure_backend()
+    test = splits["test"]
+    real = adata[list(test["cell_id"])].raw.to_adata()
+    genes = [g for g in real.var_names if g in processor.cell_processor.gene_vocab]
+    real = real[:, genes].copy()
+    real.obs["cell_type"], real.obs["source"] = list(test["cell_type"]), "real"
+    generator = TextToCellPipeline(model=model, processor=processor, task=None)
+    types = sorted(set(test["cell_type"]))
+    generated = []
+    for cell_type in types:
+        prompts = [GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(cell_type=cell_type, tissue=" from blood")
+                   for k in range(cells_per_type)]  # fmt: skip
+        part = generator(prompts, n_cells=1, max_text_tokens=0, genes=genes)
+        part.obs["cell_type"] = cell_type
+        generated.append(part)
+    fake = ad.concat(generated, index_unique="-")
+    fake.obs["source"] = "generated"
+    both = ad.concat([real, fake], index_unique="-")
+    both.X = np.asarray(both.X.todense() if hasattr(both.X, "todense") else both.X, dtype=np.float32)
+    sc.pp.pca(both, n_comps=min(30, both.n_obs - 1, both.n_vars - 1), random_state=0)
+    sc.pp.neighbors(both, n_neighbors=10, random_state=0)
+    sc.tl.umap(both, random_state=0)
+
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [1, 1.3]})
+    coords = both.obsm["X_umap"]
+    palette = dict(zip(types, plt.cm.tab10(np.linspace(0, 1, len(types)))))
+    for source, marker, size in (("real", "o", 12), ("generated", "*", 120)):
+        rows = (both.obs["source"] == source).to_numpy()
+        axes[0].scatter(coords[rows, 0], coords[rows, 1], c=[palette[t] for t in both.obs["cell_type"][rows]],
+                        marker=marker, s=size, edgecolors="k" if source == "generated" else "none",
+                        linewidths=0.4, label=source)  # fmt: skip
+    handles = [plt.Line2D([], [], marker="o", ls="", color=palette[t], label=t) for t in types]
+    axes[0].legend(handles=handles, fontsize=6, loc="best", title="o real, * generated", title_fontsize=7)
+    axes[0].set_title("Generated (stars) and real (dots) test cells, UMAP of shared genes")
+
+    markers = [g for g in PBMC_MARKERS if g in genes]
+    means = {}
+    for source, data in (("real", real), ("generated", fake)):
+        frame = pd.DataFrame(np.asarray(data[:, markers].X.todense() if hasattr(data.X, "todense") else data[:, markers].X),
+                             columns=markers)  # fmt: skip
+        frame["cell_type"] = data.obs["cell_type"].to_numpy()
+        means[source] = frame.groupby("cell_type").mean().reindex(types)
+    grid = np.concatenate([means["real"].to_numpy(), means["generated"].to_numpy()], axis=1)
+    image = axes[1].imshow(grid, aspect="auto", cmap="viridis")
+    axes[1].set_yticks(range(len(types)), types, fontsize=7)
+    axes[1].set_xticks(range(2 * len(markers)), markers + markers, rotation=90, fontsize=7)
+    axes[1].axvline(len(markers) - 0.5, color="w", lw=2)
+    axes[1].set_title("Mean marker expression per type: real (left) | generated (right)")
+    fig.colorbar(image, ax=axes[1], shrink=0.7, label="log-normalised expression")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["PBMC_MARKERS", "annotate_test_cells", "plot_embeddings", "plot_generated_vs_real"]

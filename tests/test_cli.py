@@ -1,0 +1,103 @@
+"""The `scmmgpt` command: `demo --fast` writes every artefact, the pipeline subcommands read and write files, and
+bad input gives a one-line error with a hint (no traceback)."""
+
+import os
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from modeling_scmmgpt.cli import EXAMPLES, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--fast", "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cells_h5ad(tmp_path_factory, pbmc):
+    path = tmp_path_factory.mktemp("cells") / "cells.h5ad"
+    pbmc[:12].copy().write_h5ad(path)  # the demo model reads .raw (log-normalised)
+    return str(path)
+
+
+def test_demo_fast_writes_every_artefact(demo_dir):
+    from PIL import Image
+
+    model = demo_dir / "instruction"
+    assert (model / "model.safetensors").exists() and (model / "README.md").exists()
+    assert "model-index" in (model / "README.md").read_text()
+    annotated = ad.read_h5ad(demo_dir / "pbmc_test_annotated.h5ad")
+    assert annotated.obsm["X_scmmgpt"].shape[0] == annotated.n_obs > 50
+    for column in ("true_cell_type", "scmmgpt_cell_type", "scmmgpt_description"):
+        assert column in annotated.obs
+    for name, size in (("umap_cell_embeddings.png", (1430, 605)), ("generated_vs_real.png", (1650, 660))):
+        image = Image.open(demo_dir / name)
+        assert image.size == size and np.asarray(image).std() > 10  # not blank
+    metrics = (demo_dir / "metrics.json").read_text()
+    assert "cell_type_annotation" in metrics and "machine" in metrics
+
+
+def test_demo_rerun_reuses_finished_work(demo_dir, capsys):
+    stamp = os.path.getmtime(demo_dir / "instruction" / "model.safetensors")
+    assert main(["demo", "--fast", "--output-dir", str(demo_dir)]) == 0
+    assert os.path.getmtime(demo_dir / "instruction" / "model.safetensors") == stamp
+
+
+def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, tmp_path):
+    model = str(demo_dir / "instruction")
+    assert main(["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "e.h5ad")]) == 0
+    assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_scmmgpt"].shape[0] == 12
+    assert main(["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "e.npy")]) == 0
+    assert np.load(tmp_path / "e.npy").shape[0] == 12
+    assert main(["annotate", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "a.csv"),
+                 "--labels", "CL:0000236", "natural killer cell", "CD14-positive monocyte", "--top-k", "2"]) == 0  # fmt: skip
+    table = (tmp_path / "a.csv").read_text().splitlines()
+    assert len(table) == 13 and "scmmgpt_cell_type_2" in table[0]
+    assert main(["describe", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "d.csv"),
+                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert len((tmp_path / "d.csv").read_text().splitlines()) >= 13
+    assert main(["generate", "--model", model, "--prompt", "a B cell from blood", "--n-cells", "2",
+                 "--output", str(tmp_path / "g.h5ad")]) == 0  # fmt: skip
+    assert ad.read_h5ad(tmp_path / "g.h5ad").n_obs == 2
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "modeling_scmmgpt.cli", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("command", sorted(EXAMPLES))
+def test_every_subcommand_has_help_with_an_example(command):
+    result = _run(command, "--help")
+    assert result.returncode == 0 and "example:" in result.stdout and f"scmmgpt {command}" in result.stdout
+
+
+def test_errors_are_one_line_with_a_hint(demo_dir, cells_h5ad, tmp_path, pbmc):
+    unknown = _run("frobnicate")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert unknown.stderr.splitlines()[0].startswith("scmmgpt: error:") and "hint:" in unknown.stderr
+
+    missing = _run("embed", "--model", str(demo_dir / "instruction"), "--input", "nope.h5ad", "--output", "x.h5ad")
+    assert missing.returncode == 2 and "nope.h5ad: no such file" in missing.stderr and "Traceback" not in missing.stderr
+
+    ensembl = pbmc[:4].copy()
+    raw = ensembl.raw.to_adata()
+    raw.var_names = [f"ENSG{i:011d}" for i in range(raw.n_vars)]
+    ensembl.raw = raw
+    ensembl.write_h5ad(tmp_path / "ensembl.h5ad")
+    wrong_ids = _run("embed", "--model", str(demo_dir / "instruction"), "--input", str(tmp_path / "ensembl.h5ad"),
+                     "--output", str(tmp_path / "x.h5ad"))  # fmt: skip
+    error, hint = wrong_ids.stderr.strip().splitlines()[-2:]  # after any progress bar
+    assert wrong_ids.returncode == 2 and "Traceback" not in wrong_ids.stderr
+    assert error.startswith("scmmgpt embed: error:") and "not in the vocabulary" in error
+    assert hint.startswith("hint:") and "--gene-id-column" in hint
+
+    debug = _run("--debug", "embed", "--model", str(demo_dir / "instruction"), "--input", "nope.h5ad", "--output", "x")
+    assert "Traceback" in debug.stderr
