@@ -103,11 +103,15 @@ def test_cell_encoder_lora_and_full_modes(demo, tmp_path):
 
     _, processor, splits = demo
     model, _ = build_model(__import__("modeling_scmmgpt.demo", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
-    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, cell_encoder_mode="lora", train_qformer=True),
+    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, cell_encoder_mode="lora", qformer_mode="lora"),
                                         processor, splits["train"])  # fmt: skip
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert any("cell_model" in n and "lora_A" in n and "o_proj" in n for n in names)
-    assert any("qformer" in n for n in names)
+    assert any("qformer" in n and "lora_A" in n and "crossattention" in n for n in names)
+    assert not any("qformer" in n and "lora_" not in n for n in names)
+    model, _ = build_model(__import__("modeling_scmmgpt.demo", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
+    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, qformer_mode="full"), processor, splits["train"])
+    assert any("qformer" in n and "lora_" not in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     model, _ = build_model(__import__("modeling_scmmgpt.demo", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
     trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, use_lora=False, cell_encoder_mode="full"),
                                         processor, splits["train"])  # fmt: skip

@@ -220,6 +220,26 @@ def test_two_ranks_match_one_process(stage_processor, pbmc_demo, saved_model, tm
     assert not set(seen[0]) & set(seen[1])
 
 
+@pytest.mark.parametrize("stage", ["reconstruction", "instruction"])
+def test_other_stages_train_in_step_on_two_ranks(stage, pbmc_demo, saved_model, tmp_path):
+    data_dir = str(tmp_path / "train")
+    pbmc_demo["train"].select(range(32)).save_to_disk(data_dir)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "tests", "stage_worker.py"), stage, saved_model, data_dir, str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    weights = [torch.load(tmp_path / f"{stage}_weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    if stage == "instruction":  # LoRA B starts at zero: trained adapters are non-zero
+        assert any(weights[0][k].abs().sum() > 0 for k in weights[0] if "lora_B" in k)
+    else:
+        initial = ScMMGPTForConditionalGeneration.from_pretrained(saved_model).state_dict()
+        assert any(not torch.equal(weights[0][k], initial[k]) for k in initial)
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    seen = [json.loads((tmp_path / f"{stage}_cells_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(seen[0]) >= 3 * 2 and not set(seen[0]) & set(seen[1])
+
+
 # --- (c) SIGKILL and resume -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(saved_model, tmp_path):

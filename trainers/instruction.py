@@ -37,7 +37,8 @@ class ScMMGPTInstructionArguments(SFTConfig):
         lora_r, lora_alpha, lora_dropout: LoRA hyper-parameters.
         cell_encoder_mode (`str`, defaults to `"frozen"`): `"frozen"`, `"lora"` (adapters on its attention
             projections) or `"full"`.
-        train_qformer (`bool`, defaults to `False`): train the Q-Former and its queries too.
+        qformer_mode (`str`, defaults to `"frozen"`): the Q-Former `"frozen"`, `"lora"` (adapters on its attention
+            query/key/value) or `"full"` (with its queries).
     """
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -47,7 +48,7 @@ class ScMMGPTInstructionArguments(SFTConfig):
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     cell_encoder_mode: str = "frozen"
-    train_qformer: bool = False
+    qformer_mode: str = "frozen"
     # Our collator turns builder examples into model inputs; TRL must not tokenise or drop their columns.
     remove_unused_columns: bool = False
     dataset_kwargs: dict | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
@@ -64,8 +65,9 @@ class ScMMGPTInstructionArguments(SFTConfig):
         unknown = set(self.tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"Unknown tasks {sorted(unknown)}; choose from {list(TASKS)}.")
-        if self.cell_encoder_mode not in ("frozen", "lora", "full"):
-            raise ValueError(f"cell_encoder_mode={self.cell_encoder_mode!r}: use 'frozen', 'lora' or 'full'.")
+        for name in ("cell_encoder_mode", "qformer_mode"):
+            if getattr(self, name) not in ("frozen", "lora", "full"):
+                raise ValueError(f"{name}={getattr(self, name)!r}: use 'frozen', 'lora' or 'full'.")
         if self.bf16 is None:
             from modeling_scmmgpt.utils import cpu_has_native_bf16
 
@@ -129,12 +131,14 @@ def _lora_config(args: ScMMGPTInstructionArguments, model):
         targets.append(rf"model\.language_model\..*\.{ATTENTION_PROJECTIONS}")
     if args.cell_encoder_mode == "lora":
         targets.append(rf"model\.cell_tower\.cell_model\..*\.{ATTENTION_PROJECTIONS}")
+    if args.qformer_mode == "lora":  # BERT naming: attention.attention.{query,key,value}, crossattention too
+        targets.append(r"model\.cell_tower\.qformer\..*\.(query|key|value)")
     if not targets:
         return None
     modules_to_save = list(BRIDGE_MODULES)
     if args.cell_encoder_mode == "full":
         modules_to_save.append("cell_model")
-    if args.train_qformer:
+    if args.qformer_mode == "full":
         modules_to_save += ["qformer", "query_tokens"]
     return LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -146,8 +150,8 @@ def _set_trainable(model, args: ScMMGPTInstructionArguments) -> None:
     """Without LoRA: the same choices as plain `requires_grad` switches (the LM then trains in full)."""
     tower = model.model.cell_tower
     tower.cell_model.requires_grad_(args.cell_encoder_mode == "full")
-    tower.qformer.requires_grad_(args.train_qformer)
-    tower.query_tokens.requires_grad_(args.train_qformer)
+    tower.qformer.requires_grad_(args.qformer_mode == "full")
+    tower.query_tokens.requires_grad_(args.qformer_mode == "full")
 
 
 class ScMMGPTInstructionTrainer(AtomicCheckpointsMixin, SFTTrainer):
