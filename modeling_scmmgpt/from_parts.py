@@ -3,6 +3,7 @@ or GGUF) and optionally a BERT folder that initialises the Q-Former, as BLIP-2 d
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -102,10 +103,16 @@ def build_from_parts(
     processor = ScMMGPTProcessor(
         cell_processor, tokenizer, num_cell_tokens=num_cell_tokens, qformer_tokenizer=qformer_tokenizer
     )
+    text_config = lm.config
+    if getattr(text_config, "quantization_config", None) is not None:
+        # GGUF weights are de-quantised to fp32 on load; a saved quantization_config would make later loads treat
+        # the LM as quantized (and Trainer refuse to fine-tune it).
+        text_config = copy.deepcopy(text_config)
+        del text_config.quantization_config
     config = ScMMGPTConfig(
         cell_config=cell_model.config,
         qformer_config=qformer_config,
-        text_config=lm.config,
+        text_config=text_config,
         **processor.config_token_ids(),
         **config_kwargs,
     )

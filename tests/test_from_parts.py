@@ -72,6 +72,9 @@ def test_generate_on_real_cells_and_save_load_gives_same_generations(built, pbmc
     processor.save_pretrained(tmp_path)
     assert not [f for f in os.listdir(tmp_path) if f.endswith((".bin", ".pt", ".pth"))]
     reloaded = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path).eval()
+    # The GGUF weights were de-quantised: the reloaded model is a plain fp32 model that Trainer can fine-tune.
+    assert getattr(reloaded.config.text_config, "quantization_config", None) is None
+    assert getattr(reloaded, "hf_quantizer", None) is None and not getattr(reloaded, "is_quantized", False)
     reprocessor = ScMMGPTProcessor.from_pretrained(tmp_path)
     again = reprocessor(text=prompts, cells=pbmc[[0, 200]])
     assert torch.equal(again["input_ids"], inputs["input_ids"])
