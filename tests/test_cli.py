@@ -101,3 +101,54 @@ def test_errors_are_one_line_with_a_hint(demo_dir, cells_h5ad, tmp_path, pbmc):
 
     debug = _run("--debug", "embed", "--model", str(demo_dir / "instruction"), "--input", "nope.h5ad", "--output", "x")
     assert "Traceback" in debug.stderr
+
+
+def test_train_subcommand_runs_a_stage_from_a_config(tmp_path):
+    config = os.path.join(ROOT, "examples", "configs", "reconstruction_tiny.yaml")
+    out = tmp_path / "stage"
+    assert main(["train", "--stage", "reconstruction", config, "--max_steps", "2", "--output_dir", str(out),
+                 "--max_train_samples", "16", "--max_eval_samples", "8", "--save_strategy", "no",
+                 "--data_cache_dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    assert (out / "model.safetensors").exists() and (out / "stage_complete.json").exists()
+    assert main(["train", "--stage", "pretraining", config]) == 2
+    assert main(["train", "--stage", "reconstruction", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_evaluate_subcommand_writes_metrics(demo_dir, tmp_path):
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model", str(demo_dir / "instruction"), "--output-json", str(out), "--test-cells", "12"]) == 0
+    assert "cell_description" in out.read_text()
+
+
+def test_convert_scgpt_subcommand(tmp_path, pbmc, capsys):
+    from scgpt_reference import flash_layout, random_scgpt
+
+    vocab = {g: i for i, g in enumerate(pbmc.raw.var_names)}
+    vocab.update({"<pad>": len(vocab), "<cls>": len(vocab) + 1, "<eoc>": len(vocab) + 2})
+    import json
+
+    import torch
+
+    torch.save(flash_layout(random_scgpt(16, 2, 1, 16, vocab, 0).state_dict()), tmp_path / "best_model.pt")
+    (tmp_path / "args.json").write_text(json.dumps({"embsize": 16, "nheads": 2, "nlayers": 1, "d_hid": 16,
+                                                    "pad_token": "<pad>", "n_bins": 51}))  # fmt: skip
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    assert main(["convert-scgpt", str(tmp_path), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert main(["convert-scgpt", str(tmp_path / "nowhere"), str(tmp_path / "out2")]) == 2
+    assert "no such scGPT checkpoint" in capsys.readouterr().err
+
+
+def test_push_subcommand_publishes_to_a_hub(demo_dir, tmp_path):
+    from hub_server import LocalHub
+
+    with LocalHub() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+               "HF_TOKEN": "hf_dummy_test_token", "HF_HOME": str(tmp_path / "hf_home")}  # fmt: skip
+        result = subprocess.run([sys.executable, "-m", "modeling_scmmgpt.cli", "push", "--model",
+                                 str(demo_dir / "instruction"), "--repo-id", "tester/demo", "--eval-results",
+                                 str(demo_dir / "metrics.json")], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        files = set(hub.repos["tester/demo"].files)
+    assert {"model.safetensors", "config.json", "README.md", "processor_config.json"} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
