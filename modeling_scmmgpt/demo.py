@@ -104,11 +104,11 @@ def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8):
 
 STAGE_FLAGS = {
     # (fast, full) steps. With SmolLM2 the Q-Former is MiniLM-sized (19M parameters over 16 cells and texts plus
-    # the matching pairs: ~2.5 s a step on 2 cores), and a LoRA step on SmolLM2 over 12 instruction examples ~6 s.
+    # the matching pairs: ~3 s a step on 2 cores), and a LoRA step on SmolLM2 over 6 instruction examples ~6 s.
     "contrastive": (["--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--max_text_length", "64"], (40, 60)),
     "reconstruction": (["--per_device_train_batch_size", "32", "--learning_rate", "1e-3"], (30, 60)),
-    "instruction": (["--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--lora_r", "8",
-                     "--lora_alpha", "16", "--max_eval_samples", "24"], (30, 60)),
+    "instruction": (["--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--lora_r", "8",
+                     "--lora_alpha", "16", "--max_eval_samples", "16"], (30, 60)),
 }  # fmt: skip
 
 
