@@ -1,7 +1,7 @@
 """Two-rank checks of the contrastive trainer, launched by tests/test_trainers.py with
 `python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py MODEL_DIR DATA_DIR OUT_DIR`.
 
-1. Loss and gradients: each rank collates its half of `examples.pt`; the mean of the ranks' losses and the
+1. Loss and gradients: each rank collates its half of `examples.json`; the mean of the ranks' losses and the
    all-reduce-averaged gradients (what DDP does) are written by rank 0 for comparison with one process on all.
 2. DDP training with Trainer: a few steps; each rank writes the cell ids it saw and its final weights.
 """
@@ -40,7 +40,8 @@ def loss_and_grads(model_dir, out_dir):
     processor = ScMMGPTProcessor.from_pretrained(model_dir)
     collator = ScMMGPTContrastiveCollator(processor, max_text_length=64)
     trainer = ScMMGPTContrastiveTrainer(model=model, args=args, processor=processor, data_collator=collator)
-    examples = torch.load(os.path.join(out_dir, "examples.pt"), weights_only=False)
+    with open(os.path.join(out_dir, "examples.json"), encoding="utf-8") as f:
+        examples = json.load(f)
     share = len(examples) // world_size
     batch = collator(examples[rank * share : (rank + 1) * share])
     loss, parts = trainer.compute_loss(model, batch, return_outputs=True)

@@ -52,11 +52,11 @@ def test_collator_labels_responses_and_routes_cells(demo):
     assert only["cell_gene_ids"].shape[0] == 2 and "target_cell_gene_ids" not in only
 
 
-def test_bad_arguments_are_named():
+def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match="Unknown tasks"):
-        ScMMGPTInstructionArguments("/tmp/x", tasks=["translate"])
+        ScMMGPTInstructionArguments(str(tmp_path), tasks=["translate"])
     with pytest.raises(ValueError, match="cell_encoder_mode"):
-        ScMMGPTInstructionArguments("/tmp/x", cell_encoder_mode="half")
+        ScMMGPTInstructionArguments(str(tmp_path), cell_encoder_mode="half")
 
 
 def test_instruction_tuning_lowers_validation_loss_with_lora(demo, tmp_path):
