@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 
 import numpy as np
 import scipy.sparse as sp
@@ -239,9 +238,7 @@ def main(argv=None) -> dict:
 
         print("No --model: evaluating an untrained tiny model (a floor, not a result).", file=sys.stderr)
         model, processor = build_model(load_pbmc(), tiny_lm=True)
-    with tempfile.TemporaryDirectory() as vocab_dir:
-        processor.cell_processor.gene_vocab.save_pretrained(vocab_dir)
-        splits = load_pbmc_demo(gene_vocab=vocab_dir, seed=args.seed)
+    splits = load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, seed=args.seed)
     train = splits["train"].filter(lambda r: r["cell_type"] not in args.holdout_types)
     test = splits["test"]
     if args.test_cells is not None:

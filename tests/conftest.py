@@ -82,3 +82,14 @@ def oracle():
         "state": torch.load(os.path.join(directory, "scgpt_tiny_state.pt"), weights_only=True),
         "state_flashkeys": torch.load(os.path.join(directory, "scgpt_tiny_state_flashkeys.pt"), weights_only=True),
     }
+
+
+def tiny_demo(cache_dir):
+    """A tiny untrained scMMGPT over the PBMC genes (48 genes per cell) and the PBMC demo splits with its gene ids."""
+    from modeling_scmmgpt.demo import build_model
+    from trainers.data import load_pbmc_demo
+
+    torch.manual_seed(0)
+    model, processor = build_model(pbmc_cells(), tiny_lm=True)
+    processor.cell_processor.max_genes = 48
+    return model, processor, load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, cache_dir=str(cache_dir))

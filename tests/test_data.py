@@ -277,3 +277,17 @@ def test_duplicated_genes_and_empty_cells_are_counted(census_like, tmp_path, cap
     assert adata.obs_names[3] not in {r["cell_id"] for r in rows}
     assert "1 map to a gene already used" in caplog.text
     assert "skipped 2 cells with no expressed vocabulary genes" in caplog.text
+
+
+def test_pbmc_demo_takes_a_model_vocabulary(pbmc_vocab, tmp_path):
+    """A GeneVocab object gives the same examples as its saved file, through a stable content-named file, so a
+    second call reuses the prepared dataset."""
+    pbmc_vocab.save_pretrained(tmp_path / "vocab")
+    by_path = load_pbmc_demo(gene_vocab=str(tmp_path / "vocab"), cache_dir=str(tmp_path / "a"))
+    by_object = load_pbmc_demo(gene_vocab=pbmc_vocab, cache_dir=str(tmp_path / "b"))
+    assert by_object["test"]["gene_ids"] == by_path["test"]["gene_ids"]
+    assert max(max(g) for g in by_object["train"]["gene_ids"]) < len(pbmc_vocab)
+    saved = list((tmp_path / "b" / "scmmgpt_gene_vocabs").iterdir())
+    again = load_pbmc_demo(gene_vocab=pbmc_vocab, cache_dir=str(tmp_path / "b"))
+    assert list((tmp_path / "b" / "scmmgpt_gene_vocabs").iterdir()) == saved and len(saved) == 1
+    assert again["train"].cache_files == by_object["train"].cache_files

@@ -6,22 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_demo
 
 from modeling_scmmgpt.evaluation import evaluate_paper_tasks, evaluate_zero_shot_holdout, expression_matrix, format_table
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, pbmc):
-    from modeling_scmmgpt.demo import build_model
-    from trainers.data import load_pbmc_demo
-
-    torch.manual_seed(0)
-    model, processor = build_model(pbmc, tiny_lm=True)
-    processor.cell_processor.max_genes = 48
-    vocab_dir = tmp_path_factory.mktemp("vocab")
-    processor.cell_processor.gene_vocab.save_pretrained(vocab_dir)
-    splits = load_pbmc_demo(gene_vocab=str(vocab_dir), cache_dir=str(tmp_path_factory.mktemp("hf")))
-    return model, processor, splits
+def setup(tmp_path_factory):
+    return tiny_demo(tmp_path_factory.mktemp("hf"))
 
 
 def test_expression_matrix_matches_the_examples(setup):

@@ -5,24 +5,15 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_demo
 
 from trainers.data.instructions import instruction_examples
 from trainers.instruction import ScMMGPTInstructionArguments, ScMMGPTInstructionCollator, ScMMGPTInstructionTrainer
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, pbmc):
-    """A tiny scMMGPT over the PBMC genes and the PBMC demo splits tokenised with the same gene vocabulary."""
-    from modeling_scmmgpt.demo import build_model
-    from trainers.data import load_pbmc_demo
-
-    torch.manual_seed(0)
-    model, processor = build_model(pbmc, tiny_lm=True)
-    processor.cell_processor.max_genes = 48
-    vocab_dir = tmp_path_factory.mktemp("vocab")
-    processor.cell_processor.gene_vocab.save_pretrained(vocab_dir)
-    splits = load_pbmc_demo(gene_vocab=str(vocab_dir), cache_dir=str(tmp_path_factory.mktemp("hf")))
-    return model, processor, splits
+def demo(tmp_path_factory):
+    return tiny_demo(tmp_path_factory.mktemp("hf"))
 
 
 def _args(tmp_path, **overrides):

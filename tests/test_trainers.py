@@ -36,9 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def pbmc_demo(pbmc_vocab, tmp_path_factory):
     """The demo splits with the tiny model's gene vocabulary, so the builder's gene ids are the model's."""
-    vocab_dir = tmp_path_factory.mktemp("vocab")
-    pbmc_vocab.save_pretrained(str(vocab_dir))
-    return load_pbmc_demo(cache_dir=str(vocab_dir / "cache"), gene_vocab=str(vocab_dir))
+    return load_pbmc_demo(cache_dir=str(tmp_path_factory.mktemp("hf")), gene_vocab=pbmc_vocab)
 
 
 @pytest.fixture(scope="session")

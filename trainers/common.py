@@ -281,7 +281,6 @@ def _fsync_tree(path: str):
 def load_model_and_pbmc(model_args, seed: int):
     """`(model, processor, datasets)` for the example scripts: a saved model (`model_name_or_path`) or the tiny demo
     model, and the embedded PBMC demo built with *that model's* gene vocabulary (so gene ids agree)."""
-    import tempfile
 
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
     from modeling_scmmgpt.demo import build_model, load_pbmc
@@ -296,12 +295,10 @@ def load_model_and_pbmc(model_args, seed: int):
         model, processor = build_model(
             load_pbmc(), tiny_lm=model_args.demo_language_model == "tiny", num_cell_tokens=model_args.num_cell_tokens
         )
-    with tempfile.TemporaryDirectory() as vocab_dir:
-        processor.cell_processor.gene_vocab.save_pretrained(vocab_dir)
-        data = load_pbmc_demo(
-            cache_dir=model_args.data_cache_dir, seed=seed, gene_vocab=vocab_dir,
-            description_template=model_args.description_template,
-        )  # fmt: skip
+    data = load_pbmc_demo(
+        cache_dir=model_args.data_cache_dir, seed=seed, gene_vocab=processor.cell_processor.gene_vocab,
+        description_template=model_args.description_template,
+    )  # fmt: skip
     if model_args.holdout_cell_types:
         held_out = set(model_args.holdout_cell_types)
         unknown = held_out - set(data["train"]["cell_type"])

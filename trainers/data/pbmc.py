@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+
 import datasets
 
 # bulk_labels to Cell Ontology: the closest term to what each FACS gate selects.
@@ -20,19 +24,39 @@ PBMC_LABEL_TO_CELL_ONTOLOGY = {
 
 
 def load_pbmc_demo(
-    streaming: bool = False, cache_dir: str | None = None, seed: int = 0, **config_kwargs
+    streaming: bool = False, cache_dir: str | None = None, seed: int = 0, gene_vocab=None, **config_kwargs
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """One call to the demo's train/validation/test splits (70/15/15, stratified by cell type, fixed `seed`).
 
-    Equivalent to `ScMMGPTH5ADBuilder(config_name="pbmc68k_reduced", stratified_split_seed=seed)`; further
-    `ScMMGPTCellTextConfig` options (e.g. `description_template="rich"`, `gene_vocab=...`) pass through.
+    Equivalent to `ScMMGPTH5ADBuilder(config_name="pbmc68k_reduced", stratified_split_seed=seed)`. `gene_vocab` is a
+    vocabulary file or folder, or a [`GeneVocab`] (e.g. a model's `processor.cell_processor.gene_vocab`, so that
+    the examples' gene ids are that model's). Further `ScMMGPTCellTextConfig` options (e.g.
+    `description_template="rich"`) pass through.
     """
     from .builders import ScMMGPTH5ADBuilder
 
+    if gene_vocab is not None and not isinstance(gene_vocab, (str, os.PathLike)):
+        gene_vocab = _saved_vocab_path(gene_vocab, cache_dir)
     builder = ScMMGPTH5ADBuilder(
-        config_name="pbmc68k_reduced", cache_dir=cache_dir, stratified_split_seed=seed, **config_kwargs
-    )
+        config_name="pbmc68k_reduced", cache_dir=cache_dir, stratified_split_seed=seed, gene_vocab=gene_vocab,
+        **config_kwargs,
+    )  # fmt: skip
     if streaming:
         return builder.as_streaming_dataset()
     builder.download_and_prepare()
     return builder.as_dataset()
+
+
+def _saved_vocab_path(gene_vocab, cache_dir: str | None) -> str:
+    """The vocabulary as a file named by its content, under the datasets cache: the path outlives this call (streams
+    and worker processes read it later) and stays the same for the same vocabulary, so the prepared dataset is
+    reused instead of rebuilt."""
+    from modeling_scmmgpt.utils import atomic_write_text
+
+    text = json.dumps(gene_vocab.to_dict(), sort_keys=True)
+    root = os.path.join(cache_dir or datasets.config.HF_DATASETS_CACHE, "scmmgpt_gene_vocabs")
+    path = os.path.join(root, hashlib.sha256(text.encode()).hexdigest()[:16] + ".json")
+    if not os.path.isfile(path):
+        os.makedirs(root, exist_ok=True)
+        atomic_write_text(path, text)
+    return path
