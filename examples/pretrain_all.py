@@ -22,11 +22,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", help="start from this saved scMMGPT instead of the demo model")
     parser.add_argument("--override", nargs=argparse.REMAINDER, default=[], help="flags passed to every stage")
     args = parser.parse_args(argv)
-    configs = {stage: os.path.join(CONFIGS, f"{stage}_{args.config_suffix}.yaml") for stage in STAGES}
-    results = pretrain_all(configs, args.output_dir, overrides=args.override, model=args.model)
-    for stage, metrics in results.items():
-        print(f"{stage:>15}: validation loss {metrics['before']['eval_loss']:.4f} -> {metrics['after']['eval_loss']:.4f}")
-    return results
+    stage_argv = {stage: [os.path.join(CONFIGS, f"{stage}_{args.config_suffix}.yaml"), *args.override] for stage in STAGES}
+    return pretrain_all(stage_argv, args.output_dir, model=args.model)
 
 
 if __name__ == "__main__":

@@ -113,25 +113,17 @@ STAGE_FLAGS = {
 
 
 def train_all_stages(output_dir: str, tiny_lm: bool, fast: bool, seed: int = 0) -> dict:
-    from trainers.run import run_stage
+    from trainers.run import pretrain_all
 
     common = ["--use_cpu", "true", "--seed", str(seed), "--report_to", "none", "--save_strategy", "steps",
               "--save_total_limit", "1", "--logging_steps", "10", "--eval_strategy", "no", "--num_cell_tokens", "8",
               "--data_cache_dir", os.path.join(output_dir, "hf_cache"), "--max_eval_samples", "64",
               "--demo_language_model", "tiny" if tiny_lm else "smollm2"]  # fmt: skip
-    results, previous = {}, None
+    stage_argv = {}
     for stage, (flags, steps) in STAGE_FLAGS.items():
         max_steps = steps[0] if fast else steps[1]
-        argv = [*common, *flags, "--max_steps", str(max_steps), "--save_steps", str(max(max_steps // 2, 1)),
-                "--output_dir", os.path.join(output_dir, stage), "--resume_from_checkpoint", "true"]  # fmt: skip
-        if previous is not None:
-            argv += ["--model_name_or_path", previous]
-        start = time.time()
-        results[stage] = run_stage(stage, argv)
-        before, after = results[stage]["before"]["eval_loss"], results[stage]["after"]["eval_loss"]
-        print(f"  stage {stage:>14}: validation loss {before:.3f} -> {after:.3f} ({time.time() - start:.0f}s)", flush=True)
-        previous = os.path.join(output_dir, stage)
-    return results
+        stage_argv[stage] = [*common, *flags, "--max_steps", str(max_steps), "--save_steps", str(max(max_steps // 2, 1))]
+    return pretrain_all(stage_argv, output_dir)
 
 
 def main(argv=None) -> dict:
@@ -198,9 +190,7 @@ def _has_smollm2() -> bool:
 def _demo_splits(processor, out: str, seed: int):
     from trainers.data import load_pbmc_demo
 
-    with tempfile.TemporaryDirectory() as vocab_dir:
-        processor.cell_processor.gene_vocab.save_pretrained(vocab_dir)
-        return load_pbmc_demo(gene_vocab=vocab_dir, cache_dir=os.path.join(out, "hf_cache"), seed=seed)
+    return load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, cache_dir=os.path.join(out, "hf_cache"), seed=seed)
 
 
 def _machine() -> dict:

@@ -34,7 +34,8 @@ def test_pretrain_all_chains_stages_and_reuses_them(tmp_path):
     configs = {stage: os.path.join(ROOT, "examples", "configs", f"{stage}_tiny.yaml") for stage in STAGES}
     overrides = ["--max_steps", "6", "--save_steps", "3", "--max_train_samples", "48", "--max_eval_samples", "16",
                  "--data_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true"]  # fmt: skip
-    results = pretrain_all(configs, str(tmp_path / "runs"), overrides=overrides)
+    stage_argv = {stage: [config, *overrides] for stage, config in configs.items()}
+    results = pretrain_all(stage_argv, str(tmp_path / "runs"))
     for stage in STAGES:
         assert results[stage]["after"]["eval_loss"] < results[stage]["before"]["eval_loss"], stage
         folder = tmp_path / "runs" / stage
@@ -50,6 +51,6 @@ def test_pretrain_all_chains_stages_and_reuses_them(tmp_path):
 
     # A second run reuses every finished stage (nothing is retrained).
     stamp = os.path.getmtime(final / "model.safetensors")
-    again = pretrain_all(configs, str(tmp_path / "runs"), overrides=overrides)
+    again = pretrain_all(stage_argv, str(tmp_path / "runs"))
     assert again["instruction"]["after"]["eval_loss"] == results["instruction"]["after"]["eval_loss"]
     assert os.path.getmtime(final / "model.safetensors") == stamp

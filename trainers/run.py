@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from transformers import HfArgumentParser, TrainerCallback
 
@@ -86,17 +87,19 @@ def _last_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
-def pretrain_all(configs: dict[str, str], output_root: str, overrides: list[str] = (), model: str | None = None,
-                 callbacks=None) -> dict:  # fmt: skip
-    """The three stages in order, each starting from the previous stage's saved model; `configs` maps stage to its
-    config file. Finished stages are reused and interrupted ones resume."""
+def pretrain_all(stage_argv: dict[str, list[str]], output_root: str, model: str | None = None, callbacks=None) -> dict:
+    """The three stages in order, each starting from the previous stage's saved model in `output_root/<stage>`.
+    `stage_argv` maps each stage to its arguments (a YAML/JSON config path first and/or `--flag value` pairs).
+    Finished stages are reused and interrupted ones resume; a line per stage reports its validation loss."""
     results, previous = {}, model
     for stage in STAGES:
-        argv = [configs[stage], *overrides, "--output_dir", os.path.join(output_root, stage),
-                "--resume_from_checkpoint", "true"]  # fmt: skip
+        argv = [*stage_argv[stage], "--output_dir", os.path.join(output_root, stage), "--resume_from_checkpoint", "true"]
         if previous is not None:
             argv += ["--model_name_or_path", previous]
+        start = time.time()
         results[stage] = run_stage(stage, argv, callbacks)
+        before, after = results[stage]["before"]["eval_loss"], results[stage]["after"]["eval_loss"]
+        print(f"  stage {stage:>14}: validation loss {before:.3f} -> {after:.3f} ({time.time() - start:.0f}s)", flush=True)
         previous = os.path.join(output_root, stage)
     return results
 
