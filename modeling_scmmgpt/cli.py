@@ -17,7 +17,8 @@ EXAMPLES = {
     "--labels CL:0000236 'natural killer cell' --top-k 2",
     "describe": "scmmgpt describe --model runs/demo/model --input pbmc.h5ad --output descriptions.csv",
     "generate": "scmmgpt generate --model runs/demo/model --prompt 'a B cell from blood' --n-cells 5 --output cells.h5ad",
-    "train": "scmmgpt train --stage contrastive examples/configs/contrastive_tiny.yaml",
+    "train": "scmmgpt train --stage contrastive examples/configs/contrastive_tiny.yaml --max_steps 20\n"
+    "  scmmgpt train --stage all --output-dir runs/pbmc examples/configs      # <stage>_tiny.yaml, chained",
     "evaluate": "scmmgpt evaluate --model runs/demo/model --output-json metrics.json",
     "convert-scgpt": "scmmgpt convert-scgpt path/to/scGPT_human out/cell_encoder",
     "push": "scmmgpt push --model runs/demo/model --repo-id me/scmmgpt-pbmc --eval-results metrics.json",
@@ -81,7 +82,8 @@ def _cell_pipeline(task: str, args):
 
 # --- subcommands ----------------------------------------------------------------------------------------------------
 def cmd_embed(args):
-    adata = _read_h5ad(args.input)
+    # A .npy output streams from the file opened backed; only an .h5ad output needs the AnnData in memory.
+    adata = _read_h5ad(args.input, backed=args.output.endswith(".npy"))
     extractor = _cell_pipeline("cell-feature-extraction", args)
     if args.output.endswith(".npy"):
         extractor(args.input, batch_size=args.batch_size, output_file=args.output)
@@ -131,15 +133,23 @@ def cmd_generate(args):
 
 
 def cmd_train(args):
-    from trainers.run import STAGES, run_stage
+    from trainers.run import STAGES, pretrain_all, run_stage
 
-    if args.stage not in STAGES and args.stage != "all":
+    if args.stage == "all":  # each stage has its own config; the stages chain through OUTPUT_DIR/<stage>
+        configs = {stage: os.path.join(args.config, f"{stage}_{args.suffix}.yaml") for stage in STAGES}
+        missing = [path for path in configs.values() if not os.path.isfile(path)]
+        if missing:
+            raise CLIError(f"{missing[0]}: no such config file.",
+                           "With --stage all, pass a folder holding <stage>_<suffix>.yaml for each stage, e.g. examples/configs.")  # fmt: skip
+        if not args.output_dir:
+            raise CLIError("--stage all needs --output-dir.", "Each stage is saved in OUTPUT_DIR/<stage>.")
+        pretrain_all({stage: [path, *args.overrides] for stage, path in configs.items()}, args.output_dir)
+        return
+    if args.stage not in STAGES:
         raise CLIError(f"--stage {args.stage}: unknown stage.", f"Choose from {', '.join(STAGES)} or all.")
     if not os.path.isfile(args.config):
         raise CLIError(f"{args.config}: no such config file.", "Pass a YAML or JSON file, e.g. examples/configs/*.yaml.")
-    stages = list(STAGES) if args.stage == "all" else [args.stage]
-    for stage in stages:
-        run_stage(stage, [args.config, *args.overrides])
+    run_stage(args.stage, [args.config, *args.overrides])
 
 
 def cmd_evaluate(args):
@@ -233,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub("train", "Run one training stage, or all three in order, from a YAML/JSON config.")
     p.add_argument("--stage", required=True, help="contrastive, reconstruction, instruction or all")
-    p.add_argument("config", help="YAML or JSON file of the stage's arguments")
+    p.add_argument("--output-dir", help="with --stage all: the stages go to OUTPUT_DIR/<stage>")
+    p.add_argument("--suffix", default="tiny", help="with --stage all: read CONFIG/<stage>_<suffix>.yaml")
+    p.add_argument("config", help="YAML or JSON file of the stage's arguments (with --stage all, their folder)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="further --flag value pairs")
     p.set_defaults(func=cmd_train)
 

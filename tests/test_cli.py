@@ -110,6 +110,14 @@ def test_train_subcommand_runs_a_stage_from_a_config(tmp_path):
                  "--max_train_samples", "16", "--max_eval_samples", "8", "--save_strategy", "no",
                  "--data_cache_dir", str(tmp_path / "cache")]) == 0  # fmt: skip
     assert (out / "model.safetensors").exists() and (out / "stage_complete.json").exists()
+    configs, chained = os.path.join(ROOT, "examples", "configs"), tmp_path / "all"
+    assert main(["train", "--stage", "all", "--output-dir", str(chained), configs, "--max_steps", "1",
+                 "--max_train_samples", "8", "--max_eval_samples", "4", "--save_strategy", "no",
+                 "--data_cache_dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    for stage in ("contrastive", "reconstruction", "instruction"):
+        assert (chained / stage / "stage_complete.json").exists()
+    assert main(["train", "--stage", "all", configs]) == 2  # no --output-dir
+    assert main(["train", "--stage", "all", "--output-dir", str(chained), config]) == 2  # a file, not the folder
     assert main(["train", "--stage", "pretraining", config]) == 2
     assert main(["train", "--stage", "reconstruction", str(tmp_path / "missing.yaml")]) == 2
 
