@@ -8,11 +8,12 @@ default Q-Former (768 wide, 12 layers, cross-attention every 2nd layer) with 32 
 torch's FlopCounterMode on one forward pass. For scale, scGPT's own implementation ran at about 1.07 cells/s on
 this 2-core CPU in fp32 (shared/scgpt_oracle/README.md).
 
-`--vs-scgpt` runs scGPT's own `TransformerModel` (from the installed `scgpt` package) and our encoder side by side
-on the same converted random weights and the same cells: real PBMC expression values (binned per cell) on 1,200
-census genes per cell. It prints cells/s for scGPT (fp32, torch's fast path), ours in fp32 and ours in its fast
-mode (`fast_autocast()`: bf16 where the CPU computes it natively, else fp32), their ratios, the fp32 difference to
-scGPT and the cosine of fast-mode to fp32 cell embeddings.
+`--vs-scgpt [--device cuda]` runs scGPT's own `TransformerModel` (from the installed `scgpt` package) and our
+encoder side by side on the same converted random weights and the same cells, twice: real PBMC expression values
+(binned per cell) on 1,200 census genes per cell, and real cells with their expressed genes only (padded to the
+longest; ours packs them, so no compute goes to padding). It prints cells/s for scGPT (fp32, torch's fast path),
+ours in fp32 and ours in its fast mode (`fast_autocast()`: bf16 on GPUs and on CPUs that compute it natively, else
+fp32), their ratios, the fp32 difference to scGPT and the cosine of fast-mode to fp32 cell embeddings.
 """
 
 import argparse
@@ -66,12 +67,12 @@ def time_forward(tower, batch, autocast: bool, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def pbmc_batch(batch_size: int, genes: int, vocab_size: int, cls_id: int, pad_value: float):
-    """Real PBMC cells' binned expression on `genes` census gene ids per cell (scGPT's input layout)."""
+def pbmc_cells(batch_size: int, genes: int):
+    """Real PBMC cells through our processor: `(expressed-genes batch, census vocab)`; the batch is each cell's
+    expressed genes (at most `genes`), binned, padded to the longest cell, as scGPT's `embed_data` feeds them."""
     import warnings
 
     import anndata as ad
-    import numpy as np
 
     from modeling_scmmgpt import GeneVocab, ScMMGPTCellProcessor
     from modeling_scmmgpt.resources import census_vocab_path, pbmc68k_reduced_path
@@ -81,16 +82,25 @@ def pbmc_batch(batch_size: int, genes: int, vocab_size: int, cls_id: int, pad_va
         cells = ad.read_h5ad(pbmc68k_reduced_path())
     processor = ScMMGPTCellProcessor(GeneVocab.from_scgpt_json(census_vocab_path()), max_genes=genes, use_raw=True)
     real = processor(cells[:batch_size])
+    return (real["gene_ids"], real["values"], real["attention_mask"])
+
+
+def pbmc_batch(real, genes: int, vocab_size: int, cls_id: int, pad_value: float):
+    """Real PBMC cells' binned expression on `genes` census gene ids per cell (scGPT's input layout at its
+    max_seq_len): each cell's real genes and bins first; its remaining slots up to `genes` are census genes with
+    bins drawn like the real ones (PBMC measures only 765 genes)."""
+    import numpy as np
+
+    gene_ids_real, values_real, mask_real = real
+    batch_size = len(gene_ids_real)
     rng = np.random.default_rng(0)
     gene_ids = torch.as_tensor(rng.choice(vocab_size - 3, size=(batch_size, genes), replace=True))
-    keep = real["attention_mask"].bool()
-    sampled = real["values"][:, 1:][keep[:, 1:]]
-    values = sampled[torch.randint(len(sampled), (batch_size, genes))]
-    # Each cell's real genes and bins first; its remaining slots up to `genes` are census genes with bins drawn
-    # like the real ones (PBMC measures only 765 genes).
+    keep = mask_real.bool()
+    sampled = values_real[:, 1:][keep[:, 1:]]
+    values = sampled[torch.randint(len(sampled), (batch_size, genes), generator=torch.Generator().manual_seed(0))]
     for row in range(batch_size):
         n = int(keep[row].sum())
-        gene_ids[row, :n], values[row, :n] = real["gene_ids"][row, :n], real["values"][row, :n]
+        gene_ids[row, :n], values[row, :n] = gene_ids_real[row, :n], values_real[row, :n]
     gene_ids[:, 0], values[:, 0] = cls_id, pad_value
     return gene_ids, values, torch.ones(batch_size, genes, dtype=torch.long)
 
@@ -99,6 +109,7 @@ def vs_scgpt(args) -> None:
     from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel
     from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict, scgpt_model_module
 
+    device = torch.device(args.device)
     module = scgpt_model_module()
     config = ScMMGPTCellConfig()
     vocab = {f"g{i}": i for i in range(config.vocab_size - 3)}
@@ -110,34 +121,57 @@ def vs_scgpt(args) -> None:
     ).eval()  # fmt: skip
     ours = ScMMGPTCellModel(config).eval()
     ours.load_state_dict(convert_scgpt_state_dict(scgpt.state_dict(), list(ours.state_dict()))[0])
-    batch = pbmc_batch(args.batch_size, args.genes, config.vocab_size, config.cls_token_id, config.pad_value)
-    pad_mask = batch[0].eq(config.pad_token_id)
-
-    def run_scgpt():
-        return scgpt._encode(batch[0], batch[1], src_key_padding_mask=pad_mask)
-
-    def run_ours(fast: bool):
-        with fast_autocast(enabled=fast):
-            return ours(*batch).last_hidden_state
+    scgpt, ours = scgpt.to(device), ours.to(device)
+    real = pbmc_cells(args.batch_size, args.genes)
+    full = pbmc_batch(real, args.genes, config.vocab_size, config.cls_token_id, config.pad_value)
+    fast_dtype = "bf16 autocast" if device.type == "cuda" or cpu_has_native_bf16() else "fp32 (no native bf16 here)"
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"{torch.get_num_threads()} CPU threads; batch {args.batch_size}; fast mode = {fast_dtype}")  # fmt: skip
 
     def timed(fn):
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
         with torch.inference_mode():
             out = fn()
+            sync()
             start = time.perf_counter()
             for _ in range(args.repeats):
                 fn()
+            sync()
         return out, args.batch_size * args.repeats / (time.perf_counter() - start)
 
-    reference, scgpt_rate = timed(run_scgpt)
-    fp32, fp32_rate = timed(lambda: run_ours(False))
-    fast, fast_rate = timed(lambda: run_ours(True))
-    cosine = torch.nn.functional.cosine_similarity(fast[:, 0].float(), fp32[:, 0], dim=-1).min()
-    mode = "bf16 autocast" if cpu_has_native_bf16() else "fp32 (no native bf16 on this CPU)"
-    print(f"scGPT TransformerModel (fp32):  {scgpt_rate:.2f} cells/s")
-    print(f"ours fp32:                     {fp32_rate:.2f} cells/s  ({fp32_rate / scgpt_rate:.2f}x scGPT), "
-          f"max |diff| vs scGPT {float((fp32 - reference).abs().max()):.2e}")
-    print(f"ours fast mode [{mode}]: {fast_rate:.2f} cells/s  ({fast_rate / scgpt_rate:.2f}x scGPT; target 3x), "
-          f"min cosine to fp32 cell embeddings {float(cosine):.5f}")
+    for title, batch in (
+        (f"{args.genes} genes per cell (real PBMC genes, then census genes)", full),
+        (f"expressed genes only (real PBMC cells, {int(real[2].sum(1).min())}-{int(real[2].sum(1).max())} genes, "
+         f"padded to the longest)", real),
+    ):  # fmt: skip
+        gene_ids, values, mask = (t.to(device) for t in batch)
+        pad_mask = gene_ids.eq(config.pad_token_id)
+
+        def run_scgpt(autocast=False):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                return scgpt._encode(gene_ids, values, src_key_padding_mask=pad_mask)
+
+        def run_ours(fast: bool):
+            with fast_autocast(device.type, enabled=fast):
+                return ours(gene_ids, values, mask).last_hidden_state
+
+        reference, scgpt_rate = timed(run_scgpt)
+        fp32, fp32_rate = timed(lambda: run_ours(False))
+        fast, fast_rate = timed(lambda: run_ours(True))
+        keep = mask.bool()
+        cosine = torch.nn.functional.cosine_similarity(fast[:, 0].float(), fp32[:, 0], dim=-1).min()
+        print(f"\n{title}")
+        print(f"  scGPT TransformerModel (fp32):  {scgpt_rate:9.2f} cells/s")
+        if device.type == "cuda":
+            _, scgpt_bf16_rate = timed(lambda: run_scgpt(autocast=True))
+            print(f"  scGPT under bf16 autocast:     {scgpt_bf16_rate:9.2f} cells/s  (for reference)")
+        print(f"  ours fp32:                     {fp32_rate:9.2f} cells/s  ({fp32_rate / scgpt_rate:.2f}x scGPT), "
+              f"max |diff| vs scGPT {float((fp32[keep] - reference[keep]).abs().max()):.2e}")  # fmt: skip
+        print(f"  ours fast mode:                {fast_rate:9.2f} cells/s  ({fast_rate / scgpt_rate:.2f}x scGPT; "
+              f"target 3x), min cosine to fp32 cell embeddings {float(cosine):.5f}")  # fmt: skip
 
 
 def main():
@@ -146,6 +180,7 @@ def main():
     parser.add_argument("--genes", type=int, default=1200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vs-scgpt", action="store_true", help="time scGPT's own implementation side by side")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --vs-scgpt")
     args = parser.parse_args()
     if args.vs_scgpt:
         return vs_scgpt(args)

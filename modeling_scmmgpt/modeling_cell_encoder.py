@@ -3,11 +3,17 @@
 Same maths as scGPT's `TransformerModel._encode` (post-norm, ReLU, no positional encoding, no final norm), with the
 attention written as explicit `q_proj`/`k_proj`/`v_proj`/`o_proj` linears: `nn.MultiheadAttention` calls its
 `out_proj` functionally, so a PEFT LoRA adapter on it silently never trains.
+
+Padded batches are packed: only real gene tokens go through the layers (cells have very different numbers of
+expressed genes, so padding to the longest cell can cost more than the cells themselves), with attention kept
+within each cell by flash-attention's variable-length kernel on GPUs and by one attention call per cell elsewhere.
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
@@ -27,6 +33,34 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
+
+try:  # torch >= 2.9, CUDA only
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+@dataclass
+class PackedCells:
+    """Where each cell's tokens lie in a packed `(total_tokens, ...)` tensor: cell `i` spans
+    `cu_seqlens[i]:cu_seqlens[i + 1]`."""
+
+    cu_seqlens: torch.Tensor
+    max_length: int
+
+
+def packed_attention(query, key, value, packed: PackedCells, scaling: float, dropout: float = 0.0) -> torch.Tensor:
+    """Attention within each cell of packed `(total_tokens, heads, head_dim)` tensors; same shape out."""
+    if varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout:
+        cu = packed.cu_seqlens.to(torch.int32)
+        return varlen_attn(query, key, value, cu, cu, packed.max_length, packed.max_length, scale=scaling)
+    bounds = packed.cu_seqlens.tolist()
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling).transpose(0, 1))
+    return torch.cat(outputs)
 
 
 class ScMMGPTGeneEncoder(nn.Module):
@@ -87,7 +121,15 @@ class ScMMGPTCellAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, packed: PackedCells | None = None
+    ) -> torch.Tensor:
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if packed is not None:
+            shape = (hidden_states.shape[0], -1, self.head_dim)
+            query, key, value = (proj(hidden_states).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+            attn_output = packed_attention(query, key, value, packed, self.scaling, dropout)
+            return self.o_proj(attn_output.flatten(1))
         batch, seq_len, _ = hidden_states.shape
         shape = (batch, seq_len, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -102,7 +144,7 @@ class ScMMGPTCellAttention(nn.Module):
             key,
             value,
             attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
+            dropout=dropout,
             scaling=self.scaling,
             is_causal=False,
         )
@@ -122,8 +164,12 @@ class ScMMGPTCellLayer(nn.Module):
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        hidden_states = self.norm1(hidden_states + self.dropout(self.self_attn(hidden_states, attention_mask)))
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, packed: PackedCells | None = None
+    ) -> torch.Tensor:
+        """`hidden_states` is `(batch, genes, hidden)`, or `(total_tokens, hidden)` with `packed`."""
+        attention = self.self_attn(hidden_states, attention_mask, packed)
+        hidden_states = self.norm1(hidden_states + self.dropout(attention))
         feed_forward = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
         return self.norm2(hidden_states + self.dropout(feed_forward))
 
@@ -176,17 +222,19 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
                 padding. Defaults to `gene_ids != pad_token_id`, as scGPT does.
 
         Returns:
-            `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, num_genes, hidden_size)`,
-            `pooler_output` the `<cls>` output `(batch_size, hidden_size)`.
+            `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, num_genes, hidden_size)` (zero at
+            padding), `pooler_output` the `<cls>` output `(batch_size, hidden_size)`.
         """
         if attention_mask is None:
             attention_mask = gene_ids.ne(self.config.pad_token_id)
         hidden_states = self.gene_encoder(gene_ids) + self.value_encoder(values)
+        attention_mask = attention_mask.bool()
+        padded = not bool(attention_mask.all())  # no mask at all lets SDPA take its unmasked (faster) kernel
+        if padded and self._can_pack(hidden_states):
+            return self._forward_packed(hidden_states, attention_mask, output_hidden_states)
         mask = None
-        if not bool(attention_mask.all()):  # no mask at all lets SDPA take its unmasked (faster) kernel
-            mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask.bool()
-            )
+        if padded:
+            mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -195,6 +243,40 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
                 hidden_states = layer(hidden_states, mask)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0], hidden_states=all_hidden_states
+        )
+
+    def _can_pack(self, hidden_states: torch.Tensor) -> bool:
+        """Packing needs per-cell attention: flash's variable-length kernel on GPUs (half precision, no attention
+        dropout); on CPUs one call per cell. A GPU run that can't use the kernel keeps the padded batch."""
+        if not hidden_states.is_cuda:
+            return True
+        half = (torch.float16, torch.bfloat16)
+        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half
+        dropout = self.training and self.config.attention_dropout > 0
+        return varlen_attn is not None and (autocast or self.dtype in half) and not dropout
+
+    def _forward_packed(self, hidden_states, attention_mask, output_hidden_states) -> BaseModelOutputWithPooling:
+        """The layers on real tokens only; outputs are zero at padding, as scGPT's fast path returns them."""
+        batch, length, width = hidden_states.shape
+        lengths = attention_mask.sum(1)
+        packed = PackedCells(F.pad(lengths.cumsum(0), (1, 0)), int(lengths.max()))
+        index = attention_mask.flatten().nonzero().squeeze(1)
+        hidden = hidden_states.flatten(0, 1)[index]
+
+        def unpack(tokens: torch.Tensor) -> torch.Tensor:
+            return tokens.new_zeros(batch * length, width).index_copy(0, index, tokens).view(batch, length, width)
+
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, None, packed)
+            else:
+                hidden = layer(hidden, None, packed)
+            if output_hidden_states:
+                all_hidden_states += (unpack(hidden),)
+        hidden_states = all_hidden_states[-1] if output_hidden_states else unpack(hidden)
         return BaseModelOutputWithPooling(
             last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0], hidden_states=all_hidden_states
         )

@@ -76,3 +76,41 @@ def test_binned_value_embedding_and_save_load(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     with torch.no_grad():
         assert torch.equal(ScMMGPTCellModel.from_pretrained(tmp_path).eval()(genes, values).last_hidden_state, out)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_padding_matches_masked_batch_and_each_cell_alone(monkeypatch, checkpointing):
+    """Padded batches go through the layers packed (no compute on padding). Outputs and gradients equal the masked
+    padded batch and each cell run alone, and are zero at padding."""
+    torch.manual_seed(0)
+    config = ScMMGPTCellConfig(vocab_size=30, d_model=16, nhead=2, nlayers=2, d_hid=24, pad_token_id=28,
+                               cls_token_id=29, dropout=0.0)  # fmt: skip
+    model = ScMMGPTCellModel(config).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    lengths = [5, 2, 4]
+    genes = torch.full((3, 5), config.pad_token_id)
+    values = torch.zeros(3, 5)
+    for row, n in enumerate(lengths):
+        genes[row, :n] = torch.cat([torch.tensor([config.cls_token_id]), torch.randint(0, 28, (n - 1,))])
+        values[row, :n] = torch.rand(n) * 5
+
+    def run(gene_ids, vals, pack=True):
+        model.zero_grad()
+        monkeypatch.setattr(ScMMGPTCellModel, "_can_pack", lambda self, hidden: pack)
+        out = model(gene_ids, vals, output_hidden_states=True)
+        out.pooler_output.pow(2).sum().backward()
+        return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    packed, packed_grads = run(genes, values)
+    masked, masked_grads = run(genes, values, pack=False)
+    keep = genes.ne(config.pad_token_id)
+    assert torch.equal(packed.last_hidden_state[~keep], torch.zeros_like(packed.last_hidden_state[~keep]))
+    assert len(packed.hidden_states) == len(masked.hidden_states) == config.num_hidden_layers + 1
+    for ours, reference in zip(packed.hidden_states, masked.hidden_states):
+        torch.testing.assert_close(ours[keep], reference[keep], atol=1e-5, rtol=1e-5)
+    assert packed_grads.keys() == masked_grads.keys()
+    for name in packed_grads:
+        torch.testing.assert_close(packed_grads[name], masked_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    alone = [run(genes[row : row + 1, :n], values[row : row + 1, :n])[0].pooler_output for row, n in enumerate(lengths)]
+    torch.testing.assert_close(packed.pooler_output, torch.cat(alone), atol=1e-5, rtol=1e-5)
