@@ -88,3 +88,29 @@ def test_convert_example_script(tmp_path, pbmc, capsys):
         sys.argv = argv
     assert "gene tokens" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_random_initialisation_follows_scgpt(pbmc):
+    """A new encoder is initialised as scGPT's own model is (torch's defaults, MultiheadAttention's xavier in-projection,
+    gene embeddings uniform in +-0.1), not BERT-style std 0.02, under which attention barely moves a new encoder's
+    residual stream and every cell embeds almost alike."""
+    from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict
+    from scgpt_reference import scgpt_model_module
+
+    genes = list(pbmc.raw.var_names)
+    vocab = {g: i for i, g in enumerate(genes)} | {"<pad>": len(genes), "<cls>": len(genes) + 1, "<eoc>": len(genes) + 2}
+    torch.manual_seed(0)
+    theirs = scgpt_model_module().TransformerModel(ntoken=len(vocab), d_model=64, nhead=4, d_hid=128, nlayers=2,
+                                                    vocab=vocab, dropout=0.2, pad_token="<pad>", pad_value=-2)  # fmt: skip
+    config = ScMMGPTCellModel.config_class(vocab_size=len(vocab), d_model=64, nhead=4, nlayers=2, d_hid=128,
+                                           pad_token_id=vocab["<pad>"], cls_token_id=vocab["<cls>"])  # fmt: skip
+    ours = ScMMGPTCellModel(config).state_dict()
+    reference, _ = convert_scgpt_state_dict(theirs.state_dict(), list(ours))
+    assert reference.keys() == ours.keys()
+    for name, value in ours.items():
+        expected = reference[name]
+        if expected.std() == 0:  # LayerNorms, zero biases
+            assert torch.equal(value, expected), name
+        else:
+            assert value.abs().max() <= expected.abs().max() * 1.05, name
+            torch.testing.assert_close(value.std(), expected.std(), rtol=0.25, atol=0, msg=name)

@@ -133,7 +133,9 @@ def test_generate_text_from_real_cells_uses_cells_once(pbmc, tester):
     inputs = tester.processor(text=[tester.processor.build_prompt("Describe this cell.")] * 2, cells=pbmc[:2])
     calls = []
     hook = model.model.cell_tower.register_forward_hook(lambda *args: calls.append(1))
-    out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    # A random LM may emit <cell_i> placeholders, which the full pass below would read as cells to fill in.
+    placeholders = list(model.config.cell_token_ids)
+    out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, suppress_tokens=placeholders)
     hook.remove()
     assert out.shape == (2, inputs["input_ids"].shape[1] + 6)
     texts = tester.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
