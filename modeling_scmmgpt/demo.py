@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
     paths = {name: os.path.join(out, name) for name in
              ("pbmc_test_annotated.h5ad", "umap_cell_embeddings.png", "generated_vs_real.png")}  # fmt: skip
     if not all(os.path.isfile(p) for p in paths.values()):  # a re-run reuses finished artefacts
-        adata = annotate_test_cells(model, processor, load_pbmc(), splits)
+        adata = annotate_test_cells(model, processor, load_pbmc(), splits, results["cell_description"].get("generated"))
         plot_embeddings(adata, paths["umap_cell_embeddings.png"])  # adds the UMAP to the AnnData too
         plot_generated_vs_real(model, processor, load_pbmc(), splits, paths["generated_vs_real.png"])
         adata.write_h5ad(paths["pbmc_test_annotated.h5ad"])  # last: its presence means all three are done

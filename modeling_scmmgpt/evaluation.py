@@ -48,7 +48,8 @@ def _pipeline(cls, model, processor):
 
 
 def evaluate_description(model, processor, train, test, max_new_tokens: int = 48, batch_size: int = 16) -> dict:
-    """Model: generated descriptions. Baseline: the nearest training cell's description (cosine on expression)."""
+    """Model: generated descriptions (all of them under `generated`, by cell id, so callers need not generate them
+    again). Baseline: the nearest training cell's description (cosine on expression)."""
     metric = CellDescriptionMetric()
     references = list(test["description"])
     describer = _pipeline(CellDescriptionPipeline, model, processor)
@@ -61,6 +62,7 @@ def evaluate_description(model, processor, train, test, max_new_tokens: int = 48
         "model": metric.compute(predictions=predictions, references=references),
         "baseline_nearest_training_cell": metric.compute(predictions=baseline, references=references),
         "examples": [{"reference": r, "generated": p} for r, p in list(zip(references, predictions))[:3]],
+        "generated": dict(zip(map(str, test["cell_id"]), predictions)),
     }
 
 

@@ -19,9 +19,10 @@ def _figure_backend():
     return plt
 
 
-def annotate_test_cells(model, processor, adata, splits):
+def annotate_test_cells(model, processor, adata, splits, descriptions: dict[str, str] | None = None):
     """The test split's cells as an AnnData with scMMGPT's embeddings (`obsm["X_scmmgpt"]`), zero-shot cell type
-    (among the training types' Cell Ontology ids, shown as labels) and generated description in `obs`."""
+    (among the training types' Cell Ontology ids, shown as labels) and generated description in `obs`.
+    `descriptions` (cell id to text, e.g. the evaluation's) are used where they cover every test cell."""
     from .pipelines import CellDescriptionPipeline, CellFeatureExtractionPipeline, CellTypeAnnotationPipeline
 
     test = splits["test"]
@@ -34,8 +35,12 @@ def annotate_test_cells(model, processor, adata, splits):
     ranked = annotator(test, candidate_labels=sorted(id_to_label), progress=False)
     cells.obs["scmmgpt_cell_type"] = [id_to_label[r[0]["label"]] for r in ranked]
     cells.obs["scmmgpt_cell_type_score"] = [r[0]["score"] for r in ranked]
-    describer = CellDescriptionPipeline(model=model, processor=processor, task=None)
-    cells.obs["scmmgpt_description"] = describer(test, max_new_tokens=40, progress=False)
+    ids = [str(i) for i in test["cell_id"]]
+    if descriptions is not None and all(i in descriptions for i in ids):
+        cells.obs["scmmgpt_description"] = [descriptions[i] for i in ids]
+    else:
+        describer = CellDescriptionPipeline(model=model, processor=processor, task=None)
+        cells.obs["scmmgpt_description"] = describer(test, max_new_tokens=48, progress=False)
     return cells
 
 

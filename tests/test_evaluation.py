@@ -40,6 +40,9 @@ def test_harness_reports_model_and_baselines(setup, tmp_path):
     for mode in ("zero-shot", "generative"):
         assert 0 <= annotation[f"model_{mode}"]["accuracy"] <= 1
     assert len(results["cell_description"]["examples"]) == 3
+    generated = results["cell_description"]["generated"]
+    assert list(generated) == [str(i) for i in test["cell_id"][:3]]
+    assert [e["generated"] for e in results["cell_description"]["examples"]] == list(generated.values())
     table = format_table(results)
     assert "annotation (zero-shot)" in table and "knn_accuracy" in table
     path = tmp_path / "metrics.json"
@@ -71,3 +74,26 @@ def test_example_script_writes_json(setup, tmp_path, monkeypatch):
     saved = json.loads(out.read_text())
     assert saved["zero_shot_holdout"]["holdout_types"] == ["Dendritic"] and saved["n_test_cells"] == 30
     assert saved["n_train_cells"] < 489  # Dendritic cells were kept out of the training split
+
+
+def test_annotated_test_cells_reuse_the_evaluation_descriptions(setup, monkeypatch):
+    from modeling_scmmgpt import pipelines
+    from modeling_scmmgpt.plots import annotate_test_cells
+    from conftest import pbmc_cells
+
+    model, processor, splits = setup
+    small = {"train": splits["train"], "test": splits["test"].select(range(4))}
+    ids = [str(i) for i in small["test"]["cell_id"]]
+    generated = {i: f"text {n}" for n, i in enumerate(ids)}
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("descriptions were generated again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipelines.CellDescriptionPipeline, "__call__", no_generation)
+        cells = annotate_test_cells(model, processor, pbmc_cells(), small, descriptions=generated)
+    assert list(cells.obs["scmmgpt_description"]) == [generated[i] for i in ids]
+    partial = dict(list(generated.items())[:2])  # not every test cell: generated afresh
+    cells = annotate_test_cells(model, processor, pbmc_cells(), small, descriptions=partial)
+    assert all(isinstance(t, str) for t in cells.obs["scmmgpt_description"])
+    assert list(cells.obs["scmmgpt_description"])[:2] != list(partial.values())
