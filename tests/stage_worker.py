@@ -1,6 +1,6 @@
 """DDP training of the reconstruction or instruction stage on 2 ranks, launched by tests/test_trainers.py with
 `python -m torch.distributed.run --nproc_per_node 2 tests/stage_worker.py STAGE MODEL_DIR DATA_DIR OUT_DIR`.
-Each rank writes the cell ids it saw and its final weights."""
+Each rank writes the cell ids it saw, its final weights and (reconstruction) its own and its logged loss parts."""
 
 import json
 import os
@@ -32,7 +32,7 @@ def recording(collator, seen: list):
 def main(stage, model_dir, data_dir, out_dir):
     common = dict(output_dir=os.path.join(out_dir, stage), use_cpu=True, ddp_backend="gloo", report_to="none", seed=0,
                   save_strategy="no", dataloader_num_workers=0, max_steps=3, per_device_train_batch_size=2,
-                  learning_rate=1e-3, disable_tqdm=True)  # fmt: skip
+                  learning_rate=1e-3, disable_tqdm=True, logging_steps=1)  # fmt: skip
     model = ScMMGPTForConditionalGeneration.from_pretrained(model_dir)
     processor = ScMMGPTProcessor.from_pretrained(model_dir)
     data, seen = datasets.load_from_disk(data_dir), []
@@ -44,8 +44,21 @@ def main(stage, model_dir, data_dir, out_dir):
         args = ScMMGPTInstructionArguments(**common, lora_r=4)
         collator = recording(ScMMGPTInstructionCollator(processor), seen)
         trainer = ScMMGPTInstructionTrainer(model, args, processor, train_dataset=data, data_collator=collator)
+    local = []
+    if stage == "reconstruction":
+        stage_loss = trainer.stage_loss
+
+        def recorded(**inputs):
+            out = stage_loss(**inputs)
+            local.append(float(out["masked_value_loss"]))
+            return out
+
+        trainer.stage_loss = recorded
     trainer.train()
     rank = dist.get_rank()
+    logged = [log["masked_value_loss"] for log in trainer.state.log_history if "masked_value_loss" in log]
+    with open(os.path.join(out_dir, f"{stage}_losses_rank{rank}.json"), "w") as f:
+        json.dump({"local": local, "logged": logged}, f)
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     torch.save(state, os.path.join(out_dir, f"{stage}_weights_rank{rank}.pt"))
     with open(os.path.join(out_dir, f"{stage}_cells_rank{rank}.json"), "w") as f:

@@ -250,12 +250,17 @@ class ScMMGPTStageTrainer(AtomicCheckpointsMixin, Trainer):
         return super().evaluate(*args, **kwargs)
 
     def log(self, logs: dict, start_time=None) -> None:
-        """Adds the mean of each loss part since the last log (this rank's batches)."""
+        """Adds the mean of each loss part since the last log, over the batches of all ranks (Trainer calls `log` on
+        every rank, and every rank's stage loss returns the same parts)."""
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for name, values in self._metrics[mode].items():
-            if values:
-                logs[prefix + name] = sum(values) / len(values)
+        names = sorted(name for name, values in self._metrics[mode].items() if values)
+        totals = torch.tensor([[sum(self._metrics[mode][n]), len(self._metrics[mode][n])] for n in names],
+                              dtype=torch.float64, device=self.args.device).reshape(-1, 2)  # fmt: skip
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        for name, (total, count) in zip(names, totals.tolist()):
+            logs[prefix + name] = total / count
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
