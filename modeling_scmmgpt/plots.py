@@ -123,4 +123,56 @@ def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per
     plt.close(fig)
 
 
-__all__ = ["PBMC_MARKERS", "annotate_test_cells", "plot_embeddings", "plot_generated_vs_real"]
+# (label, x, y, width, colour) of the architecture figure's boxes; y grows upwards.
+_ARCHITECTURE_BOXES = {
+    "cell": ("cell\n(genes, values)", 0.2, 3.0, 1.6, "#e8e8e8"),
+    "encoder": ("scGPT cell encoder\ngene + value embedding,\npost-norm transformer", 2.3, 3.0, 2.2, "#cfe2f3"),
+    "qformer": ("Q-Former\nN learned queries,\ncross-attention", 5.0, 3.0, 2.0, "#d9ead3"),
+    "mlp": ("MLP\nprojector", 7.5, 3.0, 1.3, "#d9ead3"),
+    "lm": ("causal LM (LoRA)\n... <cell> <cell_0> ... <cell_N-1> </cell> ...", 9.3, 3.0, 3.4, "#fce5cd"),
+    "text_out": ("text\n(description, cell type)", 13.2, 3.0, 1.9, "#e8e8e8"),
+    "text_in": ("text\n(Cell Ontology definition)", 2.3, 0.8, 2.2, "#e8e8e8"),
+    "text_path": ("Q-Former text path\n(BERT, e.g. MiniLM)", 5.0, 0.8, 2.0, "#d9ead3"),
+    "itc": ("contrastive (ITC)\n+ matching (ITM)", 7.5, 0.8, 1.9, "#f4cccc"),
+    "cell_head": ("cell_head (MLP)\nat <cell_i> outputs", 9.9, 0.8, 2.0, "#fce5cd"),
+    "decoder": ("expression decoder\n(cell tokens, any genes)", 12.4, 0.8, 2.2, "#cfe2f3"),
+}
+_ARCHITECTURE_ARROWS = [("cell", "encoder"), ("encoder", "qformer"), ("qformer", "mlp"), ("mlp", "lm"),
+                        ("lm", "text_out"), ("text_in", "text_path"), ("text_path", "itc"), ("qformer", "itc"),
+                        ("lm", "cell_head"), ("cell_head", "decoder")]  # fmt: skip
+
+
+def plot_architecture(path: str) -> None:
+    """scMMGPT's architecture as a block diagram (the README's figure)."""
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    plt = _figure_backend()
+    fig, ax = plt.subplots(figsize=(15.5, 4.2))
+    height, centres = 1.2, {}
+    for name, (label, x, y, width, colour) in _ARCHITECTURE_BOXES.items():
+        ax.add_patch(FancyBboxPatch((x, y), width, height, boxstyle="round,pad=0.05", fc=colour, ec="#444", lw=1))
+        ax.text(x + width / 2, y + height / 2, label, ha="center", va="center", fontsize=8.5)
+        centres[name] = (x, y, width)
+    for start, end in _ARCHITECTURE_ARROWS:
+        (x0, y0, w0), (x1, y1, w1) = centres[start], centres[end]
+        if y0 == y1:
+            tail, head = (x0 + w0 + 0.05, y0 + height / 2), (x1 - 0.05, y1 + height / 2)
+        else:  # vertical: from the bottom of the upper box to the top of the lower one
+            tail = (min(max(x1 + w1 / 2, x0 + 0.2), x0 + w0 - 0.2), y0 - 0.05)
+            head = (min(max(tail[0], x1 + 0.2), x1 + w1 - 0.2), y1 + height + 0.05)
+        ax.add_patch(FancyArrowPatch(tail, head, arrowstyle="-|>", mutation_scale=12, color="#333", lw=1.2))
+    ax.text(15.3, 1.4, "expression\nprofile", ha="center", va="center", fontsize=8.5)
+    ax.add_patch(FancyArrowPatch((14.65, 1.4), (14.85, 1.4), arrowstyle="-|>", mutation_scale=12, color="#333"))
+    ax.text(0.2, 4.75, "scMMGPT reads a cell (top row) and writes one (bottom right)", fontsize=9, style="italic")
+    ax.text(0.2, 0.2, "stage 1 aligns cells with text; stage 2 reconstructs expression; stage 3 tunes the LM on "
+            "instructions and to write cells (<cell_i> hidden states regressed onto the Q-Former outputs)",
+            fontsize=9, style="italic")  # fmt: skip
+    ax.set_xlim(0, 16)
+    ax.set_ylim(0, 5)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["PBMC_MARKERS", "annotate_test_cells", "plot_architecture", "plot_embeddings", "plot_generated_vs_real"]

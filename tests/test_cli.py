@@ -45,6 +45,17 @@ def test_demo_fast_writes_every_artefact(demo_dir):
     assert "cell_type_annotation" in metrics and "machine" in metrics
 
 
+def test_architecture_figure_matches_the_readme(tmp_path):
+    from PIL import Image
+
+    from modeling_scmmgpt.plots import plot_architecture
+
+    plot_architecture(str(tmp_path / "architecture.png"))
+    drawn, committed = (Image.open(p) for p in (tmp_path / "architecture.png", os.path.join(ROOT, "docs", "architecture.png")))
+    assert drawn.size == committed.size == (1705, 462) and np.asarray(drawn).std() > 10
+    assert "docs/architecture.png" in open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+
+
 def test_demo_rerun_reuses_finished_work(demo_dir, capsys):
     stamp = os.path.getmtime(demo_dir / "instruction" / "model.safetensors")
     assert main(["demo", "--fast", "--output-dir", str(demo_dir)]) == 0
