@@ -1,6 +1,6 @@
 """DDP training of the reconstruction or instruction stage on 2 ranks, launched by tests/test_trainers.py with
 `python -m torch.distributed.run --nproc_per_node 2 tests/stage_worker.py STAGE MODEL_DIR DATA_DIR OUT_DIR`.
-Each rank writes the cell ids it saw, its final weights and (reconstruction) its own and its logged loss parts."""
+Each rank writes the cell ids it saw, its final weights, and its own and its logged values of one loss part."""
 
 import json
 import os
@@ -44,19 +44,19 @@ def main(stage, model_dir, data_dir, out_dir):
         args = ScMMGPTInstructionArguments(**common, lora_r=4)
         collator = recording(ScMMGPTInstructionCollator(processor), seen)
         trainer = ScMMGPTInstructionTrainer(model, args, processor, train_dataset=data, data_collator=collator)
-    local = []
-    if stage == "reconstruction":
-        stage_loss = trainer.stage_loss
+    # Each rank's own value of one loss part per step, read where the trainer collects them for logging.
+    part, collected = ("masked_value_loss", trainer._metrics["train"]) if stage == "reconstruction" else ("lm_loss", trainer._loss_parts)
+    local, compute_loss = [], trainer.compute_loss
 
-        def recorded(**inputs):
-            out = stage_loss(**inputs)
-            local.append(float(out["masked_value_loss"]))
-            return out
+    def recorded(*args, **kwargs):
+        out = compute_loss(*args, **kwargs)
+        local.append(collected[part][-1])
+        return out
 
-        trainer.stage_loss = recorded
+    trainer.compute_loss = recorded
     trainer.train()
     rank = dist.get_rank()
-    logged = [log["masked_value_loss"] for log in trainer.state.log_history if "masked_value_loss" in log]
+    logged = [log[part] for log in trainer.state.log_history if part in log]
     with open(os.path.join(out_dir, f"{stage}_losses_rank{rank}.json"), "w") as f:
         json.dump({"local": local, "logged": logged}, f)
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}

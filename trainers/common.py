@@ -250,19 +250,24 @@ class ScMMGPTStageTrainer(AtomicCheckpointsMixin, Trainer):
         return super().evaluate(*args, **kwargs)
 
     def log(self, logs: dict, start_time=None) -> None:
-        """Adds the mean of each loss part since the last log, over the batches of all ranks (Trainer calls `log` on
-        every rank, and every rank's stage loss returns the same parts)."""
+        """Adds the mean of each loss part since the last log, over the batches of all ranks."""
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        names = sorted(name for name, values in self._metrics[mode].items() if values)
-        totals = torch.tensor([[sum(self._metrics[mode][n]), len(self._metrics[mode][n])] for n in names],
-                              dtype=torch.float64, device=self.args.device).reshape(-1, 2)  # fmt: skip
-        if self.args.world_size > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
-        for name, (total, count) in zip(names, totals.tolist()):
-            logs[prefix + name] = total / count
+        means = mean_over_ranks(self, self._metrics[mode], sorted(self._metrics[mode]))
+        logs.update({prefix + name: value for name, value in means.items()})
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+
+def mean_over_ranks(trainer, parts: dict[str, list[float]], names) -> dict[str, float]:
+    """Mean of each of `names` over the values that all ranks collected in `parts` since the last log; names no rank
+    has values for are left out. Trainer calls `log` on every rank at the same step, and every rank must pass the
+    same `names` (one all-reduce of a `(len(names), 2)` tensor of sums and counts)."""
+    totals = [[sum(parts.get(name, ())), len(parts.get(name, ()))] for name in names]
+    totals = torch.tensor(totals, dtype=torch.float64, device=trainer.args.device).reshape(-1, 2)
+    if trainer.args.world_size > 1:
+        totals = trainer.accelerator.reduce(totals, reduction="sum")
+    return {name: total / count for name, (total, count) in zip(names, totals.tolist()) if count > 0}
 
 
 def _fsync_dir(path: str):

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from .common import AtomicCheckpointsMixin
+from .common import AtomicCheckpointsMixin, mean_over_ranks
 from .data.instructions import instruction_examples
 
 TASKS = ("describe", "annotate", "generate")
+LOSS_PARTS = ("lm_loss", "cell_regression_loss", "expression_loss")  # of the model's output, logged
 ATTENTION_PROJECTIONS = "(q_proj|k_proj|v_proj|o_proj)"
 # Always trained in full (and saved with the adapters): the parts that connect the cell and text spaces.
 BRIDGE_MODULES = ["multi_modal_projector", "cell_head", "expression_decoder"]
@@ -186,18 +187,19 @@ class ScMMGPTInstructionTrainer(AtomicCheckpointsMixin, SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         mode = "train" if model.training else "eval"
-        for name in ("lm_loss", "cell_regression_loss", "expression_loss"):
+        for name in LOSS_PARTS:
             value = getattr(outputs, name)
             if value is not None:
                 self._loss_parts.setdefault(f"{mode}_{name}" if mode == "eval" else name, []).append(float(value.detach()))
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the mean of each loss part since the last log, over the batches of all ranks."""
         prefix = "eval_" if any(k.startswith("eval_") for k in logs) else ""
-        for name, values in list(self._loss_parts.items()):
-            if name.startswith("eval_") == bool(prefix) and values:
-                logs[name] = sum(values) / len(values)
-                del self._loss_parts[name]
+        names = [prefix + name for name in LOSS_PARTS]
+        logs.update(mean_over_ranks(self, self._loss_parts, names))
+        for name in names:
+            self._loss_parts.pop(name, None)
         super().log(logs, start_time)
 
     def save_merged(self, output_dir: str | os.PathLike) -> None:
