@@ -1,0 +1,155 @@
+"""Training throughput and peak memory of each stage trainer against a bare `transformers.Trainer` doing the same
+forward and backward on the same model, batches, optimiser and schedule.
+
+    python benchmarks/train_step.py [--steps 20] [--lm tiny|smollm2] [--stages contrastive reconstruction instruction]
+
+"Ours" is the stage trainer as `scmmgpt train` builds it (loss routed through the model's forward, loss parts
+collected and averaged over ranks for logging, seeded per-step draws, unused modules frozen). "Bare" is a plain
+`Trainer` whose `compute_loss` returns the same stage loss (contrastive, reconstruction: the stage's own loss code;
+instruction: the model's loss, with the same LoRA adapters from peft). Neither saves checkpoints. Speed: both
+trainers alternate `--repeats` times in one process on copies of one model (separate processes differed by up to
+30% on this shared 2-core machine); samples/s is at the median step time after `--warmup`, median over repeats.
+Peak RSS: one process per trainer. Target: ours at most 10% slower than bare.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = {"contrastive": 16, "reconstruction": 32, "instruction": 2}  # cells per step, as the demo trains
+
+
+def _stage_args(stage: str, steps: int, lm: str, cache: str) -> list[str]:
+    return ["--output_dir", os.path.join(cache, "runs", stage), "--use_cpu", "true", "--seed", "0", "--report_to",
+            "none", "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "5", "--max_steps", str(steps),
+            "--per_device_train_batch_size", str(BATCH[stage]), "--learning_rate", "1e-4", "--num_cell_tokens", "8",
+            "--data_cache_dir", cache, "--demo_language_model", lm, "--disable_tqdm", "true"]  # fmt: skip
+
+
+def _bare_trainer(stage: str, model, processor, args, data, callbacks):
+    from transformers import Trainer
+
+    from trainers.collators import ScMMGPTContrastiveCollator, ScMMGPTReconstructionCollator
+    from trainers.common import base_model, freeze_unused
+    from trainers.contrastive import ScMMGPTContrastiveTrainer
+    from trainers.instruction import ScMMGPTInstructionCollator, _lora_config
+    from trainers.reconstruction import ScMMGPTReconstructionTrainer
+
+    common = dict(args=args, train_dataset=data["train"], callbacks=callbacks)
+    if stage == "instruction":
+        from peft import get_peft_model
+
+        collator = ScMMGPTInstructionCollator(processor, tasks=args.tasks, seed=args.instruction_seed)
+        return Trainer(model=get_peft_model(model, _lora_config(args, model)), data_collator=collator, **common)
+    ours = {"contrastive": ScMMGPTContrastiveTrainer, "reconstruction": ScMMGPTReconstructionTrainer}[stage]
+    # The same trainable parameters as ours (a model set-up choice, not trainer overhead).
+    freeze_unused(model, ours.used_modules(None, base_model(model), args))
+
+    class BareTrainer(Trainer):
+        stage_loss = ours.stage_loss
+
+        def step_generator(self, per_rank):
+            import torch
+
+            return torch.Generator().manual_seed(self.state.global_step)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs.pop("cell_ids", None)
+            return self.stage_loss(**inputs)["loss"]
+
+    for helper in ("_itm_loss", "_itm_logits"):  # the contrastive loss's own helpers (one is a staticmethod)
+        if helper in ours.__dict__:
+            setattr(BareTrainer, helper, ours.__dict__[helper])
+    if stage == "contrastive":
+        collator = ScMMGPTContrastiveCollator(processor, max_text_length=args.max_text_length,
+                                              text_field=args.text_field, label_field=args.label_field)  # fmt: skip
+    else:
+        collator = ScMMGPTReconstructionCollator(processor)
+    return BareTrainer(model=model, data_collator=collator, **common)
+
+
+def _median_step_samples_per_s(stage, mode, model, processor, args, data, warmup) -> float:
+    """Trains a fresh copy of `model` for `args.max_steps`; samples/s at the median step time after `warmup` (the
+    median is robust to the odd stall of a shared machine)."""
+    import copy
+
+    from transformers import TrainerCallback
+
+    from trainers.run import _trainer
+
+    stamps = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *unused, **kwargs):
+            stamps.append(time.perf_counter())
+
+    build = _trainer if mode == "ours" else _bare_trainer
+    build(stage, copy.deepcopy(model), processor, args, data, [Clock()]).train()
+    step_seconds = sorted(b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:]))
+    return BATCH[stage] / step_seconds[len(step_seconds) // 2]
+
+
+def run_one(stage: str, modes: list[str], steps: int, warmup: int, lm: str, cache: str, repeats: int) -> dict:
+    """In this process: each of `modes` trained `repeats` times, alternating, on copies of one model (so both see
+    the same machine state and memory layout). Returns the median samples/s per mode and the process's peak RSS."""
+    from transformers import HfArgumentParser
+
+    from trainers.arguments import ScMMGPTModelDataArguments
+    from trainers.common import load_model_and_pbmc, parse_stage_args
+    from trainers.run import STAGES
+
+    parser = HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]))
+    model_args, args = parse_stage_args(parser, _stage_args(stage, warmup + steps, lm, cache))
+    model, processor, data = load_model_and_pbmc(model_args, args.seed)
+    rates = {mode: [] for mode in modes}
+    for repeat in range(repeats):
+        for mode in modes if repeat % 2 == 0 else modes[::-1]:  # neither always runs first
+            rates[mode].append(_median_step_samples_per_s(stage, mode, model, processor, args, data, warmup))
+    result = {mode: sorted(r)[len(r) // 2] for mode, r in rates.items()}
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _child(stage: str, modes: list[str], repeats: int, args) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--run", stage, ",".join(modes), "--repeats", str(repeats),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--lm", args.lm, "--cache", args.cache]  # fmt: skip
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        sys.exit(f"{stage} ({modes}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs per mode; the median counts")
+    parser.add_argument("--lm", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--stages", nargs="+", default=["contrastive", "reconstruction", "instruction"])
+    parser.add_argument("--cache", default=os.path.join(ROOT, "runs", "train_step_benchmark"))
+    parser.add_argument("--run", nargs=2, metavar=("STAGE", "MODES"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        stage, modes = args.run[0], args.run[1].split(",")
+        print(json.dumps(run_one(stage, modes, args.steps, args.warmup, args.lm, args.cache, args.repeats)))
+        return
+
+    print(f"LM: {args.lm}; samples/s at the median of {args.steps} step times after {args.warmup} warm-up steps, "
+          f"median of {args.repeats} alternating runs in one process; peak RSS from one process per mode")
+    print(f"{'stage':<15}{'bare samples/s':>16}{'ours samples/s':>16}{'overhead':>10}{'bare MB':>10}{'ours MB':>10}")
+    for stage in args.stages:
+        speed = _child(stage, ["bare", "ours"], args.repeats, args)
+        memory = {mode: _child(stage, [mode], 1, args)["peak_rss_mb"] for mode in ("bare", "ours")}
+        overhead = speed["bare"] / speed["ours"] - 1
+        print(f"{stage:<15}{speed['bare']:>16.2f}{speed['ours']:>16.2f}{overhead:>+10.1%}"
+              f"{memory['bare']:>10.0f}{memory['ours']:>10.0f}", flush=True)  # fmt: skip
+    print("overhead = bare samples/s / ours - 1; target <= +10%")
+
+
+if __name__ == "__main__":
+    main()
