@@ -28,7 +28,7 @@ def test_config_keys_are_arguments(path):
     HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]))  # the parser builds for these classes
 
 
-def test_pretrain_all_chains_stages_and_reuses_them(tmp_path):
+def test_pretrain_all_chains_stages_and_reuses_them(tmp_path, capsys):
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 
     configs = {stage: os.path.join(ROOT, "examples", "configs", f"{stage}_tiny.yaml") for stage in STAGES}
@@ -54,3 +54,19 @@ def test_pretrain_all_chains_stages_and_reuses_them(tmp_path):
     again = pretrain_all(stage_argv, str(tmp_path / "runs"))
     assert again["instruction"]["after"]["eval_loss"] == results["instruction"]["after"]["eval_loss"]
     assert os.path.getmtime(final / "model.safetensors") == stamp
+
+    # The example script's report on the test split: annotation before and after stage 3, descriptions, generation.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pretrain_all_example", os.path.join(ROOT, "examples", "pretrain_all.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    capsys.readouterr()
+    report = example.report(str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"))
+    printed = capsys.readouterr().out
+    for phase in ("before stage 3", "after stage 3"):
+        for mode in ("zero-shot", "generative"):
+            assert 0 <= report[phase][f"model_{mode}"]["accuracy"] <= 1
+            assert f"{phase}, {mode:>10}: accuracy {report[phase][f'model_{mode}']['accuracy']:.3f}" in printed
+    assert len(report["descriptions"]) == 3 and printed.count("described:") == 3
+    assert report["generation"]["baseline_class_mean_plus_noise"] > 0.5 and "5-NN accuracy" in printed
