@@ -127,6 +127,7 @@ def test_train_subcommand_runs_a_stage_from_a_config(tmp_path):
                  "--data_cache_dir", str(tmp_path / "cache")]) == 0  # fmt: skip
     for stage in ("contrastive", "reconstruction", "instruction"):
         assert (chained / stage / "stage_complete.json").exists()
+    assert not (chained / "instruction" / "adapter").exists()  # the tiny config trains without LoRA: no adapters
     assert main(["train", "--stage", "all", configs]) == 2  # no --output-dir
     assert main(["train", "--stage", "all", "--output-dir", str(chained), config]) == 2  # a file, not the folder
     assert main(["train", "--stage", "pretraining", config]) == 2

@@ -35,6 +35,7 @@ def test_pretrain_all_chains_stages_and_reuses_them(tmp_path, capsys):
     overrides = ["--max_steps", "6", "--save_steps", "3", "--max_train_samples", "48", "--max_eval_samples", "16",
                  "--data_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true"]  # fmt: skip
     stage_argv = {stage: [config, *overrides] for stage, config in configs.items()}
+    stage_argv["instruction"] += ["--use_lora", "true"]  # the tiny config fine-tunes its random LM in full
     results = pretrain_all(stage_argv, str(tmp_path / "runs"))
     for stage in STAGES:
         assert results[stage]["after"]["eval_loss"] < results[stage]["before"]["eval_loss"], stage

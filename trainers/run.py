@@ -46,7 +46,7 @@ def stage_is_complete(output_dir: str) -> bool:
 def run_stage(stage: str, argv: list[str], callbacks: list[TrainerCallback] | None = None) -> dict:
     """Trains one stage from `argv` (a YAML/JSON config path first, then `--flag value` overrides) and saves the
     final model and processor in `output_dir` (the instruction stage merges its LoRA adapters, which it also keeps
-    in `output_dir/adapter`). Returns the validation metrics before and after training."""
+    in `output_dir/adapter`, when it trains with LoRA). Returns the validation metrics before and after training."""
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; choose from {list(STAGES)}.")
     parser = HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]))
@@ -63,7 +63,8 @@ def run_stage(stage: str, argv: list[str], callbacks: list[TrainerCallback] | No
     trainer.train(resume_from_checkpoint=resume)
     after = trainer.evaluate()
     if stage == "instruction":
-        trainer.save_model(os.path.join(args.output_dir, "adapter"))
+        if hasattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config"):  # LoRA: keep the adapters too
+            trainer.save_model(os.path.join(args.output_dir, "adapter"))
         trainer.save_merged(args.output_dir)
     else:
         trainer.save_model(args.output_dir)  # gathers sharded (FSDP/DeepSpeed) weights
