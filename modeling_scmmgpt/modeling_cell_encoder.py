@@ -4,9 +4,10 @@ Same maths as scGPT's `TransformerModel._encode` (post-norm, ReLU, no positional
 attention written as explicit `q_proj`/`k_proj`/`v_proj`/`o_proj` linears: `nn.MultiheadAttention` calls its
 `out_proj` functionally, so a PEFT LoRA adapter on it silently never trains.
 
-Padded batches are packed: only real gene tokens go through the layers (cells have very different numbers of
-expressed genes, so padding to the longest cell can cost more than the cells themselves), with attention kept
-within each cell by flash-attention's variable-length kernel on GPUs and by one attention call per cell elsewhere.
+Padded batches can run packed (`config.pack_padded_cells`; by default on GPUs): only real gene tokens go through
+the layers (cells have very different numbers of expressed genes, so padding to the longest cell can cost more than
+the cells themselves), with attention kept within each cell by flash-attention's variable-length kernel on GPUs and
+by one attention call per cell elsewhere.
 """
 
 import math
@@ -255,7 +256,7 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
 
         Returns:
             `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, num_genes, hidden_size)` (zero at
-            padding), `pooler_output` the `<cls>` output `(batch_size, hidden_size)`.
+            padding when packed), `pooler_output` the `<cls>` output `(batch_size, hidden_size)`.
         """
         if attention_mask is None:
             attention_mask = gene_ids.ne(self.config.pad_token_id)
@@ -280,10 +281,11 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
         )
 
     def _can_pack(self, hidden_states: torch.Tensor) -> bool:
-        """Packing needs per-cell attention: flash's variable-length kernel on GPUs (half precision, no attention
-        dropout); on CPUs one call per cell. A GPU run that can't use the kernel keeps the padded batch."""
+        """`config.pack_padded_cells`, or with `None` (auto): on GPUs where the variable-length kernel applies."""
+        if self.config.pack_padded_cells is not None:
+            return self.config.pack_padded_cells
         if not hidden_states.is_cuda:
-            return True
+            return False
         half = (torch.float16, torch.bfloat16)
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in half
         dropout = self.training and self.config.attention_dropout > 0

@@ -79,7 +79,7 @@ def test_binned_value_embedding_and_save_load(tmp_path):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_packed_padding_matches_masked_batch_and_each_cell_alone(monkeypatch, checkpointing):
+def test_packed_padding_matches_masked_batch_and_each_cell_alone(checkpointing):
     """Padded batches go through the layers packed (no compute on padding). Outputs and gradients equal the masked
     padded batch and each cell run alone, and are zero at padding."""
     torch.manual_seed(0)
@@ -97,7 +97,7 @@ def test_packed_padding_matches_masked_batch_and_each_cell_alone(monkeypatch, ch
 
     def run(gene_ids, vals, pack=True):
         model.zero_grad()
-        monkeypatch.setattr(ScMMGPTCellModel, "_can_pack", lambda self, hidden: pack)
+        model.config.pack_padded_cells = pack
         out = model(gene_ids, vals, output_hidden_states=True)
         out.pooler_output.pow(2).sum().backward()
         return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -114,3 +114,18 @@ def test_packed_padding_matches_masked_batch_and_each_cell_alone(monkeypatch, ch
         torch.testing.assert_close(packed_grads[name], masked_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     alone = [run(genes[row : row + 1, :n], values[row : row + 1, :n])[0].pooler_output for row, n in enumerate(lengths)]
     torch.testing.assert_close(packed.pooler_output, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_packing_is_automatic_on_gpus_only():
+    """`pack_padded_cells=None` keeps CPU batches padded (per-cell attention calls cost small encoders more than the
+    padding); `True` packs anywhere, which shows as zeros at padding."""
+    config = ScMMGPTCellConfig(vocab_size=30, d_model=16, nhead=2, nlayers=1, d_hid=16, pad_token_id=28, cls_token_id=29)
+    model = ScMMGPTCellModel(config).eval()
+    genes = torch.tensor([[29, 3, 4, 5], [29, 6, 28, 28]])
+    values = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 4.0, -2.0, -2.0]])
+    with torch.no_grad():
+        auto = model(genes, values).last_hidden_state
+        model.config.pack_padded_cells = True
+        packed = model(genes, values).last_hidden_state
+    assert auto[1, 2:].abs().sum() > 0 and packed[1, 2:].abs().sum() == 0
+    torch.testing.assert_close(auto[genes != 28], packed[genes != 28], atol=1e-5, rtol=1e-5)
