@@ -39,12 +39,15 @@ def report(output_dir: str, seed: int = 0, cache_dir: str | None = None) -> dict
     from modeling_scmmgpt.evaluation import evaluate_annotation, evaluate_description, evaluate_generation
     from trainers.data import load_pbmc_demo
 
-    out = {}
-    for name, stage in (("before stage 3", "reconstruction"), ("after stage 3", "instruction")):
+    def load(stage):
         folder = os.path.join(output_dir, stage)
-        model, processor = ScMMGPTForConditionalGeneration.from_pretrained(folder).eval(), ScMMGPTProcessor.from_pretrained(folder)
-        splits = load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, seed=seed, cache_dir=cache_dir)
-        out[name] = evaluate_annotation(model, processor, splits["train"], splits["test"])
+        return ScMMGPTForConditionalGeneration.from_pretrained(folder).eval(), ScMMGPTProcessor.from_pretrained(folder)
+
+    models = {"before stage 3": load("reconstruction"), "after stage 3": load("instruction")}
+    model, processor = models["after stage 3"]
+    # The stages chain one processor, so both models read the same gene ids.
+    splits = load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, seed=seed, cache_dir=cache_dir)
+    out = {name: evaluate_annotation(m, p, splits["train"], splits["test"]) for name, (m, p) in models.items()}
     chance = 1 / len(set(splits["train"]["cell_type"]))
     print(f"Cell type annotation on {len(splits['test'])} test cells (chance {chance:.3f}; logistic regression on "
           f"expression {out['after stage 3']['baseline_logistic_regression']['accuracy']:.3f}):")
