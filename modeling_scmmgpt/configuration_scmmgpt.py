@@ -61,6 +61,10 @@ class ScMMGPTCellConfig(PreTrainedConfig):
             Expression value of masked genes in masked-expression modelling.
         max_genes (`int`, *optional*, defaults to 1200):
             Maximum tokens per cell, `<cls>` included (scGPT `max_seq_len`).
+        gene_embedding_init (`str`, *optional*, defaults to `"random"`):
+            How the gene embeddings started, kept with the weights: `"random"` (scGPT's uniform +-0.1) or `"pca"`
+            (set by [`ScMMGPTCellModel.init_gene_embeddings_from_pca`] from a training matrix, so that the
+            expression-weighted mean of a cell's gene embeddings is its standardised PCA score vector).
 
     Example:
 
@@ -99,6 +103,7 @@ class ScMMGPTCellConfig(PreTrainedConfig):
     pad_value: float | int = -2.0
     mask_value: float | int = -1.0
     max_genes: int = 1200
+    gene_embedding_init: Literal["random", "pca"] = "random"
     initializer_range: float = 0.02
 
     def validate_architecture(self):
@@ -132,6 +137,18 @@ class ScMMGPTConfig(PreTrainedConfig):
             Number of Q-Former queries, i.e. of `<cell_i>` tokens in a cell span.
         projection_dim (`int`, *optional*, defaults to 256):
             Width of the shared cell-text space used by contrastive alignment.
+        cell_summary (`bool`, *optional*, defaults to `False`):
+            Add a summary of the cell's expression to every Q-Former query output: the expression-weighted mean of
+            its gene embeddings (GenePT-w; scGPT's weighted pooling over the inputs), plus a learned bias, through an
+            orthogonally initialised linear map. A randomly initialised encoder and Q-Former give almost identical
+            outputs for every cell (cosine 0.99999 between PBMCs), which stalls contrastive training; the summary is
+            cell-specific from step 0 (with `gene_embedding_init="pca"` it is the cell's PCA scores). Off for
+            converted scGPT checkpoints, whose outputs stay exactly scGPT's.
+        contrastive_batch_norm (`bool`, *optional*, defaults to `False`):
+            Centre and scale the pooled cell and text features with a BatchNorm before their contrastive projections,
+            as CellWhisperer's CLIP-Lite heads do. A new Q-Former gives every cell a large common component that
+            L2-normalised features keep; centring removes it. In eval mode the running statistics are used, so a
+            cell's features do not depend on its batch.
         projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
             Activation of the cell-to-LM and LM-to-cell MLPs.
         cell_start_token_index (`int`, *optional*):
@@ -147,6 +164,15 @@ class ScMMGPTConfig(PreTrainedConfig):
             cell's Q-Former outputs.
         expression_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the MSE between decoded and target expression of a generated cell.
+        expression_variance (`bool`, *optional*, defaults to `False`):
+            The expression decoder also predicts a log-variance per gene, trained by a Gaussian likelihood around the
+            (detached) predicted mean, so generated cells can be *sampled* (`generate_cells(sample=True)`) instead of
+            all being the conditional mean of their prompt.
+        bilinear_expression_readout (`bool`, *optional*, defaults to `False`):
+            Add to each gene's decoded value the dot product of its gene embedding with a linear map of the mean cell
+            token: a low-rank readout, like a PCA reconstruction, that starts at zero. The attention readout alone
+            learns gene-wise averages first; in the demo's steps, expression decoded from real cells' own tokens let
+            a 5-NN classifier recover the type of only about a third of test cells.
         freeze_cell_encoder (`bool`, *optional*, defaults to `False`):
             Keep the cell encoder's weights fixed.
         freeze_qformer (`bool`, *optional*, defaults to `False`):
@@ -179,6 +205,8 @@ class ScMMGPTConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     num_cell_tokens: int = 32
     projection_dim: int = 256
+    cell_summary: bool = False
+    contrastive_batch_norm: bool = False
     projector_hidden_act: str = "gelu"
     cell_start_token_index: int | None = None
     cell_token_index: int | None = None
@@ -186,6 +214,8 @@ class ScMMGPTConfig(PreTrainedConfig):
     lm_loss_weight: float | int = 1.0
     cell_regression_loss_weight: float | int = 1.0
     expression_loss_weight: float | int = 1.0
+    expression_variance: bool = False
+    bilinear_expression_readout: bool = False
     freeze_cell_encoder: bool = False
     freeze_qformer: bool = False
     freeze_language_model: bool = False

@@ -204,8 +204,8 @@ def format_table(results: dict) -> str:
             for key in ("accuracy", "macro_f1"):
                 rows.append((f"annotation ({mode})", key, annotation[f"model_{mode}"][key], base[key]))
     gen = results["pseudo_cell_generation"]
-    for key in ("knn_accuracy", "mmd"):
-        rows.append(("generation", key, gen["model"][key], gen["baseline_class_mean_plus_noise"][key]))
+    for key in ("knn_accuracy", "mmd", "within_type_spread", "centroid_correlation"):
+        rows.append(("generation", key, gen["model"].get(key), gen["baseline_class_mean_plus_noise"].get(key)))
 
     def cell(value):
         return "n/a" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))

@@ -280,6 +280,61 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
             last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0], hidden_states=all_hidden_states
         )
 
+    def expression_weighted_mean(
+        self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        r"""The cell's gene embeddings (before the encoder's LayerNorm) averaged with its values as weights (GenePT-w,
+        scGPT's weighted pooling over the inputs); `<cls>`, padding and masked or negative values weigh nothing.
+
+        Args:
+            gene_ids, values, attention_mask (`(num_cells, num_genes)`): the encoder's inputs.
+        Returns:
+            `torch.Tensor` of shape `(num_cells, hidden_size)`.
+        """
+        weights = self._summary_weights(gene_ids, values, attention_mask)
+        embeddings = self.get_input_embeddings()(gene_ids)
+        return torch.einsum("ng,ngh->nh", weights.to(embeddings.dtype), embeddings)
+
+    def _summary_weights(self, gene_ids, values, attention_mask) -> torch.Tensor:
+        """`(num_cells, num_genes)` weights summing to 1 over each cell's real genes (0 for a cell without any)."""
+        real = gene_ids.ne(self.config.cls_token_id) & gene_ids.ne(self.config.pad_token_id)
+        if attention_mask is not None:
+            real &= attention_mask.bool()
+        weights = values.float().clamp(min=0) * real
+        return weights / weights.sum(1, keepdim=True).clamp(min=1e-12)
+
+    @torch.no_grad()
+    def init_gene_embeddings_from_pca(
+        self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        r"""Sets the gene embeddings from the principal components of training cells, so that
+        [`expression_weighted_mean`] of those cells is, in its first `k = min(hidden_size, num_cells - 1)`
+        dimensions, their PCA scores scaled to unit variance, plus a constant (returned). The other dimensions, the
+        special tokens and the genes these cells never express keep their values. Sets
+        `config.gene_embedding_init = "pca"`.
+
+        Args:
+            gene_ids, values, attention_mask (`(num_cells, num_genes)`): the processor's inputs for training cells.
+        Returns:
+            `torch.Tensor` of shape `(hidden_size,)`: the mean of the cells' weighted means, which a summary bias
+            subtracts to centre them.
+        """
+        weights = self._summary_weights(gene_ids, values, attention_mask).double()
+        matrix = torch.zeros(gene_ids.shape[0], self.config.vocab_size, dtype=torch.float64)
+        matrix.scatter_add_(1, gene_ids.cpu(), weights.cpu())
+        k = min(self.config.hidden_size, matrix.shape[0] - 1)
+        if k < 1:
+            raise ValueError("init_gene_embeddings_from_pca needs at least two cells.")
+        centred = matrix - matrix.mean(0)
+        _, singular, components = torch.linalg.svd(centred, full_matrices=False)
+        scale = singular[:k] / math.sqrt(matrix.shape[0] - 1)  # score standard deviations
+        loadings = components[:k].T / scale.clamp(min=1e-12)  # (vocab, k)
+        expressed = matrix.ne(0).any(0)
+        embedding = self.get_input_embeddings().weight
+        embedding[expressed, :k] = loadings[expressed].to(embedding)
+        self.config.gene_embedding_init = "pca"
+        return (matrix.to(embedding) @ embedding).mean(0)
+
     def _can_pack(self, hidden_states: torch.Tensor) -> bool:
         """`config.pack_padded_cells`, or with `None` (auto): on GPUs where the variable-length kernel applies."""
         if self.config.pack_padded_cells is not None:

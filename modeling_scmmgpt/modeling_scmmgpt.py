@@ -142,15 +142,24 @@ class ScMMGPTExpressionDecoder(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=config.qformer_config.layer_norm_eps)
         self.readout = ScMMGPTMLP(hidden, hidden, config.projector_hidden_act)
         self.value_head = nn.Linear(hidden, 1)
+        self.log_variance_head = nn.Linear(hidden, 1) if config.expression_variance else None
+        self.bilinear = None
+        if config.bilinear_expression_readout:
+            self.bilinear = nn.Linear(hidden, config.cell_config.hidden_size)
+            self.bilinear.init_as = "zeros"  # the decoder starts as the attention readout alone
 
-    def forward(self, cell_queries: torch.Tensor, gene_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, cell_queries: torch.Tensor, gene_embeds: torch.Tensor, return_log_variance: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         r"""
         Args:
             cell_queries (`torch.Tensor` of shape `(batch_size, num_cell_tokens, qformer_hidden_size)`)
             gene_embeds (`torch.Tensor` of shape `(batch_size, num_genes, cell_hidden_size)`)
+            return_log_variance (`bool`): also return the per-gene log-variance (needs `config.expression_variance`).
 
         Returns:
-            `torch.Tensor` of shape `(batch_size, num_genes)`.
+            `torch.Tensor` of shape `(batch_size, num_genes)`, the expected expression; with `return_log_variance`, a
+            tuple of it and the log-variance of the same shape.
         """
         batch, num_genes, _ = gene_embeds.shape
         genes = self.gene_proj(gene_embeds)
@@ -162,7 +171,22 @@ class ScMMGPTExpressionDecoder(nn.Module):
             heads(self.q_proj(genes)), heads(self.k_proj(cell_queries)), heads(self.v_proj(cell_queries))
         )
         hidden = self.norm(genes + self.o_proj(attended.transpose(1, 2).reshape(batch, num_genes, -1)))
-        return self.value_head(hidden + self.readout(hidden)).squeeze(-1)
+        hidden = hidden + self.readout(hidden)
+        mean = self.value_head(hidden).squeeze(-1)
+        if self.bilinear is not None:
+            mean = mean + (gene_embeds * self.bilinear(cell_queries.mean(dim=1))[:, None].to(gene_embeds.dtype)).sum(-1)
+        if not return_log_variance:
+            return mean
+        if self.log_variance_head is None:
+            raise ValueError("This model predicts no expression variance: build it with expression_variance=True.")
+        return mean, self.log_variance_head(hidden).squeeze(-1)
+
+
+def expression_nll(log_variance: torch.Tensor, mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Elementwise Gaussian negative log-likelihood (without the constant) of `target` under the predicted variance
+    around the *detached* mean: the mean is trained by its own MSE, the variance learns the spread around it."""
+    log_variance = log_variance.float().clamp(-10, 10)
+    return 0.5 * (log_variance + (target.float() - mean.detach().float()).square() * torch.exp(-log_variance))
 
 
 class ScMMGPTMaskedValueHead(nn.Module):
@@ -196,8 +220,17 @@ class ScMMGPTCellTower(nn.Module):
         self.text_embeddings = Blip2TextEmbeddings(config.qformer_config)
         self.cell_projection = nn.Linear(qformer_hidden, config.projection_dim)
         self.text_projection = nn.Linear(qformer_hidden, config.projection_dim)
+        norm = nn.BatchNorm1d if config.contrastive_batch_norm else nn.Identity
+        self.cell_feature_norm, self.text_feature_norm = norm(qformer_hidden), norm(qformer_hidden)
         self.itm_head = nn.Linear(qformer_hidden, 2)
         self.masked_value_head = ScMMGPTMaskedValueHead(config.cell_config)
+        self.summary_projection = None
+        if config.cell_summary:
+            self.summary_bias = nn.Parameter(torch.zeros(config.cell_config.hidden_size))
+            self.summary_projection = nn.Linear(config.cell_config.hidden_size, qformer_hidden)
+            # Orthogonal columns keep the summary's scale and geometry (unit-variance PCA scores stay unit variance
+            # and keep their distances): an identity-like start for a shortcut between two widths.
+            self.summary_projection.init_as = "orthogonal"
         # CLIP's learnable temperature, log(1/0.07); clamped by the contrastive loss.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
@@ -218,11 +251,52 @@ class ScMMGPTCellTower(nn.Module):
             encoder_hidden_states=encoded.last_hidden_state,
             encoder_attention_mask=attention_mask.long(),
         ).last_hidden_state
+        if self.summary_projection is not None:
+            summary = self.cell_summary(gene_ids, values, attention_mask)
+            query_output = query_output + self.summary_projection(_as_input_of(self.summary_projection, summary))[:, None]
         return ScMMGPTCellTowerOutput(
             query_output=query_output,
             encoder_last_hidden_state=encoded.last_hidden_state,
             encoder_pooler_output=encoded.pooler_output,
         )
+
+    def cell_path(self) -> list[nn.Module | nn.Parameter]:
+        """What computes `query_output`: the encoder, the queries, the Q-Former and the cell summary if any."""
+        parts = [self.cell_model, self.query_tokens, self.qformer]
+        return parts + ([self.summary_projection, self.summary_bias] if self.summary_projection is not None else [])
+
+    def text_path_parameters(self) -> list[nn.Parameter]:
+        """The parameters a BERT initialises and the text path uses: the text embeddings and every Q-Former weight
+        outside the query-only branches (cross-attention and the query feed-forward). The self-attention is shared
+        with the queries, as in BLIP-2."""
+        text = list(self.text_embeddings.parameters())
+        query_only = ("crossattention", "intermediate_query", "output_query")
+        return text + [p for n, p in self.qformer.named_parameters() if not any(q in n for q in query_only)]
+
+    def cell_summary(self, gene_ids, values, attention_mask=None) -> torch.Tensor:
+        """`config.cell_summary`: the expression-weighted mean of the cell's gene embeddings plus a learned bias,
+        `(num_cells, cell_hidden_size)`; standardised PCA scores at step 0 after [`init_cell_summary_from_pca`]."""
+        return self.cell_model.expression_weighted_mean(gene_ids, values, attention_mask) + self.summary_bias
+
+    @torch.no_grad()
+    def init_cell_summary_from_pca(self, gene_ids, values, attention_mask=None) -> None:
+        """Gene embeddings from the PCA of these (training) cells and the summary bias that centres them, so the cell
+        summary starts as the cells' standardised PCA scores (see `ScMMGPTCellModel.init_gene_embeddings_from_pca`)."""
+        if self.summary_projection is None:
+            raise ValueError("init_cell_summary_from_pca needs a model built with cell_summary=True.")
+        mean = self.cell_model.init_gene_embeddings_from_pca(gene_ids, values, attention_mask)
+        self.summary_bias.copy_(-mean.to(self.summary_bias))
+
+    def project_cells(self, query_output: torch.Tensor) -> torch.Tensor:
+        """Contrastive cell features from `(num_cells, num_cell_tokens, qformer_hidden_size)` query outputs: their
+        mean, (batch-)normalised, projected and L2-normalised, `(num_cells, projection_dim)`."""
+        pooled = self.cell_feature_norm(_as_input_of(self.cell_projection, query_output.mean(dim=1)))
+        return F.normalize(self.cell_projection(pooled), dim=-1)
+
+    def project_text(self, text_output: torch.Tensor) -> torch.Tensor:
+        """Contrastive text features from the text path's `[CLS]` outputs `(batch_size, qformer_hidden_size)`."""
+        pooled = self.text_feature_norm(_as_input_of(self.text_projection, text_output))
+        return F.normalize(self.text_projection(pooled), dim=-1)
 
     def encode_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Q-Former text path (no queries, no cross-attention), BLIP-2's `Blip2TextModelWithProjection`.
@@ -263,6 +337,15 @@ class ScMMGPTPreTrainedModel(PreTrainedModel):
         if isinstance(module, ScMMGPTCellTower):
             init.normal_(module.query_tokens, mean=0.0, std=self.config.initializer_range)
             init.constant_(module.logit_scale, math.log(1 / 0.07))
+            if module.summary_projection is not None:
+                init.zeros_(module.summary_bias)
+        elif isinstance(module, nn.Linear) and getattr(module, "init_as", None):
+            # Set on the Linear itself: a parent's _init_weights may run before its children's.
+            if module.init_as == "orthogonal":
+                init.orthogonal_(module.weight)
+            else:
+                init.zeros_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, Blip2TextEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
 
@@ -310,17 +393,14 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
     ) -> torch.Tensor:
         """L2-normalised cell embeddings for cell-text alignment, shape `(num_cells, projection_dim)`: the mean of the
         Q-Former query outputs, projected."""
-        query_output = self.cell_tower(gene_ids, values, attention_mask).query_output
-        projection = self.cell_tower.cell_projection
-        return F.normalize(projection(_as_input_of(projection, query_output.mean(dim=1))), dim=-1)
+        return self.cell_tower.project_cells(self.cell_tower(gene_ids, values, attention_mask).query_output)
 
     def get_text_features(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """L2-normalised text embeddings from the Q-Former text path, shape `(batch_size, projection_dim)`.
         `input_ids` come from the Q-Former's (BERT) tokenizer, `ScMMGPTProcessor.qformer_tokenizer`."""
-        projection = self.cell_tower.text_projection
-        return F.normalize(projection(_as_input_of(projection, self.cell_tower.encode_text(input_ids, attention_mask))), dim=-1)
+        return self.cell_tower.project_text(self.cell_tower.encode_text(input_ids, attention_mask))
 
     # cell tokens for the LM
     def get_cell_token_embeddings(
@@ -330,13 +410,28 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         query_output = self.cell_tower(gene_ids, values, attention_mask).query_output
         return self.multi_modal_projector(_as_input_of(self.multi_modal_projector, query_output))
 
-    def decode_expression(self, cell_queries: torch.Tensor, gene_ids: torch.LongTensor) -> torch.Tensor:
+    def decode_expression(
+        self, cell_queries: torch.Tensor, gene_ids: torch.LongTensor, return_log_variance: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         r"""Expression of `gene_ids` (`(num_genes,)` or `(batch_size, num_genes)`) for cell tokens `cell_queries`
-        (`(batch_size, num_cell_tokens, qformer_hidden_size)`). Returns `(batch_size, num_genes)`."""
+        (`(batch_size, num_cell_tokens, qformer_hidden_size)`). Returns `(batch_size, num_genes)`, and with
+        `return_log_variance` also its per-gene log-variance (see `ScMMGPTConfig.expression_variance`)."""
         if gene_ids.dim() == 1:
             gene_ids = gene_ids.unsqueeze(0).expand(cell_queries.shape[0], -1)
         gene_embeds = self.cell_tower.cell_model.gene_encoder(gene_ids)
-        return self.expression_decoder(_as_input_of(self.expression_decoder, cell_queries), gene_embeds)
+        return self.expression_decoder(_as_input_of(self.expression_decoder, cell_queries), gene_embeds, return_log_variance)
+
+    def expression_loss(self, cell_queries, gene_ids, expression, valid) -> torch.Tensor:
+        r"""MSE of the decoded expression over the `valid` genes (`(num_cells, num_genes)` bool), plus, with
+        `config.expression_variance`, the Gaussian likelihood of the per-gene variance. Zero for no valid gene."""
+        valid = valid.float()
+        count = valid.sum().clamp(min=1)
+        if not self.config.expression_variance:
+            predicted = self.decode_expression(cell_queries, gene_ids).float()
+            return ((predicted - expression.float()).square() * valid).sum() / count
+        predicted, log_variance = self.decode_expression(cell_queries, gene_ids, return_log_variance=True)
+        squared = (predicted.float() - expression.float()).square()
+        return ((squared + expression_nll(log_variance, predicted, expression)) * valid).sum() / count
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
         """Positions holding any `<cell_i>` token, shape `(batch_size, sequence_length)`."""
@@ -587,9 +682,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         valid = gene_ids.ne(self.config.cell_config.pad_token_id) & gene_ids.ne(self.config.cell_config.cls_token_id)
         if attention_mask is not None:
             valid &= attention_mask.bool()
-        predicted = self.model.decode_expression(cell_queries, gene_ids).float()
-        squared = (predicted - expression.to(predicted.device).float()).square() * valid
-        return squared.sum() / valid.sum().clamp(min=1)
+        return self.model.expression_loss(cell_queries, gene_ids, expression.to(cell_queries.device), valid)
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         # GenerationMixin does not know the cell modality: the cells are merged during prefill only, later steps
@@ -607,6 +700,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         gene_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         max_text_tokens: int = 0,
+        sample: bool = False,
         **generate_kwargs,
     ) -> ScMMGPTCellGenerationOutput:
         r"""Text to cell: the LM writes a cell span after each prompt, and its own hidden states at the `<cell_i>`
@@ -622,6 +716,9 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             max_text_tokens (`int`, defaults to 0): let the LM first write up to this many tokens (stopping early
                 when it writes `<cell>`), with `generate_kwargs` (e.g. `do_sample=True`): sampled text gives
                 different cells for the same prompt.
+            sample (`bool`, defaults to `False`): draw each gene's expression from the decoder's Gaussian (mean and
+                variance, `config.expression_variance`), clipped at zero, with torch's global generator, instead of
+                returning the expected expression: cells from one prompt then differ as real cells do.
 
         Returns:
             [`ScMMGPTCellGenerationOutput`] with `expression` of shape `(batch_size, num_genes)`.
@@ -649,7 +746,12 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         hidden = self.model(input_ids=sequences, attention_mask=full_mask, position_ids=position_ids).last_hidden_state
         cell_states = hidden[:, -self.config.num_cell_tokens :]
         cell_queries = self.cell_head(cell_states)
-        expression = self.model.decode_expression(cell_queries, gene_ids.to(input_ids.device))
+        if sample:
+            mean, log_variance = self.model.decode_expression(cell_queries, gene_ids.to(input_ids.device), True)
+            noise = torch.randn(mean.shape, dtype=torch.float32).to(mean.device)
+            expression = (mean.float() + noise * torch.exp(0.5 * log_variance.float().clamp(-10, 10))).clamp(min=0)
+        else:
+            expression = self.model.decode_expression(cell_queries, gene_ids.to(input_ids.device))
         end = torch.full((batch, 1), self.config.cell_end_token_index, device=input_ids.device)
         return ScMMGPTCellGenerationOutput(
             expression=expression, cell_queries=cell_queries, sequences=torch.cat([sequences, end], dim=1)

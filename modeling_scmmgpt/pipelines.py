@@ -307,7 +307,10 @@ class TextToCellPipeline(Pipeline):
     def postprocess(self, outputs):
         return outputs
 
-    def __call__(self, prompts, n_cells: int = 1, seed: int = 0, max_text_tokens: int = 8, genes=None):
+    def __call__(self, prompts, n_cells: int = 1, seed: int = 0, max_text_tokens: int = 8, genes=None,
+                 sample: bool | None = None):  # fmt: skip
+        """`sample`: draw expression from the decoder's per-gene Gaussian; default where the model predicts a
+        variance (`config.expression_variance`)."""
         import anndata as ad
         import pandas as pd
 
@@ -320,18 +323,21 @@ class TextToCellPipeline(Pipeline):
         gene_ids = torch.as_tensor(vocab.lookup(names), device=self.device)
         if (gene_ids < 0).any():
             raise ValueError(f"Genes not in the vocabulary: {[n for n, i in zip(names, gene_ids.tolist()) if i < 0][:5]}")
+        if sample is None:
+            sample = bool(getattr(self.model.config, "expression_variance", False))
         rows, obs = [], []
         for p_idx, prompt in enumerate(prompts):
             text = self.processor.build_prompt(prompt, with_cell=False)
             inputs = self.processor(text=[text], padding_side="left").to(self.device)
             for k in range(n_cells):
-                torch.manual_seed(seed + k)
+                # One seed per cell of the call: cells from different prompts must not share their random draws.
+                torch.manual_seed(seed + len(rows))
                 out = self.model.generate_cells(
                     inputs["input_ids"], gene_ids, inputs["attention_mask"], max_text_tokens=max_text_tokens,
-                    do_sample=max_text_tokens > 0,
+                    do_sample=max_text_tokens > 0, sample=sample,
                 )  # fmt: skip
                 rows.append(out.expression[0].float().cpu().numpy())
-                obs.append({"prompt": prompt, "prompt_index": p_idx, "seed": seed + k})
+                obs.append({"prompt": prompt, "prompt_index": p_idx, "seed": seed + len(rows) - 1})
         return ad.AnnData(
             np.stack(rows), obs=pd.DataFrame(obs, index=[f"pseudo_cell_{i}" for i in range(len(obs))]),
             var=pd.DataFrame(index=names),

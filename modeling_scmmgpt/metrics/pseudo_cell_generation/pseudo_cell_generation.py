@@ -58,6 +58,11 @@ Returns:
     knn_accuracy (`float`): fraction of generated cells the k-NN classifier labels with their intended type.
     mmd (`float`): unbiased squared MMD between generated and real cells (RBF kernel, median heuristic); needs at
         least 2 generated and 2 real cells.
+    within_type_spread (`float` or `None`): mean over intended types with at least 2 generated and 2 real cells of
+        (mean Euclidean distance between distinct generated cells of the type) / (the same among its real cells):
+        0 when every cell generated for a type is the same profile, about 1 for real-like spread.
+    centroid_correlation (`float`): mean over intended types of the Pearson correlation between the mean generated
+        cell and the mean real cell of that type (genes as observations).
     mmd_bandwidth (`float`): the sigma used.
     knn_accuracy_per_type (`dict[str, float]`), mmd_per_type (`dict[str, float]`): only with `per_type=True`;
         MMD only for types with at least 2 generated and 2 real cells.
@@ -94,6 +99,31 @@ def _as_cells(value, name: str) -> np.ndarray:
             "fill or drop them before scoring."
         )
     return cells
+
+
+def _type_structure(generated, intended, real, real_labels) -> dict:
+    """`within_type_spread` and `centroid_correlation` (see the kwargs description)."""
+    spreads, correlations = [], []
+    for label in sorted(set(intended.tolist())):
+        gen, ref = generated[intended == label], real[real_labels == label]
+        g_mean, r_mean = gen.mean(0), ref.mean(0)
+        if g_mean.std() > 0 and r_mean.std() > 0:
+            correlations.append(float(np.corrcoef(g_mean, r_mean)[0, 1]))
+        else:
+            correlations.append(0.0)
+        if len(gen) >= 2 and len(ref) >= 2:
+            real_spread = _mean_pairwise_distance(ref)
+            if real_spread > 0:
+                spreads.append(_mean_pairwise_distance(gen) / real_spread)
+    return {
+        "within_type_spread": float(np.mean(spreads)) if spreads else None,
+        "centroid_correlation": float(np.mean(correlations)),
+    }
+
+
+def _mean_pairwise_distance(cells: np.ndarray) -> float:
+    n = len(cells)
+    return float(np.sqrt(_squared_distances(cells, cells)).sum() / (n * (n - 1)))
 
 
 def _squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -204,6 +234,7 @@ class PseudoCellGenerationMetric(evaluate.Metric):
             "mmd": _mmd_from_pooled(sq_dists, len(gen_sample), sigma),
             "mmd_bandwidth": sigma,
         }
+        result.update(_type_structure(generated, intended, real, real_labels))
         if per_type:
             result["knn_accuracy_per_type"] = {}
             result["mmd_per_type"] = {}
