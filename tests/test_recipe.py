@@ -1,0 +1,250 @@
+"""The options that let a randomly initialised cell side learn (issue 12): the cell summary and its PCA start, batch-
+normalised contrastive heads, a sampled expression decoder that knows zeros, and per-path learning rates."""
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTForConditionalGeneration
+from modeling_scmmgpt.metrics import PseudoCellGenerationMetric
+from trainers import ScMMGPTContrastiveArguments, ScMMGPTReconstructionArguments
+from trainers.common import seeded_generator
+from trainers.reconstruction import add_unexpressed_genes
+
+from test_trainers import contrastive_trainer, make_model, pbmc_demo, stage_args, stage_processor  # noqa: F401
+from tester import ScMMGPTModelTester, grad_norms
+
+
+@pytest.fixture
+def tester(pbmc_cell_processor, tokenizer):
+    return ScMMGPTModelTester(pbmc_cell_processor, tokenizer)
+
+
+def _cells(tester, pbmc, n=120):
+    inputs = tester.processor.cell_processor(pbmc[:n])
+    return inputs["gene_ids"], inputs["values"], inputs["attention_mask"]
+
+
+def test_recipe_options_are_off_by_default(tester):
+    """A converted scGPT encoder (built with defaults) keeps exactly scGPT's computation and weights."""
+    config = ScMMGPTConfig()
+    assert not config.cell_summary and not config.contrastive_batch_norm and not config.expression_variance
+    assert not config.bilinear_expression_readout and config.cell_config.gene_embedding_init == "random"
+    names = ScMMGPTForConditionalGeneration(tester.get_config()).state_dict()
+    assert not any(key in n for n in names for key in ("summary", "feature_norm", "log_variance", "bilinear"))
+
+
+def test_pca_start_makes_the_cell_summary_the_standardised_pca_scores(pbmc, tester):
+    tester.config_overrides = {"cell_summary": True}
+    model = ScMMGPTForConditionalGeneration(tester.get_config())
+    tower = model.model.cell_tower
+    gene_ids, values, mask = _cells(tester, pbmc)
+    tower.init_cell_summary_from_pca(gene_ids, values, mask)
+    assert model.config.cell_config.gene_embedding_init == "pca"
+    projection = tower.summary_projection.weight  # orthogonal columns: the shortcut keeps the scores' geometry
+    torch.testing.assert_close(projection.T @ projection, torch.eye(projection.shape[1]), atol=1e-5, rtol=0)
+
+    # Reference: PCA (numpy SVD) of the cells' weight vectors, the values normalised to sum 1 over real genes.
+    real = (gene_ids != tester.processor.cell_processor.gene_vocab.cls_token_id) & mask.bool()
+    weights = values.clamp(min=0) * real
+    weights = weights / weights.sum(1, keepdim=True)
+    matrix = np.zeros((len(gene_ids), model.config.cell_config.vocab_size))
+    np.add.at(matrix, (np.arange(len(gene_ids))[:, None].repeat(gene_ids.shape[1], 1), gene_ids.numpy()), weights.numpy())
+    centred = matrix - matrix.mean(0)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    k = model.config.cell_config.hidden_size
+    expected = u[:, :k] * np.sqrt(len(matrix) - 1)  # scores / their standard deviation
+
+    with torch.no_grad():
+        summary = tower.cell_summary(gene_ids, values, mask).double().numpy()
+    signs = np.sign((summary * expected).sum(0))  # a component's sign is arbitrary
+    np.testing.assert_allclose(summary * signs, expected, atol=1e-3)
+
+
+def test_cell_summary_makes_a_new_models_cells_differ(pbmc, tester):
+    """Without the summary, a random Q-Former gives nearly one output for every cell; with it, cells differ."""
+
+    def spread(overrides):
+        tester.config_overrides = overrides
+        torch.manual_seed(0)
+        model = ScMMGPTForConditionalGeneration(tester.get_config()).eval()
+        gene_ids, values, mask = _cells(tester, pbmc, 60)
+        if overrides:
+            model.model.cell_tower.init_cell_summary_from_pca(gene_ids, values, mask)
+        with torch.no_grad():
+            pooled = model.model.cell_tower(gene_ids, values, mask).query_output.mean(1)
+        return float((pooled - pooled.mean(0)).norm(dim=1).mean() / pooled.norm(dim=1).mean())
+
+    assert spread({"cell_summary": True}) > 10 * spread({})
+
+
+def test_contrastive_batch_norm_centres_in_training_and_is_batch_independent_in_eval(pbmc, tester):
+    tester.config_overrides = {"contrastive_batch_norm": True}
+    model = ScMMGPTForConditionalGeneration(tester.get_config())
+    gene_ids, values, mask = _cells(tester, pbmc, 16)
+    model.train()
+    model.get_cell_features(gene_ids, values, mask)  # updates the running statistics
+    norm = model.model.cell_tower.cell_feature_norm
+    assert norm.num_batches_tracked.item() == 1 and norm.running_mean.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        together = model.get_cell_features(gene_ids, values, mask)
+        alone = torch.cat([model.get_cell_features(gene_ids[i : i + 1], values[i : i + 1], mask[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(alone, together[:3], atol=1e-5, rtol=1e-4)
+
+
+def _generate(model, tester, sample):
+    processor = tester.processor
+    inputs = processor(text=[processor.build_prompt("Generate a cell of type monocyte.", with_cell=False)])
+    return model.generate_cells(inputs["input_ids"], torch.arange(10, 40), inputs["attention_mask"], sample=sample).expression
+
+
+def test_sampled_cells_differ_by_seed_and_repeat_with_it(tester):
+    tester.config_overrides = {"expression_variance": True}
+    model = ScMMGPTForConditionalGeneration(tester.get_config()).eval()
+    draws = []
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        draws.append(_generate(model, tester, sample=True))
+    assert (draws[0] >= 0).all()
+    assert not torch.allclose(draws[0], draws[1])
+    torch.testing.assert_close(draws[0], draws[2])
+    torch.manual_seed(1)
+    assert torch.equal(_generate(model, tester, sample=False), _generate(model, tester, sample=False))
+
+
+def test_sampling_needs_a_variance_head(tester):
+    model = ScMMGPTForConditionalGeneration(tester.get_config()).eval()
+    with pytest.raises(ValueError, match="expression_variance=True"):
+        _generate(model, tester, sample=True)
+
+
+def test_variance_term_leaves_the_mean_to_its_mse(pbmc, tester):
+    """The Gaussian term trains the variance only: the mean's gradient is that of the MSE alone."""
+    gene_ids, _, mask = _cells(tester, pbmc, 4)
+    expression = tester.processor.cell_processor(pbmc[:4])["expression"]
+    tester.config_overrides = {"expression_variance": True}
+    model = ScMMGPTForConditionalGeneration(tester.get_config())
+    queries = torch.randn(4, tester.num_cell_tokens, 32)
+    grads = {}
+    for variance in (False, True):
+        model.zero_grad()
+        model.config.expression_variance = variance  # False: the MSE alone, on the same weights
+        model.model.expression_loss(queries, gene_ids, expression, mask.bool()).backward()
+        grads[variance] = model.model.expression_decoder.value_head.weight.grad.clone()
+    assert sum(grad_norms(model, "model.expression_decoder.log_variance_head")) > 0
+    torch.testing.assert_close(grads[True], grads[False])
+
+
+def test_bilinear_readout_starts_at_zero_and_learns(pbmc, tester):
+    gene_ids, _, mask = _cells(tester, pbmc, 4)
+    expression = tester.processor.cell_processor(pbmc[:4])["expression"]
+    queries = torch.randn(4, tester.num_cell_tokens, 32)
+    tester.config_overrides = {"bilinear_expression_readout": True}
+    torch.manual_seed(0)
+    model = ScMMGPTForConditionalGeneration(tester.get_config())
+    decoder = model.model.expression_decoder
+    with torch.no_grad():
+        with_term = model.model.decode_expression(queries, gene_ids)
+        bilinear, decoder.bilinear = decoder.bilinear, None
+        without = model.model.decode_expression(queries, gene_ids)
+        decoder.bilinear = bilinear
+    torch.testing.assert_close(with_term, without)  # zero at the start: the attention readout alone
+    model.model.expression_loss(queries, gene_ids, expression, mask.bool()).backward()
+    assert decoder.bilinear.weight.grad.abs().sum() > 0
+
+
+def test_unexpressed_genes_are_zero_targets_never_expressed_or_special(tester):
+    config = tester.get_config().cell_config
+    gene_ids = torch.tensor([[config.cls_token_id, 3, 4, 5], [config.cls_token_id, 6, config.pad_token_id, config.pad_token_id]])
+    expression = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 0.0, 0.0]])
+    valid = torch.tensor([[False, True, True, True], [False, True, False, False]])
+    ids, targets, ok = add_unexpressed_genes(gene_ids, expression, valid, config, 400, seeded_generator(0))
+    assert ids.shape == targets.shape == ok.shape == (2, 404)
+    assert torch.equal(ids[:, :4], gene_ids) and torch.equal(ok[:, :4], valid)
+    drawn, drawn_ok = ids[:, 4:], ok[:, 4:]
+    assert (targets[:, 4:] == 0).all()
+    assert not drawn_ok[(drawn == 3) | (drawn == config.cls_token_id) | (drawn == config.pad_token_id)][:1].any()
+    assert not drawn_ok[0][(drawn[0] >= 3) & (drawn[0] <= 5)].any() and not drawn_ok[1][drawn[1] == 6].any()
+    assert drawn_ok.float().mean() > 0.9  # almost every drawn gene is a real zero target
+
+
+def test_generation_metric_sees_collapse_and_real_spread():
+    rng = np.random.default_rng(0)
+    real = np.concatenate([rng.normal(0, 1, (30, 20)), rng.normal(4, 1, (30, 20))])
+    labels = ["a"] * 30 + ["b"] * 30
+    metric = PseudoCellGenerationMetric()
+    collapsed = metric.compute(predictions=np.repeat(real[[0, 30]], 5, axis=0), references=["a"] * 5 + ["b"] * 5,
+                               real_cells=real, real_labels=labels)  # fmt: skip
+    assert collapsed["within_type_spread"] == 0
+    same = metric.compute(predictions=real, references=labels, real_cells=real, real_labels=labels)
+    assert same["within_type_spread"] == pytest.approx(1.0) and same["centroid_correlation"] == pytest.approx(1.0)
+
+
+def test_path_learning_rates_group_and_freeze(stage_processor, pbmc_demo, tmp_path):  # noqa: F811
+    trainer = contrastive_trainer(stage_processor, pbmc_demo, tmp_path, text_path_learning_rate=1e-5, max_steps=1)
+    tower = trainer.model.model.cell_tower
+    optimizer = trainer.create_optimizer()
+    rate_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    shared = tower.qformer.encoder.layer[0].attention.attention.query.weight
+    assert rate_of[id(tower.text_embeddings.word_embeddings.weight)] == 1e-5
+    assert rate_of[id(shared)] == 1e-5  # self-attention is shared by both paths
+    assert rate_of[id(tower.qformer.encoder.layer[0].crossattention.attention.query.weight)] == 5e-3
+    assert rate_of[id(tower.cell_projection.weight)] == 5e-3
+
+    from trainers import ScMMGPTReconstructionCollator, ScMMGPTReconstructionTrainer
+
+    args = stage_args(ScMMGPTReconstructionArguments, tmp_path, cell_path_learning_rate=0, max_steps=1)
+    model = make_model(stage_processor)
+    ScMMGPTReconstructionTrainer(model=model, args=args, processor=stage_processor.processor,
+                                 data_collator=ScMMGPTReconstructionCollator(stage_processor.processor),
+                                 train_dataset=pbmc_demo["train"])  # fmt: skip
+    tower = model.model.cell_tower
+    assert not any(p.requires_grad for p in tower.cell_model.parameters())
+    assert not any(p.requires_grad for p in tower.qformer.parameters())
+    assert all(p.requires_grad for p in model.model.expression_decoder.parameters())
+
+
+def test_contrastive_arguments_take_the_path_rates():
+    args = ScMMGPTContrastiveArguments("out", text_path_learning_rate=0.0, use_cpu=True, report_to="none")
+    assert args.text_path_learning_rate == 0.0 and args.cell_path_learning_rate is None
+
+
+def test_ridge_fit_recovers_a_linear_map():
+    from trainers.bridges import ridge_fit_
+
+    torch.manual_seed(0)
+    features, true = torch.randn(200, 6), torch.nn.Linear(6, 3)
+    linear = torch.nn.Linear(6, 3)
+    r2 = ridge_fit_(linear, features, true(features).detach(), l2=1e-9)
+    assert r2 > 0.999999
+    torch.testing.assert_close(linear.weight, true.weight, atol=1e-4, rtol=0)
+    torch.testing.assert_close(linear.bias, true.bias, atol=1e-4, rtol=0)
+
+
+def test_least_squares_bridges_read_cells_as_their_labels(tmp_path):
+    """After the fit, a training cell's tokens are closer to the LM embeddings of its own label than of others."""
+    from conftest import pbmc_cells, tiny_demo
+    from modeling_scmmgpt.demo import build_model
+    from trainers.bridges import _spread, fit_bridges
+
+    _, processor, splits = tiny_demo(tmp_path)
+    torch.manual_seed(0)
+    model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)  # cells differ from the start
+    records = list(splits["train"].select(range(120)))
+    cells = processor.cell_processor(records)
+    model.model.cell_tower.init_cell_summary_from_pca(cells["gene_ids"], cells["values"], cells["attention_mask"])
+    fits = fit_bridges(model, processor, records)
+    assert 0 < fits["projector_r2"] <= 1 and 0 < fits["cell_head_r2"] <= 1
+    model.eval()
+    labels = sorted({r["cell_type"] for r in records})
+    embed = model.get_input_embeddings()
+    tokens = [_spread(processor.tokenizer(label, add_special_tokens=False)["input_ids"], 8) for label in labels]
+    label_embeds = embed(torch.tensor(tokens)).flatten(1)  # (labels, 8 * hidden)
+    with torch.no_grad():
+        cells = processor.cell_processor(records)
+        read = model.model.get_cell_token_embeddings(cells["gene_ids"], cells["values"], cells["attention_mask"])
+    nearest = torch.cdist(read.flatten(1), label_embeds).argmin(1)
+    truth = torch.tensor([labels.index(r["cell_type"]) for r in records])
+    majority = max((truth == i).float().mean() for i in range(len(labels)))
+    assert (nearest == truth).float().mean() > majority  # better than naming the commonest type for every cell
