@@ -83,7 +83,10 @@ def test_generate_on_real_cells_and_save_load_gives_same_generations(built, pbmc
     prompt = processor(text=[processor.build_prompt("Generate a CD14-positive monocyte.", with_cell=False)])
     a = model.generate_cells(prompt["input_ids"], genes, prompt["attention_mask"]).expression
     b = reloaded.generate_cells(prompt["input_ids"], genes, prompt["attention_mask"]).expression
-    assert a.shape == (1, 49) and torch.equal(a, b)
+    # Equal up to float rounding: on AVX512 CPUs the in-memory (de-quantised GGUF) and the reloaded weights can take
+    # different GEMM kernels, which round differently (3e-8 seen); the generated tokens above are compared exactly.
+    assert a.shape == (1, 49)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_padded_lm_vocabulary_is_not_shrunk(cell_encoder_dir, tmp_path):

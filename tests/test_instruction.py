@@ -50,12 +50,17 @@ def test_bad_arguments_are_named(tmp_path):
         ScMMGPTInstructionArguments(str(tmp_path), cell_encoder_mode="half")
 
 
-def test_instruction_tuning_lowers_validation_loss_with_lora(demo, tmp_path):
-    model, processor, splits = demo
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])  # both precision paths on any CPU
+def test_instruction_tuning_lowers_validation_loss_with_lora(demo, tmp_path, bf16):
+    from modeling_scmmgpt.demo import build_model, load_pbmc
+
+    torch.manual_seed(0)
+    model, _ = build_model(load_pbmc(), tiny_lm=True)  # a fresh model per precision
+    _, processor, splits = demo
     before_lm = {n: p.detach().clone() for n, p in model.named_parameters() if "language_model" in n}
     before_encoder = {n: p.detach().clone() for n, p in model.model.cell_tower.cell_model.named_parameters()}
     validation = splits["validation"].select(range(24))
-    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path), processor, splits["train"], validation)
+    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, bf16=bf16), processor, splits["train"], validation)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n and "language_model" in n for n in trainable)
     assert not any("cell_model" in n for n in trainable)
@@ -77,9 +82,11 @@ def test_instruction_tuning_lowers_validation_loss_with_lora(demo, tmp_path):
     trainer.save_model(str(tmp_path / "adapter"))
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     batch = ScMMGPTInstructionCollator(processor)([splits["test"][0]])
-    trainer.model.eval()
+    # Compared in fp32: with bf16, accelerate wraps the trained model's forward in autocast, while the merged
+    # checkpoint loads as a plain fp32 model.
+    adapted_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
     with torch.no_grad():
-        adapted = trainer.model(**batch).logits
+        adapted = adapted_model(**batch).logits
     trainer.save_merged(str(tmp_path / "merged"))
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration
 
