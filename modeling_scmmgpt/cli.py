@@ -181,7 +181,8 @@ def cmd_push(args):
 def cmd_demo(args):
     from .demo import main as demo_main
 
-    demo_main(["--output-dir", args.output_dir, *(["--fast"] if args.fast else [])])
+    holdout = ["--holdout-types", *args.holdout_types] if args.holdout_types else []
+    demo_main(["--output-dir", args.output_dir, "--seed", str(args.seed), *(["--fast"] if args.fast else []), *holdout])
 
 
 # --- parser ---------------------------------------------------------------------------------------------------------
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub("demo", "Train scMMGPT on the embedded PBMC data through all three stages, evaluate it and plot.")
     p.add_argument("--output-dir", default="scmmgpt_demo")
     p.add_argument("--fast", action="store_true", help="tiny LM and fewer steps (CI)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and training")
+    p.add_argument("--holdout-types", nargs="+", default=[], metavar="LABEL",
+                   help="bulk_labels kept out of all training; the evaluation then names those test cells zero-shot")
     p.set_defaults(func=cmd_demo)
 
     p = sub("embed", "Cell embeddings into obsm['X_scmmgpt'] (.h5ad) or a .npy file streamed from a backed file.")

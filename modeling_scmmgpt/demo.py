@@ -69,9 +69,10 @@ def _demo_texts(adata) -> list[str]:
     return texts + list(DESCRIBE) + list(ANNOTATE) + [g.format(cell_type="", tissue=" from blood") for g in GENERATE]
 
 
-def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8):
+def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8, **config_kwargs):
     """Returns (model, processor): a small random cell encoder over the census genes PBMC measures, plus the real
-    SmolLM2 and MiniLM (or a tiny random LM with `tiny_lm`)."""
+    SmolLM2 and MiniLM (or a tiny random LM with `tiny_lm`). `config_kwargs` are further `ScMMGPTConfig` fields
+    (e.g. `cell_summary=True`)."""
     census = GeneVocab.from_scgpt_json(census_vocab_path())
     vocab = GeneVocab.from_genes([g for g in adata.raw.var_names if g in census])
     cell_processor = ScMMGPTCellProcessor(vocab, max_genes=256, use_raw=True)
@@ -87,7 +88,7 @@ def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8):
             text_config=dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                              intermediate_size=128, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id),
-            **processor.config_token_ids(),
+            **config_kwargs, **processor.config_token_ids(),
         )  # fmt: skip
         processor.qformer_tokenizer = tokenizer
         return ScMMGPTForConditionalGeneration(config).eval(), processor
@@ -97,32 +98,45 @@ def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8):
         gguf = smollm2_gguf_path()
         model, processor = ScMMGPTForConditionalGeneration.from_pretrained_parts(
             os.path.dirname(gguf), encoder_dir, qformer=minilm_dir(), gguf_file=os.path.basename(gguf),
-            num_cell_tokens=num_cell_tokens,
+            num_cell_tokens=num_cell_tokens, **config_kwargs,
         )  # fmt: skip
     return model.eval(), processor
 
 
 STAGE_FLAGS = {
-    # (fast, full) steps. With SmolLM2 the Q-Former is MiniLM-sized (19M parameters over 16 cells and texts plus
-    # the matching pairs: ~3 s a step on 2 cores), and a LoRA step on SmolLM2 over 6 instruction examples ~6 s.
-    "contrastive": (["--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--max_text_length", "64"], (40, 60)),
-    "reconstruction": (["--per_device_train_batch_size", "32", "--learning_rate", "1e-3"], (30, 60)),
+    # (fast, full) steps; the options and their measured contributions are in docs/recipe.md. With SmolLM2 the
+    # Q-Former is MiniLM-sized (19M parameters): a contrastive step over 16 cells and texts takes ~1.2 s on 2 cores,
+    # and ~3.6 s with cell-text matching (ITM), which the demo leaves off (it did not move zero-shot annotation).
+    # Stage 2 trains the expression decoder on the frozen cell path (~0.7 s a step); a LoRA step on SmolLM2 over 6
+    # instruction examples takes ~4 s.
+    "contrastive": (["--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--max_text_length", "64",
+                     "--itm_weight", "0"], (60, 150)),
+    "reconstruction": (["--per_device_train_batch_size", "32", "--learning_rate", "3e-3", "--cell_path_learning_rate",
+                        "0", "--unexpressed_genes", "256"], (30, 120)),
     "instruction": (["--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--lora_r", "8",
-                     "--lora_alpha", "16", "--max_eval_samples", "16"], (30, 60)),
+                     "--lora_alpha", "16", "--max_eval_samples", "16", "--train_expression_decoder", "false",
+                     "--bridge_init", "least_squares", "--bridge_learning_rate", "5e-5",
+                     "--expression_loss_weight", "0"], (30, 60)),
 }  # fmt: skip
+# MiniLM initialises the SmolLM2 demo's Q-Former: its text path moves at 1e-5 while the new cell side aligns to it.
+PRETRAINED_TEXT_FLAGS = {"contrastive": ["--text_path_learning_rate", "1e-5"]}
 
 
-def train_all_stages(output_dir: str, tiny_lm: bool, fast: bool, seed: int = 0) -> dict:
+def train_all_stages(output_dir: str, tiny_lm: bool, fast: bool, seed: int = 0, holdout_types=()) -> dict:
     from trainers.run import pretrain_all
 
     common = ["--use_cpu", "true", "--seed", str(seed), "--report_to", "none", "--save_strategy", "steps",
               "--save_total_limit", "1", "--logging_steps", "10", "--eval_strategy", "no", "--num_cell_tokens", "8",
               "--data_cache_dir", os.path.join(output_dir, "hf_cache"), "--max_eval_samples", "64",
               "--demo_language_model", "tiny" if tiny_lm else "smollm2"]  # fmt: skip
+    if holdout_types:
+        common += ["--holdout_cell_types", *holdout_types]
     stage_argv = {}
     for stage, (flags, steps) in STAGE_FLAGS.items():
         max_steps = steps[0] if fast else steps[1]
         stage_argv[stage] = [*common, *flags, "--max_steps", str(max_steps), "--save_steps", str(max(max_steps // 2, 1))]
+        if not tiny_lm:
+            stage_argv[stage] += PRETRAINED_TEXT_FLAGS.get(stage, [])
     return pretrain_all(stage_argv, output_dir)
 
 
@@ -133,6 +147,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--output-dir", default="scmmgpt_demo")
     parser.add_argument("--fast", action="store_true", help="tiny LM and fewer steps (CI)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--holdout-types", nargs="+", default=[], help="bulk_labels kept out of all training")
     args = parser.parse_args(argv)
     start = time.time()
     out = args.output_dir
@@ -140,10 +155,10 @@ def main(argv=None) -> dict:
     tiny_lm = args.fast or not _has_smollm2()
     print(f"scMMGPT demo on 700 real PBMCs -> {out} (LM: {'tiny random' if tiny_lm else 'SmolLM2-135M-Instruct + LoRA'})")
     torch.manual_seed(args.seed)
-    stages = train_all_stages(out, tiny_lm=tiny_lm, fast=args.fast, seed=args.seed)
+    stages = train_all_stages(out, tiny_lm=tiny_lm, fast=args.fast, seed=args.seed, holdout_types=args.holdout_types)
     model_dir = os.path.join(out, "instruction")
 
-    from .evaluation import evaluate_paper_tasks, format_table, write_results
+    from .evaluation import evaluate_paper_tasks, evaluate_zero_shot_holdout, format_table, write_results
     from .modeling_scmmgpt import ScMMGPTForConditionalGeneration as Model
 
     model, processor = Model.from_pretrained(model_dir).eval(), ScMMGPTProcessor.from_pretrained(model_dir)
@@ -153,12 +168,20 @@ def main(argv=None) -> dict:
         with open(metrics_path, encoding="utf-8") as f:
             results = json.load(f)
     else:
-        results = evaluate_paper_tasks(model, processor, splits["train"], splits["test"],
+        held_out = set(args.holdout_types)
+        train = splits["train"].filter(lambda r: r["cell_type"] not in held_out) if held_out else splits["train"]
+        results = evaluate_paper_tasks(model, processor, train, splits["test"],
                                        description_cells=None if not args.fast else 24, seed=args.seed)  # fmt: skip
+        if held_out:
+            results["zero_shot_holdout"] = evaluate_zero_shot_holdout(model, processor, splits["test"], args.holdout_types)
         results["training"] = stages
         results["machine"] = _machine()
         write_results(results, metrics_path)
     print(format_table(results))
+    if "zero_shot_holdout" in results:
+        holdout = results["zero_shot_holdout"]
+        print(f"held-out types {holdout['holdout_types']}: zero-shot accuracy {holdout['accuracy']:.3f} on "
+              f"{holdout['n_cells']} test cells (chance {holdout['chance_accuracy']:.3f})")
 
     from .hub import render_model_card
     from .plots import annotate_test_cells, plot_embeddings, plot_generated_vs_real

@@ -45,6 +45,25 @@ def test_demo_fast_writes_every_artefact(demo_dir):
     assert "cell_type_annotation" in metrics and "machine" in metrics
 
 
+def test_demo_fast_model_knows_its_cells(demo_dir):
+    """Issue 12: the fast demo's model must learn cells. Zero-shot annotation of the test split must reach at least
+    twice the majority-type share, which a model that names one type for every cell (the collapse this guards
+    against) cannot pass."""
+    import json
+    from collections import Counter
+
+    from modeling_scmmgpt import ScMMGPTProcessor
+    from trainers.data import load_pbmc_demo
+
+    results = json.loads((demo_dir / "metrics.json").read_text())
+    processor = ScMMGPTProcessor.from_pretrained(demo_dir / "instruction")
+    test = load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, cache_dir=str(demo_dir / "hf_cache"))["test"]
+    assert len(test) == results["n_test_cells"]
+    majority_share = Counter(test["cell_type"]).most_common(1)[0][1] / len(test)
+    accuracy = results["cell_type_annotation"]["model_zero-shot"]["accuracy"]
+    assert accuracy >= 2 * majority_share, (accuracy, majority_share)
+
+
 def test_architecture_figure_matches_the_readme(tmp_path):
     from PIL import Image
 
