@@ -189,6 +189,18 @@ def expression_nll(log_variance: torch.Tensor, mean: torch.Tensor, target: torch
     return 0.5 * (log_variance + (target.float() - mean.detach().float()).square() * torch.exp(-log_variance))
 
 
+class ScMMGPTFeatureNorm(nn.BatchNorm1d):
+    """BatchNorm whose running statistics average the first ten batches exactly (momentum 1/n, as `momentum=None`)
+    and then follow the usual exponential average (0.1). With the fixed 0.1 from the start, a short run evaluates
+    with statistics still pulled towards the initial mean 0 and variance 1 (six steps left them half there and the
+    validation loss rose); from batch ten on the two agree."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats:
+            self.momentum = max(0.1, 1.0 / (int(self.num_batches_tracked) + 1))
+        return super().forward(hidden_states)
+
+
 class ScMMGPTMaskedValueHead(nn.Module):
     """Per-gene encoder output to one expression value, scGPT's `ExprDecoder` (masked expression modelling)."""
 
@@ -220,7 +232,7 @@ class ScMMGPTCellTower(nn.Module):
         self.text_embeddings = Blip2TextEmbeddings(config.qformer_config)
         self.cell_projection = nn.Linear(qformer_hidden, config.projection_dim)
         self.text_projection = nn.Linear(qformer_hidden, config.projection_dim)
-        norm = nn.BatchNorm1d if config.contrastive_batch_norm else nn.Identity
+        norm = ScMMGPTFeatureNorm if config.contrastive_batch_norm else nn.Identity
         self.cell_feature_norm, self.text_feature_norm = norm(qformer_hidden), norm(qformer_hidden)
         self.itm_head = nn.Linear(qformer_hidden, 2)
         self.masked_value_head = ScMMGPTMaskedValueHead(config.cell_config)

@@ -36,6 +36,9 @@ def test_pretrain_all_chains_stages_and_reuses_them(tmp_path, capsys):
                  "--data_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true"]  # fmt: skip
     stage_argv = {stage: [config, *overrides] for stage, config in configs.items()}
     stage_argv["instruction"] += ["--use_lora", "true"]  # the tiny config fine-tunes its random LM in full
+    # The demo model's batch-normalised contrastive heads centre the features before the projections have adapted:
+    # after 6 steps the validation loss is still above its start (2.81 -> 2.88), after 15 it is below (2.64).
+    stage_argv["contrastive"] += ["--max_steps", "15"]
     results = pretrain_all(stage_argv, str(tmp_path / "runs"))
     for stage in STAGES:
         assert results[stage]["after"]["eval_loss"] < results[stage]["before"]["eval_loss"], stage
