@@ -193,9 +193,13 @@ class ScMMGPTFeatureNorm(nn.BatchNorm1d):
     """BatchNorm whose running statistics average the first ten batches exactly (momentum 1/n, as `momentum=None`)
     and then follow the usual exponential average (0.1). With the fixed 0.1 from the start, a short run evaluates
     with statistics still pulled towards the initial mean 0 and variance 1 (six steps left them half there and the
-    validation loss rose); from batch ten on the two agree."""
+    validation loss rose); from batch ten on the two agree. A batch of one cell is normalised with the running
+    statistics, which it leaves as they are."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.training and hidden_states.shape[0] == 1:
+            # One cell has no batch statistics (an epoch's last batch can hold one): use the running ones.
+            return F.batch_norm(hidden_states, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         if self.training and self.track_running_stats:
             self.momentum = max(0.1, 1.0 / (int(self.num_batches_tracked) + 1))
         return super().forward(hidden_states)

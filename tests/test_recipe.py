@@ -89,6 +89,11 @@ def test_contrastive_batch_norm_centres_in_training_and_is_batch_independent_in_
     with torch.no_grad():  # the first batch's statistics exactly, not 10% of them
         pooled = model.model.cell_tower(gene_ids, values, mask).query_output.mean(1)
     torch.testing.assert_close(norm.running_mean, pooled.mean(0), atol=1e-5, rtol=1e-4)
+    # A training batch of one cell (an epoch's last batch) uses the running statistics and leaves them alone.
+    running = norm.running_mean.clone()
+    loss = model.get_cell_features(gene_ids[:1], values[:1], mask[:1]).sum()
+    loss.backward()
+    assert torch.equal(norm.running_mean, running) and norm.num_batches_tracked.item() == 1
     model.eval()
     with torch.no_grad():
         together = model.get_cell_features(gene_ids, values, mask)
