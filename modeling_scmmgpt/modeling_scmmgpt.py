@@ -194,15 +194,59 @@ class ScMMGPTFeatureNorm(nn.BatchNorm1d):
     and then follow the usual exponential average (0.1). With the fixed 0.1 from the start, a short run evaluates
     with statistics still pulled towards the initial mean 0 and variance 1 (six steps left them half there and the
     validation loss rose); from batch ten on the two agree. A batch of one cell is normalised with the running
-    statistics, which it leaves as they are."""
+    statistics, which it leaves as they are.
+
+    Under data parallelism (an initialised process group of more than one rank) training batches are normalised with
+    the statistics of the global batch, as `SyncBatchNorm` does (which needs a GPU): the contrastive loss gathers the
+    global batch, and per-rank statistics would make it depend on how the cells are split over ranks."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.training and _data_parallel():
+            return self._global_batch_norm(hidden_states)
         if self.training and hidden_states.shape[0] == 1:
             # One cell has no batch statistics (an epoch's last batch can hold one): use the running ones.
             return F.batch_norm(hidden_states, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         if self.training and self.track_running_stats:
             self.momentum = max(0.1, 1.0 / (int(self.num_batches_tracked) + 1))
         return super().forward(hidden_states)
+
+    def _global_batch_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(local_batch, num_features)` normalised with the mean and variance over every rank's batch (two passes,
+        so a large common offset does not cancel digits). Gradients flow through the statistics to every rank, as
+        the all-reduce's backward sums them; the same branch runs on all ranks, whatever their local batch size."""
+        x = hidden_states.float()
+        count = _all_reduce_sum(x.new_tensor([x.shape[0]]).detach())[0]
+        if count < 2:  # one cell in the whole global batch: running statistics, as above
+            return F.batch_norm(hidden_states, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        mean = _all_reduce_sum(x.sum(0)) / count
+        var = _all_reduce_sum((x - mean).square().sum(0)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = max(0.1, 1.0 / int(self.num_batches_tracked))
+                self.running_mean.lerp_(mean.detach().to(self.running_mean), momentum)
+                self.running_var.lerp_((var.detach() * count / (count - 1)).to(self.running_var), momentum)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out.to(hidden_states.dtype)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiable (its backward sums the gradients over ranks)."""
+    import warnings
+
+    from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
+
+    with warnings.catch_warnings():  # deprecated for _functional_collectives, whose all_reduce has no backward
+        warnings.simplefilter("ignore", FutureWarning)
+        return differentiable_all_reduce(tensor)
+
+
+def _data_parallel() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class ScMMGPTMaskedValueHead(nn.Module):
