@@ -245,6 +245,93 @@ def test_other_stages_train_in_step_on_two_ranks(stage, pbmc_demo, saved_model, 
         assert losses[rank]["logged"] == pytest.approx(expected, rel=1e-6)
 
 
+# --- (b') two ranks through the shipped entry points ---------------------------------------------------------------
+# Small enough for CI: 3 steps of 4 cells per rank in each stage, on 48 training cells.
+ENTRY_FLAGS = ["--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+               "--per_device_train_batch_size", "4", "--max_train_samples", "48", "--max_eval_samples", "8",
+               "--disable_tqdm", "true"]  # fmt: skip
+
+
+def run_on_two_ranks(record_dir, fault: str, entry: str, *argv) -> subprocess.CompletedProcess:
+    """`tests/entry_point_worker.py` under torchrun: the entry point's own code, recording each rank's weights."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "tests", "entry_point_worker.py"), str(record_dir), fault, entry, *argv]  # fmt: skip
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def stage1_loss_in_one_process(record_dir, runs_dir, batches, tmp_path) -> tuple[float, float]:
+    """The contrastive loss (and its ITC part) of the first step, recomputed in one process on both ranks' first
+    batches concatenated in rank order, from the weights stage 1 started from (dropout off, as in the worker)."""
+    from transformers import HfArgumentParser
+
+    from entry_point_worker import no_dropout
+    from trainers.arguments import ScMMGPTModelDataArguments
+    from trainers.common import load_model_and_pbmc, parse_stage_args
+
+    config = os.path.join(ROOT, "examples", "configs", "contrastive_tiny.yaml")
+    parser = HfArgumentParser((ScMMGPTModelDataArguments, ScMMGPTContrastiveArguments))
+    model_args, args = parse_stage_args(parser, [config, *ENTRY_FLAGS, "--output_dir", str(tmp_path / "one")])
+    _, processor, data = load_model_and_pbmc(model_args, args.seed)
+    model = ScMMGPTForConditionalGeneration.from_pretrained(os.path.join(runs_dir, "contrastive"))
+    model.load_state_dict(load_file(os.path.join(record_dir, "contrastive_start.safetensors")))
+    no_dropout(model)
+    collator = ScMMGPTContrastiveCollator(processor, max_text_length=args.max_text_length, text_field=args.text_field,
+                                          label_field=args.label_field)  # fmt: skip
+    trainer = ScMMGPTContrastiveTrainer(model=model.train(), args=args, processor=processor, data_collator=collator)
+    by_id = {record["cell_id"]: record for record in data["train"]}
+    loss, parts = trainer.compute_loss(model, collator([by_id[i] for i in batches[0] + batches[1]]), return_outputs=True)
+    return float(loss.detach()), float(parts["itc_loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["examples/pretrain_all.py", "scmmgpt"])
+def test_entry_points_train_one_model_on_two_ranks(entry, tmp_path):
+    """`examples/pretrain_all.py` and `scmmgpt train --stage all` under `torchrun --nproc_per_node 2` (gloo): after
+    each stage both ranks hold the same weights, which training changed, the saved model is those weights, the ranks
+    trained on disjoint cells, and the logged stage-1 loss is the loss of one process on the concatenated batch."""
+    record, runs = tmp_path / "record", tmp_path / "runs"
+    if entry == "scmmgpt":
+        argv = ["train", "--stage", "all", "--output-dir", str(runs), "examples/configs", *ENTRY_FLAGS]
+    else:
+        argv = ["--output-dir", str(runs), "--no-report", "--override", *ENTRY_FLAGS]
+    result = run_on_two_ranks(record, "none", entry, *argv)
+    assert result.returncode == 0, result.stderr[-4000:]
+    start = load_file(record / "contrastive_start.safetensors")
+    for stage in ("contrastive", "reconstruction", "instruction"):
+        weights = [load_file(record / f"{stage}_rank{r}.safetensors") for r in (0, 1)]
+        assert weights[0].keys() == weights[1].keys()
+        for key in weights[0]:
+            assert torch.equal(weights[0][key], weights[1][key]), (stage, key)
+        assert any(not torch.equal(weights[0][k], start[k]) for k in start if k in weights[0]), stage
+        saved = load_file(runs / stage / "model.safetensors")
+        assert all(torch.equal(saved[k], weights[0][k]) for k in saved), stage
+        batches = [json.loads((record / f"{stage}_cells_rank{r}.json").read_text()) for r in (0, 1)]
+        cells = [{c for batch in b[:3] for c in batch} for b in batches]
+        assert len(cells[0]) == len(cells[1]) == 3 * 4 and not cells[0] & cells[1], stage
+        start = weights[0]
+    log = json.loads((record / "contrastive_log_rank0.json").read_text())
+    first = next(entry for entry in log if entry.get("step") == 1 and "loss" in entry)
+    batches = [json.loads((record / f"contrastive_cells_rank{r}.json").read_text())[0] for r in (0, 1)]
+    loss, itc = stage1_loss_in_one_process(record, runs, batches, tmp_path)
+    assert first["itc_loss"] == pytest.approx(itc, rel=1e-5)
+    assert first["loss"] == pytest.approx(loss, abs=1e-4)  # Trainer rounds the logged loss to 4 decimals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault, message",
+    [("evaluate_first", "ranks are training an unwrapped"), ("diverge", "the ranks hold different weights")],
+)
+def test_ranks_that_would_train_separate_models_stop_with_a_clear_error(fault, message, tmp_path):
+    """An `evaluate()` before `train()` (the model is then never wrapped in DDP) fails at the first step; weights
+    that differ between ranks after training fail the closing checksum."""
+    config = os.path.join("examples", "configs", "contrastive_tiny.yaml")
+    argv = ["train", "--stage", "contrastive", config, "--output_dir", str(tmp_path / "runs"), *ENTRY_FLAGS]
+    result = run_on_two_ranks(tmp_path / "record", fault, "scmmgpt", *argv)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-4000:]
+
+
 # --- (c) SIGKILL and resume -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(saved_model, tmp_path):

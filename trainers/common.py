@@ -1,5 +1,6 @@
 """What both pre-training stages share: atomic checkpoints, stage losses routed through the (wrapped) model's
-forward, loss-only evaluation, seeded per-step randomness, cross-rank gathering and freezing of unused modules."""
+forward, loss-only evaluation, seeded per-step randomness, cross-rank gathering, the check that ranks train one
+model, and freezing of unused modules."""
 
 from __future__ import annotations
 
@@ -180,14 +181,84 @@ class AtomicCheckpointsMixin:
                 self.state.save_to_json(state_file)
 
 
+# --- data parallelism ------------------------------------------------------------------------------------------------
+def data_parallel_wrapper(model: torch.nn.Module) -> str | None:
+    """`"DDP"`, `"FSDP"` or `"DeepSpeed"` when `model` (as the training step receives it) is wrapped for data
+    parallelism, else None."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return "DDP"
+    if isinstance(model, (FullyShardedDataParallel, FSDPModule)):
+        return "FSDP"
+    if type(model).__name__ == "DeepSpeedEngine":
+        return "DeepSpeed"
+    return None
+
+
+def weights_checksum(model: torch.nn.Module) -> tuple[list[str], torch.Tensor]:
+    """Names and a `(num_tensors, 2)` float64 tensor of each parameter's and buffer's sum and sum of squares: equal on
+    ranks that hold the same weights, one pass over them."""
+    tensors = dict(model.named_parameters())
+    tensors.update((name, b) for name, b in model.named_buffers() if b.is_floating_point())
+    sums = [torch.stack([t.detach().double().sum(), t.detach().double().square().sum()]) for t in tensors.values()]
+    return list(tensors), torch.stack(sums)
+
+
+class RanksInStepMixin:
+    """Data-parallel training that really is parallel. With more than one rank:
+
+    - the first training step fails unless the model is wrapped in DDP, FSDP or DeepSpeed: an unwrapped model trains
+      one independent copy per rank, silently (e.g. after an `evaluate()` before `train()`, which prepares the model
+      for evaluation only, so that `train()` no longer wraps it);
+    - after training, DDP ranks must agree on a checksum of their weights ([`weights_checksum`]). FSDP and ZeRO
+      shard the weights, so each rank holds different tensors; their frameworks keep the shards consistent.
+
+    Mix in before `Trainer` (or a TRL trainer).
+    """
+
+    def training_step(self, model, *args, **kwargs):
+        if self.args.world_size > 1 and not getattr(self, "_wrapping_checked", False):
+            if data_parallel_wrapper(model) is None:
+                raise RuntimeError(
+                    f"{self.args.world_size} ranks are training an unwrapped {type(model).__name__}, so each would train "
+                    "its own copy; let Trainer wrap it: do not call evaluate(), predict() or accelerator.prepare() on "
+                    "the model before train() (run a baseline evaluation from a callback's on_train_begin instead)."
+                )
+            self._wrapping_checked = True
+        return super().training_step(model, *args, **kwargs)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        if self.args.world_size > 1 and data_parallel_wrapper(self.model_wrapped) == "DDP":
+            check_ranks_agree(self.accelerator.unwrap_model(self.model_wrapped))
+        return output
+
+
+def check_ranks_agree(model: torch.nn.Module) -> None:
+    """Raises on every rank if the ranks' [`weights_checksum`]s differ."""
+    names, local = weights_checksum(model)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    differing = sorted({names[i] for other in gathered[1:] for i in (other != gathered[0]).any(1).nonzero().flatten().tolist()})
+    if differing:
+        raise RuntimeError(
+            f"After training, the ranks hold different weights in {len(differing)} of {len(names)} tensors (e.g. "
+            f"{', '.join(differing[:3])}): they trained separate models. Check that nothing changes the weights on "
+            "one rank only, and that the model is wrapped in DDP for the whole run."
+        )
+
+
 # --- the trainer base -------------------------------------------------------------------------------------------------
-class ScMMGPTStageTrainer(AtomicCheckpointsMixin, Trainer):
+class ScMMGPTStageTrainer(RanksInStepMixin, AtomicCheckpointsMixin, Trainer):
     """Base of the stage trainers. Subclasses implement `stage_loss(**inputs) -> dict` (a `loss` plus named parts)
     and `used_modules(model)`.
 
     - The stage loss runs through the wrapped model's forward (see [`routed_forward`]).
     - `evaluate()` reports the stage loss (`eval_loss`, plus `eval_<part>`): `prediction_step` is loss-only.
-    - Checkpoints are atomic ([`AtomicCheckpointsMixin`]).
+    - Checkpoints are atomic ([`AtomicCheckpointsMixin`]); with several ranks, training fails unless they train one
+      model ([`RanksInStepMixin`]).
     - Random choices (negatives, masks) come from [`step_generator`], seeded from `args.seed` and the step.
     """
 

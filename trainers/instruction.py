@@ -17,7 +17,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from .bridges import fit_bridges
-from .common import AtomicCheckpointsMixin, mean_over_ranks, regroup_optimizer
+from .common import AtomicCheckpointsMixin, RanksInStepMixin, mean_over_ranks, regroup_optimizer
 from .data.instructions import instruction_examples
 
 logger = logging.getLogger(__name__)
@@ -189,12 +189,13 @@ def _set_trainable(model, args: ScMMGPTInstructionArguments) -> None:
         part.requires_grad_(args.qformer_mode == "full")
 
 
-class ScMMGPTInstructionTrainer(AtomicCheckpointsMixin, SFTTrainer):
+class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTrainer):
     """`SFTTrainer` for scMMGPT instruction tuning.
 
     The loss is the model's own: response-token LM loss plus, for generate examples, the cell-regression and
     expression losses (TRL's fused LM head would see the LM loss only). Loss parts are logged. Checkpoints are
-    atomic ([`AtomicCheckpointsMixin`]).
+    atomic ([`AtomicCheckpointsMixin`]); with several ranks, training fails unless they train one model
+    ([`RanksInStepMixin`]).
 
     Args:
         model ([`ScMMGPTForConditionalGeneration`]): the model after the first two stages.

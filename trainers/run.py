@@ -14,7 +14,7 @@ from transformers import HfArgumentParser, TrainerCallback
 
 from .arguments import ScMMGPTContrastiveArguments, ScMMGPTModelDataArguments, ScMMGPTReconstructionArguments
 from .collators import ScMMGPTContrastiveCollator, ScMMGPTReconstructionCollator
-from .common import load_model_and_pbmc, parse_stage_args
+from .common import load_model_and_pbmc, parse_stage_args, world
 from .contrastive import ScMMGPTContrastiveTrainer
 from .instruction import ScMMGPTInstructionArguments, ScMMGPTInstructionTrainer
 from .reconstruction import ScMMGPTReconstructionTrainer
@@ -39,6 +39,18 @@ def _trainer(stage: str, model, processor, args, data, callbacks):
     return ScMMGPTInstructionTrainer(model, args, processor, **splits)
 
 
+class BaselineEvaluation(TrainerCallback):
+    """Evaluates once as training begins, after `Trainer` has wrapped the model for data parallelism and loaded the
+    checkpoint it resumes from. An `evaluate()` before `train()` would prepare the model for evaluation only, and
+    `train()` would then leave it unwrapped: with several ranks, each would train its own copy."""
+
+    def __init__(self, trainer):
+        self.trainer, self.metrics = trainer, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.metrics = self.trainer.evaluate()
+
+
 def stage_is_complete(output_dir: str) -> bool:
     return os.path.isfile(os.path.join(output_dir, COMPLETE))
 
@@ -46,7 +58,8 @@ def stage_is_complete(output_dir: str) -> bool:
 def run_stage(stage: str, argv: list[str], callbacks: list[TrainerCallback] | None = None) -> dict:
     """Trains one stage from `argv` (a YAML/JSON config path first, then `--flag value` overrides) and saves the
     final model and processor in `output_dir` (the instruction stage merges its LoRA adapters, which it also keeps
-    in `output_dir/adapter`, when it trains with LoRA). Returns the validation metrics before and after training."""
+    in `output_dir/adapter`, when it trains with LoRA). Returns the validation metrics before training (of the
+    checkpoint it resumes from, if any) and after."""
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; choose from {list(STAGES)}.")
     parser = HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]))
@@ -56,12 +69,13 @@ def run_stage(stage: str, argv: list[str], callbacks: list[TrainerCallback] | No
             return json.load(f)
     model, processor, data = load_model_and_pbmc(model_args, args.seed)
     trainer = _trainer(stage, model, processor, args, data, callbacks)
-    before = trainer.evaluate()
+    baseline = BaselineEvaluation(trainer)
+    trainer.add_callback(baseline)
     resume = args.resume_from_checkpoint
     if resume in ("true", "True", "last"):
         resume = _last_checkpoint(args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
-    after = trainer.evaluate()
+    before, after = baseline.metrics, trainer.evaluate()
     if stage == "instruction":
         if hasattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config"):  # LoRA: keep the adapters too
             trainer.save_model(os.path.join(args.output_dir, "adapter"))
@@ -78,6 +92,8 @@ def run_stage(stage: str, argv: list[str], callbacks: list[TrainerCallback] | No
                 os.remove(os.path.join(folder, "training_args.bin"))
         atomic_write_text(os.path.join(args.output_dir, "training_args.json"), args.to_json_string())
         atomic_write_text(os.path.join(args.output_dir, COMPLETE), json.dumps(metrics, indent=2, default=float))
+    # The next stage loads this one's saved model on every rank: none may go on before rank 0 has written it.
+    trainer.accelerator.wait_for_everyone()
     return metrics
 
 
@@ -100,7 +116,8 @@ def pretrain_all(stage_argv: dict[str, list[str]], output_root: str, model: str 
         start = time.time()
         results[stage] = run_stage(stage, argv, callbacks)
         before, after = results[stage]["before"]["eval_loss"], results[stage]["after"]["eval_loss"]
-        print(f"  stage {stage:>14}: validation loss {before:.3f} -> {after:.3f} ({time.time() - start:.0f}s)", flush=True)
+        if world()[0] == 0:  # one line per stage, not one per rank
+            print(f"  stage {stage:>14}: validation loss {before:.3f} -> {after:.3f} ({time.time() - start:.0f}s)", flush=True)
         previous = os.path.join(output_root, stage)
     return results
 
