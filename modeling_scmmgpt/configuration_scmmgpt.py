@@ -168,11 +168,23 @@ class ScMMGPTConfig(PreTrainedConfig):
             The expression decoder also predicts a log-variance per gene, trained by a Gaussian likelihood around the
             (detached) predicted mean, so generated cells can be *sampled* (`generate_cells(sample=True)`) instead of
             all being the conditional mean of their prompt.
+        expression_temperature (`float`, *optional*, defaults to 1.0):
+            Default scale of a sampled cell's deviation from its decoded mean (`generate_cells(sample=True)`): the
+            decoder's per-gene standard deviation times this. The variance head learns real cells' residuals around
+            their own decoded mean, the decoder's error included; below 1 keeps sampled cells nearer their type's
+            profile, 0 gives the mean (clipped at zero).
         bilinear_expression_readout (`bool`, *optional*, defaults to `False`):
             Add to each gene's decoded value the dot product of its gene embedding with a linear map of the mean cell
             token: a low-rank readout, like a PCA reconstruction, that starts at zero. The attention readout alone
             learns gene-wise averages first; in the demo's steps, expression decoded from real cells' own tokens let
             a 5-NN classifier recover the type of only about a third of test cells.
+        cell_codebook_labels (`list[str]`, *optional*):
+            Labels of a cell codebook, one entry each: a classifier over the flattened query outputs mixes the entries
+            (each `num_cell_tokens` LM embeddings), and the mixture is added to the projector's cell tokens. The
+            instruction stage sets it (`bridge_init="label_codebook"`, through [`ScMMGPTModel.set_cell_codebook`]),
+            starting each entry from the LM's embeddings of its label's tokens and the classifier from a logistic
+            regression on training cells, so a cell reads like the name of the type it most resembles, as a
+            confident mixture rather than a least-squares blur of all names. `None` (default): no codebook.
         freeze_cell_encoder (`bool`, *optional*, defaults to `False`):
             Keep the cell encoder's weights fixed.
         freeze_qformer (`bool`, *optional*, defaults to `False`):
@@ -215,7 +227,9 @@ class ScMMGPTConfig(PreTrainedConfig):
     cell_regression_loss_weight: float | int = 1.0
     expression_loss_weight: float | int = 1.0
     expression_variance: bool = False
+    expression_temperature: float | int = 1.0
     bilinear_expression_readout: bool = False
+    cell_codebook_labels: list[str] | None = None
     freeze_cell_encoder: bool = False
     freeze_qformer: bool = False
     freeze_language_model: bool = False

@@ -123,6 +123,24 @@ class ScMMGPTMLP(nn.Module):
         return self.linear_2(self.act(self.linear_1(hidden_states)))
 
 
+class ScMMGPTCellCodebook(nn.Module):
+    """Cell tokens as a mixture of codebook entries, one per label of `config.cell_codebook_labels`: a linear
+    classifier over the flattened query outputs gives the mixture weights (softmax).
+
+    `(num_cells, num_cell_tokens, qformer_hidden_size)` query outputs to `(num_cells, num_cell_tokens, lm_hidden_size)`.
+    """
+
+    def __init__(self, config: ScMMGPTConfig):
+        super().__init__()
+        size = len(config.cell_codebook_labels)
+        self.classifier = nn.Linear(config.num_cell_tokens * config.qformer_config.hidden_size, size)
+        self.entries = nn.Parameter(torch.zeros(size, config.num_cell_tokens, config.text_config.hidden_size))
+
+    def forward(self, query_output: torch.Tensor) -> torch.Tensor:
+        weights = self.classifier(query_output.flatten(1)).softmax(dim=-1)
+        return torch.einsum("nc,ckh->nkh", weights, self.entries.to(weights.dtype))
+
+
 class ScMMGPTExpressionDecoder(nn.Module):
     """Cell tokens plus any list of genes to expression per gene.
 
@@ -406,6 +424,8 @@ class ScMMGPTPreTrainedModel(PreTrainedModel):
             else:
                 init.zeros_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, ScMMGPTCellCodebook):
+            init.zeros_(module.entries)  # adds nothing until set_cell_codebook fills it
         elif isinstance(module, Blip2TextEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
 
@@ -436,6 +456,7 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         self.multi_modal_projector = ScMMGPTMLP(
             config.qformer_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act
         )
+        self.cell_codebook = ScMMGPTCellCodebook(config) if config.cell_codebook_labels else None
         self.expression_decoder = ScMMGPTExpressionDecoder(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -466,9 +487,32 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
     def get_cell_token_embeddings(
         self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Cell tokens projected into the LM, shape `(num_cells, num_cell_tokens, lm_hidden_size)`."""
+        """Cell tokens projected into the LM, plus the cell codebook's mixture where the model has one, shape
+        `(num_cells, num_cell_tokens, lm_hidden_size)`."""
         query_output = self.cell_tower(gene_ids, values, attention_mask).query_output
-        return self.multi_modal_projector(_as_input_of(self.multi_modal_projector, query_output))
+        tokens = self.multi_modal_projector(_as_input_of(self.multi_modal_projector, query_output))
+        if self.cell_codebook is not None:
+            tokens = tokens + self.cell_codebook(_as_input_of(self.cell_codebook.classifier, query_output)).to(tokens.dtype)
+        return tokens
+
+    @torch.no_grad()
+    def set_cell_codebook(self, labels: list[str], classifier_weight: torch.Tensor, classifier_bias: torch.Tensor,
+                          entries: torch.Tensor) -> None:  # fmt: skip
+        """Adds (or replaces) the cell codebook and records its `labels` in the config (saved with the model).
+
+        Args:
+            labels (`list[str]`): one per entry.
+            classifier_weight (`(num_labels, num_cell_tokens * qformer_hidden_size)`), classifier_bias (`(num_labels,)`):
+                the mixture's logits over the flattened query outputs.
+            entries (`(num_labels, num_cell_tokens, lm_hidden_size)`): the LM embeddings each label stands for.
+        """
+        self.config.cell_codebook_labels = list(labels)
+        reference = self.multi_modal_projector.linear_2.weight
+        codebook = ScMMGPTCellCodebook(self.config).to(device=reference.device, dtype=reference.dtype)
+        codebook.classifier.weight.copy_(classifier_weight)
+        codebook.classifier.bias.copy_(classifier_bias)
+        codebook.entries.copy_(entries)
+        self.cell_codebook = codebook
 
     def decode_expression(
         self, cell_queries: torch.Tensor, gene_ids: torch.LongTensor, return_log_variance: bool = False
@@ -761,6 +805,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         max_text_tokens: int = 0,
         sample: bool = False,
+        temperature: float | None = None,
         **generate_kwargs,
     ) -> ScMMGPTCellGenerationOutput:
         r"""Text to cell: the LM writes a cell span after each prompt, and its own hidden states at the `<cell_i>`
@@ -779,6 +824,8 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             sample (`bool`, defaults to `False`): draw each gene's expression from the decoder's Gaussian (mean and
                 variance, `config.expression_variance`), clipped at zero, with torch's global generator, instead of
                 returning the expected expression: cells from one prompt then differ as real cells do.
+            temperature (`float`, *optional*): with `sample`, the scale of the standard deviation;
+                `config.expression_temperature` by default.
 
         Returns:
             [`ScMMGPTCellGenerationOutput`] with `expression` of shape `(batch_size, num_genes)`.
@@ -809,7 +856,9 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         if sample:
             mean, log_variance = self.model.decode_expression(cell_queries, gene_ids.to(input_ids.device), True)
             noise = torch.randn(mean.shape, dtype=torch.float32).to(mean.device)
-            expression = (mean.float() + noise * torch.exp(0.5 * log_variance.float().clamp(-10, 10))).clamp(min=0)
+            scale = self.config.expression_temperature if temperature is None else temperature
+            deviation = noise * torch.exp(0.5 * log_variance.float().clamp(-10, 10)) * scale
+            expression = (mean.float() + deviation).clamp(min=0)
         else:
             expression = self.model.decode_expression(cell_queries, gene_ids.to(input_ids.device))
         end = torch.full((batch, 1), self.config.cell_end_token_index, device=input_ids.device)

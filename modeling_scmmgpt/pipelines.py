@@ -308,9 +308,10 @@ class TextToCellPipeline(Pipeline):
         return outputs
 
     def __call__(self, prompts, n_cells: int = 1, seed: int = 0, max_text_tokens: int = 8, genes=None,
-                 sample: bool | None = None):  # fmt: skip
+                 sample: bool | None = None, temperature: float | None = None):  # fmt: skip
         """`sample`: draw expression from the decoder's per-gene Gaussian; default where the model predicts a
-        variance (`config.expression_variance`)."""
+        variance (`config.expression_variance`). `temperature` scales its standard deviation (default
+        `config.expression_temperature`)."""
         import anndata as ad
         import pandas as pd
 
@@ -334,7 +335,7 @@ class TextToCellPipeline(Pipeline):
                 torch.manual_seed(seed + len(rows))
                 out = self.model.generate_cells(
                     inputs["input_ids"], gene_ids, inputs["attention_mask"], max_text_tokens=max_text_tokens,
-                    do_sample=max_text_tokens > 0, sample=sample,
+                    do_sample=max_text_tokens > 0, sample=sample, temperature=temperature,
                 )  # fmt: skip
                 rows.append(out.expression[0].float().cpu().numpy())
                 obs.append({"prompt": prompt, "prompt_index": p_idx, "seed": seed + len(rows) - 1})

@@ -1,5 +1,6 @@
 """Instruction stage on TRL's SFTTrainer: batches, response-only labels, LoRA choices, loss going down, merging."""
 
+import itertools
 import os
 import re
 
@@ -60,11 +61,13 @@ def test_instruction_tuning_lowers_validation_loss_with_lora(demo, tmp_path, bf1
     before_lm = {n: p.detach().clone() for n, p in model.named_parameters() if "language_model" in n}
     before_encoder = {n: p.detach().clone() for n, p in model.model.cell_tower.cell_model.named_parameters()}
     validation = splits["validation"].select(range(24))
-    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, bf16=bf16), processor, splits["train"], validation)
+    args = _args(tmp_path, bf16=bf16, bridge_init="label_codebook", bridge_init_cells=64)
+    trainer = ScMMGPTInstructionTrainer(model, args, processor, splits["train"], validation)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n and "language_model" in n for n in trainable)
     assert not any("cell_model" in n for n in trainable)
-    assert any("cell_head" in n for n in trainable) and any("multi_modal_projector" in n for n in trainable)
+    for bridge in ("cell_head", "multi_modal_projector", "cell_codebook"):
+        assert any(bridge in n for n in trainable), bridge
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
@@ -91,6 +94,7 @@ def test_instruction_tuning_lowers_validation_loss_with_lora(demo, tmp_path, bf1
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration
 
     merged = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.cell_codebook_labels == sorted(set(splits["train"].select(range(64))["cell_type"]))
     assert not [f for f in os.listdir(tmp_path / "merged") if f.endswith((".bin", ".pt"))]
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, adapted, atol=1e-4, rtol=1e-4)
@@ -115,3 +119,36 @@ def test_cell_encoder_lora_and_full_modes(demo, tmp_path):
                                         processor, splits["train"])  # fmt: skip
     assert all(p.requires_grad for p in trainer.model.model.cell_tower.cell_model.parameters())
     assert not any(p.requires_grad for p in trainer.model.model.cell_tower.qformer.parameters())
+
+
+def test_lora_modules_choose_the_adapted_layers(demo, tmp_path):
+    from modeling_scmmgpt.demo import build_model, load_pbmc
+
+    _, processor, splits = demo
+    model, _ = build_model(load_pbmc(), tiny_lm=True)
+    args = _args(tmp_path, lora_modules=["q_proj", "gate_proj", "down_proj"])
+    trainer = ScMMGPTInstructionTrainer(model, args, processor, splits["train"])
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "gate_proj", "down_proj"}
+
+
+def test_balanced_cell_types_are_drawn_equally_often(demo, tmp_path):
+    from collections import Counter
+
+    from modeling_scmmgpt.demo import build_model, load_pbmc
+
+    _, processor, splits = demo
+    train = splits["train"]
+    natural = Counter(train["cell_type"])
+    assert max(natural.values()) > 5 * min(natural.values())  # the demo's types are far from balanced
+    model, _ = build_model(load_pbmc(), tiny_lm=True)
+    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, balance_cell_types=1.0), processor, train)
+    draws = [train[i]["cell_type"] for i in itertools.islice(iter(trainer._get_train_sampler()), 3000)]
+    shares = [count / len(draws) for count in Counter(draws).values()]
+    assert len(shares) == len(natural) and max(shares) < 1.5 / len(natural) and min(shares) > 0.5 / len(natural)
+    again = [train[i]["cell_type"] for i in itertools.islice(iter(trainer._get_train_sampler()), 3000)]
+    assert again == draws  # seeded: every rank, and every run, draws the same cells
+    with pytest.raises(ValueError, match="balance_cell_types"):
+        ScMMGPTInstructionArguments(str(tmp_path), use_cpu=True, balance_cell_types=2.0)
+    with pytest.raises(ValueError, match="map-style"):
+        ScMMGPTInstructionTrainer(model, _args(tmp_path, balance_cell_types=1.0), processor, train.to_iterable_dataset())

@@ -30,8 +30,9 @@ def test_recipe_options_are_off_by_default(tester):
     config = ScMMGPTConfig()
     assert not config.cell_summary and not config.contrastive_batch_norm and not config.expression_variance
     assert not config.bilinear_expression_readout and config.cell_config.gene_embedding_init == "random"
+    assert config.cell_codebook_labels is None
     names = ScMMGPTForConditionalGeneration(tester.get_config()).state_dict()
-    assert not any(key in n for n in names for key in ("summary", "feature_norm", "log_variance", "bilinear"))
+    assert not any(key in n for n in names for key in ("summary", "feature_norm", "log_variance", "bilinear", "codebook"))
 
 
 def test_pca_start_makes_the_cell_summary_the_standardised_pca_scores(pbmc, tester):
@@ -101,10 +102,11 @@ def test_contrastive_batch_norm_centres_in_training_and_is_batch_independent_in_
     torch.testing.assert_close(alone, together[:3], atol=1e-5, rtol=1e-4)
 
 
-def _generate(model, tester, sample):
+def _generate(model, tester, sample, **kwargs):
     processor = tester.processor
     inputs = processor(text=[processor.build_prompt("Generate a cell of type monocyte.", with_cell=False)])
-    return model.generate_cells(inputs["input_ids"], torch.arange(10, 40), inputs["attention_mask"], sample=sample).expression
+    return model.generate_cells(inputs["input_ids"], torch.arange(10, 40), inputs["attention_mask"], sample=sample,
+                                **kwargs).expression  # fmt: skip
 
 
 def test_sampled_cells_differ_by_seed_and_repeat_with_it(tester):
@@ -119,6 +121,26 @@ def test_sampled_cells_differ_by_seed_and_repeat_with_it(tester):
     torch.testing.assert_close(draws[0], draws[2])
     torch.manual_seed(1)
     assert torch.equal(_generate(model, tester, sample=False), _generate(model, tester, sample=False))
+
+
+def test_temperature_scales_the_sampled_deviation(tester):
+    """With one seed, a cell sampled at temperature 0.5 lies halfway between the mean and the cell at 1 (where
+    neither is clipped at zero); 0 gives the clipped mean; the config's value is the default."""
+    tester.config_overrides = {"expression_variance": True}
+    model = ScMMGPTForConditionalGeneration(tester.get_config()).eval()
+
+    def draw(**kwargs):
+        torch.manual_seed(0)
+        return _generate(model, tester, sample=True, **kwargs)
+
+    mean = _generate(model, tester, sample=False)
+    one, half = draw(temperature=1.0), draw(temperature=0.5)
+    torch.testing.assert_close(draw(temperature=0.0), mean.clamp(min=0))
+    kept = (one > 0) & (half > 0)
+    assert kept.sum() > 5
+    torch.testing.assert_close((half - mean)[kept], 0.5 * (one - mean)[kept], atol=1e-5, rtol=1e-4)
+    model.config.expression_temperature = 0.5
+    torch.testing.assert_close(draw(), half)
 
 
 def test_sampling_needs_a_variance_head(tester):
@@ -256,3 +278,49 @@ def test_least_squares_bridges_read_cells_as_their_labels(tmp_path):
     truth = torch.tensor([labels.index(r["cell_type"]) for r in records])
     majority = max((truth == i).float().mean() for i in range(len(labels)))
     assert (nearest == truth).float().mean() > majority  # better than naming the commonest type for every cell
+
+
+def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
+    """The codebook fit: one entry per training label holding its token embeddings, the projector's output at zero,
+    and training cells read as (close to) their own label's entry; the codebook and its labels survive save/load."""
+    from conftest import pbmc_cells, tiny_demo
+    from modeling_scmmgpt.demo import build_model
+    from trainers.bridges import _label_embeddings, fit_bridges
+
+    _, processor, splits = tiny_demo(tmp_path)
+    torch.manual_seed(0)
+    model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)
+    records = list(splits["train"].select(range(120)))
+    cells = processor.cell_processor(records)
+    model.model.cell_tower.init_cell_summary_from_pca(cells["gene_ids"], cells["values"], cells["attention_mask"])
+    fits = fit_bridges(model, processor, records, parts=("codebook",))
+    labels = sorted({r["cell_type"] for r in records})
+    assert model.config.cell_codebook_labels == labels and "cell_head_r2" not in fits
+    codebook = model.model.cell_codebook
+    torch.testing.assert_close(codebook.entries.data, _label_embeddings(model, processor, labels))
+    assert not model.model.multi_modal_projector.linear_2.weight.any()
+    with torch.no_grad():
+        read = model.eval().model.get_cell_token_embeddings(cells["gene_ids"], cells["values"], cells["attention_mask"])
+    nearest = torch.cdist(read.flatten(1), codebook.entries.flatten(1)).argmin(1)
+    truth = torch.tensor([labels.index(r["cell_type"]) for r in records])
+    assert fits["codebook_accuracy"] >= 0.9 and (nearest == truth).float().mean() >= 0.9
+
+    model.save_pretrained(tmp_path / "saved")
+    loaded = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.config.cell_codebook_labels == labels
+    with torch.no_grad():
+        again = loaded.model.get_cell_token_embeddings(cells["gene_ids"], cells["values"], cells["attention_mask"])
+    torch.testing.assert_close(again, read)
+
+
+def test_label_codebook_needs_two_types(tmp_path):
+    from conftest import tiny_demo
+    from modeling_scmmgpt.demo import build_model, load_pbmc
+    from trainers.bridges import fit_bridges
+
+    _, processor, splits = tiny_demo(tmp_path)
+    model, _ = build_model(load_pbmc(), tiny_lm=True)
+    one_type = [r for r in splits["train"].select(range(120)) if r["cell_type"] == "CD14+ Monocyte"]
+    with pytest.raises(ValueError, match="at least two cell types"):
+        fit_bridges(model, processor, one_type, parts=("codebook",))
+

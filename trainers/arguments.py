@@ -131,6 +131,11 @@ class ScMMGPTModelDataArguments:
         metadata={"help": "Demo model: the expression decoder also predicts a per-gene variance, so generated cells "
                   "are sampled (ScMMGPTConfig.expression_variance)."},
     )
+    expression_temperature: float = field(
+        default=0.4,
+        metadata={"help": "Demo model: default scale of a sampled generated cell's deviation from its decoded mean "
+                  "(ScMMGPTConfig.expression_temperature); 0.4 was chosen on the seed-0 validation split (docs/recipe.md)."},
+    )
     bilinear_expression_readout: bool = field(
         default=True,
         metadata={"help": "Demo model: a bilinear gene x cell-token term in the expression decoder "
@@ -151,7 +156,7 @@ class ScMMGPTModelDataArguments:
     def demo_model_options(self) -> dict:
         """The `ScMMGPTConfig` fields these arguments set on a newly built demo model."""
         return {name: getattr(self, name) for name in ("cell_summary", "contrastive_batch_norm", "expression_variance",
-                                                     "bilinear_expression_readout")}
+                                                     "expression_temperature", "bilinear_expression_readout")}
 
     def __post_init__(self):
         if self.demo_language_model not in ("tiny", "smollm2"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +28,9 @@ TASKS = ("describe", "annotate", "generate")
 LOSS_PARTS = ("lm_loss", "cell_regression_loss", "expression_loss")  # of the model's output, logged
 ATTENTION_PROJECTIONS = "(q_proj|k_proj|v_proj|o_proj)"
 # Always trained in full (and saved with the adapters): the parts that connect the cell and text spaces.
-BRIDGE_MODULES = ["multi_modal_projector", "cell_head", "expression_decoder"]
+BRIDGE_MODULES = ["multi_modal_projector", "cell_codebook", "cell_head", "expression_decoder"]
+# What each `bridge_init` fits before training (see `trainers.bridges`).
+BRIDGE_INIT_PARTS = {"random": (), "least_squares": ("projector", "cell_head"), "label_codebook": ("codebook", "cell_head")}
 
 
 @dataclass
@@ -41,6 +45,9 @@ class ScMMGPTInstructionArguments(SFTConfig):
             run and rank).
         use_lora (`bool`, defaults to `True`): LoRA adapters on the LM's attention projections (the LM stays frozen).
         lora_r, lora_alpha, lora_dropout: LoRA hyper-parameters.
+        lora_modules (`list[str]`, defaults to the attention projections): names of the LM's linear layers that get
+            LoRA adapters (Llama naming: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
+            `down_proj`). Adapters on the MLPs too give the LM more room to learn the descriptions' wording.
         cell_encoder_mode (`str`, defaults to `"frozen"`): `"frozen"`, `"lora"` (adapters on its attention
             projections) or `"full"`.
         qformer_mode (`str`, defaults to `"frozen"`): the Q-Former `"frozen"`, `"lora"` (adapters on its attention
@@ -53,13 +60,20 @@ class ScMMGPTInstructionArguments(SFTConfig):
         bridge_init (`str`, defaults to `"random"`): `"least_squares"` fits the output layers of the projector and
             `cell_head` on up to `bridge_init_cells` training cells before training (see `trainers.bridges`): cells
             start out reading like their type's name, and generated cells like their prompt's type.
+            `"label_codebook"` fits `cell_head` the same way, and reads cells through a cell codebook with one entry
+            per training label (`ScMMGPTConfig.cell_codebook_labels`), started from the label's token embeddings
+            and mixed by a logistic regression on the cells; least squares blurs the names together.
         bridge_init_cells (`int`, defaults to 512): training cells (the first ones) for `bridge_init`.
-        bridge_refit (`bool`, defaults to `True`): with `bridge_init="least_squares"`, fit `cell_head` again after
+        bridge_refit (`bool`, defaults to `True`): with a fitted `bridge_init`, fit `cell_head` again after
             training, on the adapted LM's states: the adapters move the states the first fit read.
         expression_loss_weight (`float`, *optional*): sets the model's `expression_loss_weight` (saved with it) for
             this stage. With the decoder frozen, 0 leaves the cell-regression loss to train the writing: the
             expression loss then only adds large gradients through the decoder, which clipping turns into smaller
             steps for everything else.
+        balance_cell_types (`float`, defaults to 0): draw training cells with weights `count(type) ** -balance`:
+            0 keeps the data's frequencies, 1 draws every cell type equally often (with replacement). A short stage 3
+            sees a fraction of an epoch: at the demo's 120 cells a rare type's description was seen once or twice
+            and never learnt. Needs a dataset with a length and a `cell_type` column.
         bridge_learning_rate (`float`, *optional*): learning rate of the bridges (the projector, `cell_head` and the
             expression decoder); `None` is `learning_rate`. Least-squares bridges need a lower rate than the LoRA
             adapters: at the adapters' 1e-3 their fit was lost within ten steps (cell-regression loss 0.12 -> 0.29).
@@ -71,6 +85,7 @@ class ScMMGPTInstructionArguments(SFTConfig):
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    lora_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     cell_encoder_mode: str = "frozen"
     qformer_mode: str = "frozen"
     train_expression_decoder: bool = True
@@ -79,6 +94,7 @@ class ScMMGPTInstructionArguments(SFTConfig):
     bridge_learning_rate: float | None = None
     bridge_refit: bool = True
     expression_loss_weight: float | None = None
+    balance_cell_types: float = 0.0
     # Our collator turns builder examples into model inputs; TRL must not tokenise or drop their columns.
     remove_unused_columns: bool = False
     dataset_kwargs: dict | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
@@ -95,8 +111,10 @@ class ScMMGPTInstructionArguments(SFTConfig):
         unknown = set(self.tasks) - set(TASKS)
         if unknown:
             raise ValueError(f"Unknown tasks {sorted(unknown)}; choose from {list(TASKS)}.")
-        if self.bridge_init not in ("random", "least_squares"):
-            raise ValueError(f"bridge_init={self.bridge_init!r}: use 'random' or 'least_squares'.")
+        if not 0 <= self.balance_cell_types <= 1:
+            raise ValueError(f"balance_cell_types={self.balance_cell_types}: use a value from 0 (data frequencies) to 1 (equal).")
+        if self.bridge_init not in BRIDGE_INIT_PARTS:
+            raise ValueError(f"bridge_init={self.bridge_init!r}: use one of {', '.join(map(repr, BRIDGE_INIT_PARTS))}.")
         for name in ("cell_encoder_mode", "qformer_mode"):
             if getattr(self, name) not in ("frozen", "lora", "full"):
                 raise ValueError(f"{name}={getattr(self, name)!r}: use 'frozen', 'lora' or 'full'.")
@@ -160,7 +178,7 @@ def _lora_config(args: ScMMGPTInstructionArguments, model):
 
     targets = []
     if args.use_lora:
-        targets.append(rf"model\.language_model\..*\.{ATTENTION_PROJECTIONS}")
+        targets.append(rf"model\.language_model\..*\.({'|'.join(map(re.escape, args.lora_modules))})")
     if args.cell_encoder_mode == "lora":
         targets.append(rf"model\.cell_tower\.cell_model\..*\.{ATTENTION_PROJECTIONS}")
     if args.qformer_mode == "lora":  # BERT naming: attention.attention.{query,key,value}, crossattention too
@@ -168,6 +186,8 @@ def _lora_config(args: ScMMGPTInstructionArguments, model):
     if not targets:
         return None
     modules_to_save = [m for m in BRIDGE_MODULES if args.train_expression_decoder or m != "expression_decoder"]
+    if model.model.cell_codebook is None:
+        modules_to_save.remove("cell_codebook")
     if args.cell_encoder_mode == "full":
         modules_to_save.append("cell_model")
     if args.qformer_mode == "full":
@@ -212,10 +232,14 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
         )
         if args.expression_loss_weight is not None:
             model.config.expression_loss_weight = args.expression_loss_weight
-        if args.bridge_init == "least_squares" and train_dataset is not None:
+        parts = BRIDGE_INIT_PARTS[args.bridge_init]
+        if parts and train_dataset is not None:
             records = list(itertools.islice(iter(train_dataset), args.bridge_init_cells))
-            self.bridge_fits = fit_bridges(model, processor, records, seed=args.instruction_seed)
-            logger.info("Least-squares bridges on %d training cells: %s", len(records), self.bridge_fits)
+            self.bridge_fits = fit_bridges(model, processor, records, seed=args.instruction_seed, parts=parts)
+            logger.info("Bridges fitted on %d training cells: %s", len(records), self.bridge_fits)
+        if args.balance_cell_types and train_dataset is not None and not hasattr(train_dataset, "__len__"):
+            raise ValueError("balance_cell_types needs a map-style training set (its cell types are counted first); "
+                             "pass a datasets.Dataset, not a streaming one, or set balance_cell_types 0.")  # fmt: skip
         peft_config = kwargs.pop("peft_config", None) or _lora_config(args, model)
         if peft_config is None:
             _set_trainable(model, args)
@@ -227,13 +251,25 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
-        if self.args.bridge_init == "least_squares" and self.args.bridge_refit and self.train_dataset is not None:
+        if "cell_head" in BRIDGE_INIT_PARTS[self.args.bridge_init] and self.args.bridge_refit and self.train_dataset is not None:
             records = list(itertools.islice(iter(self.train_dataset), self.args.bridge_init_cells))
             model = self.accelerator.unwrap_model(self.model)
             model = model.get_base_model() if hasattr(model, "get_base_model") else model
             self.bridge_fits.update(fit_bridges(model, self.processor, records, self.args.instruction_seed, parts=("cell_head",)))
             logger.info("cell_head refitted on the adapted LM: %s", self.bridge_fits)
         return output
+
+    def _get_train_sampler(self, train_dataset=None):
+        """With `balance_cell_types`, cells drawn with weights `count(type) ** -balance` (seeded with `args.seed`, so
+        every rank draws the same order and takes its own share of each batch)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.args.balance_cell_types or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        labels = list(dataset["cell_type"])
+        counts = Counter(labels)
+        weights = [counts[label] ** -self.args.balance_cell_types for label in labels]
+        generator = torch.Generator().manual_seed(self.args.seed)
+        return torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
 
     def create_optimizer(self, model=None):
         """SFTTrainer's optimizer, with the bridges at `args.bridge_learning_rate` when it is set."""
