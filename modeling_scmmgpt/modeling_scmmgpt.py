@@ -223,10 +223,14 @@ class ScMMGPTFeatureNorm(nn.BatchNorm1d):
             return self._global_batch_norm(hidden_states)
         if self.training and hidden_states.shape[0] == 1:
             # One cell has no batch statistics (an epoch's last batch can hold one): use the running ones.
-            return F.batch_norm(hidden_states, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return self._with_running_stats(hidden_states)
         if self.training and self.track_running_stats:
             self.momentum = max(0.1, 1.0 / (int(self.num_batches_tracked) + 1))
         return super().forward(hidden_states)
+
+    def _with_running_stats(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Normalised with the running statistics, which stay as they are (as in eval mode)."""
+        return F.batch_norm(hidden_states, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def _global_batch_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`(local_batch, num_features)` normalised with the mean and variance over every rank's batch (two passes,
@@ -235,7 +239,7 @@ class ScMMGPTFeatureNorm(nn.BatchNorm1d):
         x = hidden_states.float()
         count = _all_reduce_sum(x.new_tensor([x.shape[0]]).detach())[0]
         if count < 2:  # one cell in the whole global batch: running statistics, as above
-            return F.batch_norm(hidden_states, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return self._with_running_stats(hidden_states)
         mean = _all_reduce_sum(x.sum(0)) / count
         var = _all_reduce_sum((x - mean).square().sum(0)) / count
         if self.track_running_stats:

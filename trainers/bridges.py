@@ -130,20 +130,21 @@ def _fit_codebook(model, processor, queries: torch.Tensor, labels: list[str]) ->
     the regression's accuracy on these cells."""
     from sklearn.linear_model import LogisticRegression
 
-    classes = sorted(set(map(str, labels)))
-    if len(classes) < 2:
-        raise ValueError(f"bridge_init='label_codebook' needs at least two cell types in the training cells; got {classes}.")
+    names = list(map(str, labels))
+    if len(set(names)) < 2:
+        raise ValueError(f"bridge_init='label_codebook' needs at least two cell types in the training cells; got {sorted(set(names))}.")
     features = queries.flatten(1).double()
     mean, scale = features.mean(0), features.std(0).clamp(min=1e-6)
-    regression = LogisticRegression(C=1.0, max_iter=2000).fit(((features - mean) / scale).numpy(), list(map(str, labels)))
+    standardised = ((features - mean) / scale).numpy()
+    regression = LogisticRegression(C=1.0, max_iter=2000).fit(standardised, names)
     coef = torch.from_numpy(regression.coef_).double()
     bias = torch.from_numpy(regression.intercept_).double()
-    if len(classes) == 2:  # binary: one logit for the second class; the softmax of (0, z) is the same sigmoid
+    if len(regression.classes_) == 2:  # binary: one logit for the second class; the softmax of (0, z) is the same sigmoid
         coef, bias = torch.cat([torch.zeros_like(coef), coef]), torch.cat([torch.zeros_like(bias), bias])
     weight = coef / scale
     model.model.set_cell_codebook(list(regression.classes_), weight, bias - weight @ mean,
                                   _label_embeddings(model, processor, list(regression.classes_)))  # fmt: skip
-    return float(regression.score(((features - mean) / scale).numpy(), list(map(str, labels))))
+    return float(regression.score(standardised, names))
 
 
 __all__ = ["BRIDGE_PARTS", "fit_bridges", "ridge_fit_"]
