@@ -117,7 +117,7 @@ STAGE_FLAGS = {
     "instruction": (["--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--lora_r", "8",
                      "--lora_alpha", "16", "--lora_modules", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                      "up_proj", "down_proj", "--max_eval_samples", "8", "--train_expression_decoder", "false",
-                     "--bridge_init", "label_codebook", "--bridge_init_cells", "256", "--bridge_learning_rate", "5e-5",
+                     "--bridge_init", "label_codebook", "--bridge_learning_rate", "5e-5",
                      "--expression_loss_weight", "0"], (30, 60)),
 }  # fmt: skip
 # MiniLM initialises the SmolLM2 demo's Q-Former: its text path moves at 1e-5 while the new cell side aligns to it.

@@ -324,3 +324,29 @@ def test_label_codebook_needs_two_types(tmp_path):
     with pytest.raises(ValueError, match="at least two cell types"):
         fit_bridges(model, processor, one_type, parts=("codebook",))
 
+
+
+def test_generate_prompt_states_run_each_distinct_prompt_once_and_match_one_by_one(tmp_path):
+    """The cell_head fit runs each distinct generate prompt through the LM once; every cell gets its own prompt's
+    states, the same as running that prompt alone (left padding does not shift positions)."""
+    from conftest import tiny_demo
+    from modeling_scmmgpt.demo import build_model, load_pbmc
+    from trainers.bridges import _generate_prompt_states
+    from trainers.data.instructions import instruction_examples
+
+    _, processor, splits = tiny_demo(tmp_path)
+    model, _ = build_model(load_pbmc(), tiny_lm=True)
+    model.eval()
+    records = list(splits["train"].select(range(60)))
+    prompts = [next(e for e in instruction_examples(r, 0) if e["task"] == "generate")["prompt"] for r in records]
+    calls = []
+    hook = model.model.language_model.register_forward_hook(lambda m, a, k, o: calls.append(k["inputs_embeds"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        together = _generate_prompt_states(model, processor, records, seed=0, batch_size=32)
+    hook.remove()
+    assert sum(calls) == len(set(prompts)) < len(records)
+    with torch.no_grad():
+        lengths = [len(processor.tokenizer(p)["input_ids"]) for p in prompts]
+        for i in (lengths.index(min(lengths)), lengths.index(max(lengths))):  # the most padded, the least
+            alone = _generate_prompt_states(model, processor, records[i : i + 1], seed=0, batch_size=1)
+            torch.testing.assert_close(together[i], alone[0], atol=1e-4, rtol=1e-4)

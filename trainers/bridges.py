@@ -89,8 +89,7 @@ def fit_bridges(model, processor, records: list[dict], seed: int = 0, batch_size
         projector.linear_2.weight.zero_()
         projector.linear_2.bias.zero_()
     if "cell_head" in parts:
-        states = torch.cat([_generate_prompt_states(model, processor, records[i : i + batch_size], seed)
-                            for i in range(0, len(records), batch_size)])  # fmt: skip
+        states = _generate_prompt_states(model, processor, records, seed, batch_size)
         features = head.act(head.linear_1(states.flatten(0, 1).to(head.linear_1.weight)))
         fits["cell_head_r2"] = ridge_fit_(head.linear_2, features, queries.flatten(0, 1))
     model.train(was_training)
@@ -112,16 +111,25 @@ def _label_embeddings(model, processor, labels: list[str]) -> torch.Tensor:
     return model.model.get_input_embeddings()(torch.tensor(tokens)).float()
 
 
-def _generate_prompt_states(model, processor, records: list[dict], seed: int) -> torch.Tensor:
+def _generate_prompt_states(model, processor, records: list[dict], seed: int, batch_size: int) -> torch.Tensor:
     """`(len(records), num_cell_tokens, lm_hidden_size)`: the LM's hidden states at the `<cell_i>` positions of each
-    record's generate prompt (answered with the cell span)."""
+    record's generate prompt (answered with the cell span). The states depend on the prompt text only (a handful of
+    phrasings per type), so each distinct prompt runs through the LM once: the fit can then use every training cell
+    for the price of a few dozen LM passes."""
     inner = model.model
     prompts = [next(e for e in instruction_examples(r, seed) if e["task"] == "generate")["prompt"] for r in records]
-    texts = [processor.build_prompt(p, with_cell=False, response=processor.cell_span) for p in prompts]
-    batch = processor(text=texts, padding=True, padding_side="left", add_special_tokens=False)
-    hidden = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    spans = inner.get_placeholder_mask(batch["input_ids"])
-    return hidden[spans].view(len(records), model.config.num_cell_tokens, -1).float()
+    distinct = list(dict.fromkeys(prompts))
+    states = []
+    for start in range(0, len(distinct), batch_size):
+        texts = [processor.build_prompt(p, with_cell=False, response=processor.cell_span) for p in distinct[start : start + batch_size]]
+        batch = processor(text=texts, padding=True, padding_side="left", add_special_tokens=False)
+        # Left padding: positions count real tokens only, as in `generate_cells`, so the states do not depend on
+        # which other prompts share the batch.
+        positions = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        hidden = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions).last_hidden_state
+        states.append(hidden[inner.get_placeholder_mask(batch["input_ids"])].view(len(texts), model.config.num_cell_tokens, -1))
+    index = {prompt: i for i, prompt in enumerate(distinct)}
+    return torch.cat(states).float()[torch.tensor([index[p] for p in prompts])]
 
 
 def _fit_codebook(model, processor, queries: torch.Tensor, labels: list[str]) -> float:
