@@ -188,7 +188,12 @@ class GeneVocab:
 
     @property
     def id_to_gene(self) -> dict[int, str]:
-        return {i: g for g, i in self.gene_to_id.items()}
+        """Token id to symbol, built once per vocabulary size (callers index it in loops; the census vocabulary has
+        60k genes). Ids are unique and genes are only ever added, so the size tells when to rebuild."""
+        cached = getattr(self, "_id_to_gene", None)
+        if cached is None or len(cached) != len(self.gene_to_id):
+            cached = self._id_to_gene = {i: g for g, i in self.gene_to_id.items()}
+        return cached
 
     # --- persistence ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -416,9 +416,6 @@ class ScMMGPTProcessor(ProcessorMixin):
         """Replaces each bare `<cell>` with the full span; spans already expanded are left as they are."""
         return re.sub(re.escape(CELL_START_TOKEN) + r"(?!\s*" + re.escape(cell_token(0)) + ")", self.cell_span, text)
 
-    def count_cell_spans(self, text: str) -> int:
-        return self.expand_cell_placeholders(text).count(cell_token(0))
-
     def build_prompt(self, instruction: str, with_cell: bool = True, response: str | None = None) -> str:
         """A chat prompt (the tokenizer's chat template when it has one) whose user turn holds a `<cell>` and the
         instruction; with `response`, the assistant turn too."""

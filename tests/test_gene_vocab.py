@@ -43,3 +43,11 @@ def test_save_load_and_errors(tmp_path):
         GeneVocab({"A": 0, "<pad>": 1})
     with pytest.raises(FileNotFoundError, match="gene_vocab.json"):
         GeneVocab.from_pretrained(tmp_path / "nowhere")
+
+
+def test_id_to_gene_is_built_once_and_follows_added_genes():
+    vocab = GeneVocab.from_genes(["A", "B"])
+    first = vocab.id_to_gene
+    assert vocab.id_to_gene is first  # not rebuilt per access
+    vocab.gene_to_id["C"] = len(vocab.gene_to_id)
+    assert vocab.id_to_gene[vocab.gene_to_id["C"]] == "C"
