@@ -22,7 +22,9 @@ def build_model(directory: str) -> None:
     """A small random scMMGPT over the census genes PBMC measures (weights do not change memory behaviour)."""
     import torch
 
-    from modeling_scmmgpt.demo import build_model as build_demo_model, load_pbmc
+    from trainers.data import load_pbmc
+
+    from trainers.default_model import build_model as build_demo_model
 
     torch.manual_seed(0)
     model, processor = build_demo_model(load_pbmc(), tiny_lm=True)

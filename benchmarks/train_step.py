@@ -100,12 +100,12 @@ def run_one(stage: str, modes: list[str], steps: int, warmup: int, lm: str, cach
     from transformers import HfArgumentParser
 
     from trainers.arguments import ScMMGPTModelDataArguments
-    from trainers.common import load_model_and_pbmc, parse_stage_args
+    from trainers.common import load_model_and_data, parse_stage_args
     from trainers.run import STAGES
 
     parser = HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]))
     model_args, args = parse_stage_args(parser, _stage_args(stage, warmup + steps, lm, cache))
-    model, processor, data = load_model_and_pbmc(model_args, args.seed)
+    model, processor, data = load_model_and_data(model_args, args.seed)
     rates = {mode: [] for mode in modes}
     for repeat in range(repeats):
         for mode in modes if repeat % 2 == 0 else modes[::-1]:  # neither always runs first

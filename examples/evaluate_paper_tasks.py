@@ -9,7 +9,7 @@
 Without `--model` it evaluates an untrained tiny model: a floor to compare trained models against.
 """
 
-from modeling_scmmgpt.evaluation import main
+from scmmgpt.evaluation import main
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ def main(argv=None) -> dict:
 def report(output_dir: str, seed: int = 0, cache_dir: str | None = None) -> dict:
     """Annotation before and after stage 3, descriptions and generated cells on the test split, printed."""
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
-    from modeling_scmmgpt.evaluation import evaluate_annotation, evaluate_description, evaluate_generation
+    from scmmgpt.evaluation import evaluate_annotation, evaluate_description, evaluate_generation
     from trainers.data import load_pbmc_demo
 
     def load(stage):

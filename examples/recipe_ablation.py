@@ -5,7 +5,7 @@ stage 1 (contrastive) and stage 2 (reconstruction), over several seeds (mean and
     python examples/recipe_ablation.py --output-dir runs/ablation --language-model smollm2 --variants recipe
 
 Stage 3 is left out: it keeps the cell side frozen, so zero-shot annotation is fixed after stage 2. The variants
-start from the demo's own stage flags (`modeling_scmmgpt.demo.STAGE_FLAGS`, the `--fast` step counts for the tiny LM
+start from the demo's own stage flags (`scmmgpt.demo.STAGE_FLAGS`, the `--fast` step counts for the tiny LM
 and the full ones for SmolLM2), so the ablation measures the recipe the demo runs.
 """
 
@@ -45,7 +45,7 @@ def _without_nulls(argv: list[str]) -> list[str]:
 
 
 def run(variant: str, seed: int, root: str, smollm2: bool) -> dict:
-    from modeling_scmmgpt.demo import PRETRAINED_TEXT_FLAGS, STAGE_FLAGS
+    from scmmgpt.demo import PRETRAINED_TEXT_FLAGS, STAGE_FLAGS
     from trainers.run import run_stage
 
     common = ["--use_cpu", "true", "--seed", str(seed), "--report_to", "none", "--save_strategy", "no",
@@ -71,7 +71,7 @@ def run(variant: str, seed: int, root: str, smollm2: bool) -> dict:
 
 def zero_shot(folder: str, seed: int, root: str) -> dict:
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
-    from modeling_scmmgpt.evaluation import evaluate_annotation
+    from scmmgpt.evaluation import evaluate_annotation
     from trainers.data import load_pbmc_demo
 
     model = ScMMGPTForConditionalGeneration.from_pretrained(folder).eval()

@@ -3,7 +3,7 @@
     python examples/run_demo.py --output-dir scmmgpt_demo [--fast]
 """
 
-from modeling_scmmgpt.demo import main
+from scmmgpt.demo import main
 
 if __name__ == "__main__":
     main()

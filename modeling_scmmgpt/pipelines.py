@@ -18,6 +18,7 @@ from transformers import Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTModel
+from .prompts import ANNOTATE, DESCRIBE
 
 
 def _open_cells(inputs):
@@ -197,7 +198,7 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
     @staticmethod
     def _describe(label: str) -> str:
         """`cell type: {label}. {definition}` for Cell Ontology ids or labels, the label alone otherwise."""
-        from trainers.data.ontology import CellOntology
+        from .ontology import CellOntology
 
         ontology = CellOntology.load()
         term = label if label in ontology else ontology.resolve(label, None)
@@ -208,7 +209,7 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
             cells = self.model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
             scale = getattr(self.model, "model", self.model).cell_tower.logit_scale.exp()
             return (scale * cells @ self._text_features.T).softmax(-1)
-        prompt = self.processor.build_prompt("Which cell type is this?")
+        prompt = self.processor.build_prompt(ANNOTATE[0])
         n = inputs["gene_ids"].shape[0]
         text = self.processor(text=[prompt] * n, padding_side="left")
         generated = self.model.generate(
@@ -251,7 +252,7 @@ class CellDescriptionPipeline(ScMMGPTCellPipeline):
 
     _pipeline_calls_generate = True
 
-    def _start(self, n_cells, prompt: str = "Describe this cell.", max_new_tokens: int = 64, **kwargs):
+    def _start(self, n_cells, prompt: str = DESCRIBE[0], max_new_tokens: int = 64, **kwargs):
         self._prompt, self._max_new_tokens, self._texts = self.processor.build_prompt(prompt), max_new_tokens, []
         self._writer = None
 

@@ -17,9 +17,13 @@ EXAMPLES = {
     "--labels CL:0000236 'natural killer cell' --top-k 2",
     "describe": "scmmgpt describe --model runs/demo/model --input pbmc.h5ad --output descriptions.csv",
     "generate": "scmmgpt generate --model runs/demo/model --prompt 'a B cell from blood' --n-cells 5 --output cells.h5ad",
+    "init": "scmmgpt init --cell-encoder scgpt_converted/ --language-model SmolLM2.gguf --qformer all-MiniLM-L6-v2/ "
+    "--num-cell-tokens 32 --output-dir model/",
     "train": "scmmgpt train --stage contrastive examples/configs/contrastive_tiny.yaml --max_steps 20\n"
     "  scmmgpt train --stage all --output-dir runs/pbmc examples/configs      # <stage>_tiny.yaml, chained",
-    "evaluate": "scmmgpt evaluate --model runs/demo/model --output-json metrics.json",
+    "evaluate": "scmmgpt evaluate --model runs/demo/model --output-json metrics.json     # the PBMC demo's test split\n"
+    "  scmmgpt evaluate --model runs/mine/instruction --train-data train.h5ad --validation-data val.h5ad "
+    "--test-data test.h5ad --label-column celltype --holdout-types 'B cell'",
     "convert-scgpt": "scmmgpt convert-scgpt path/to/scGPT_human out/cell_encoder",
     "push": "scmmgpt push --model runs/demo/model --repo-id me/scmmgpt-pbmc --eval-results metrics.json",
 }
@@ -132,8 +136,58 @@ def cmd_generate(args):
     print(f"Generated {cells.n_obs} cells over {cells.n_vars} genes -> {args.output}")
 
 
+def cmd_init(args):
+    """A new model from parts: a cell encoder folder, a causal LM (folder or GGUF file) and optionally a BERT for
+    the Q-Former; saved (model and processor) to a new folder in one rename, so `train` can start from it."""
+    import json
+    import shutil
+    import tempfile
+
+    from modeling_scmmgpt import ScMMGPTForConditionalGeneration
+
+    for flag, path in (("--cell-encoder", args.cell_encoder), ("--language-model", args.language_model),
+                       ("--qformer", args.qformer)):  # fmt: skip
+        if path is not None and not os.path.exists(path):
+            raise CLIError(f"{flag} {path}: no such file or folder.", "Parts load from local paths; nothing is downloaded.")
+    if not os.path.isfile(os.path.join(args.cell_encoder, "config.json")):
+        raise CLIError(f"--cell-encoder {args.cell_encoder}: no config.json there.",
+                       "Pass a folder written by `scmmgpt convert-scgpt` or ScMMGPTCellModel.save_pretrained.")  # fmt: skip
+    if os.path.exists(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
+        raise CLIError(f"--output-dir {args.output_dir} exists and is not empty.", "Pick a new folder, or pass --overwrite.")
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CLIError(f"--option {item}: expected KEY=VALUE.", "e.g. --option cell_summary=true")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a bare string
+    language_model, gguf_file = args.language_model, None
+    if language_model.endswith(".gguf"):
+        language_model, gguf_file = os.path.dirname(os.path.abspath(language_model)), os.path.basename(language_model)
+    model, processor = ScMMGPTForConditionalGeneration.from_pretrained_parts(
+        language_model, args.cell_encoder, qformer=args.qformer, gguf_file=gguf_file,
+        num_cell_tokens=args.num_cell_tokens, **options,
+    )  # fmt: skip
+    parent = os.path.dirname(os.path.abspath(args.output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".init-", dir=parent)  # same file system: the rename is atomic
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        if os.path.exists(args.output_dir):
+            shutil.rmtree(args.output_dir)
+        os.replace(staging, args.output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    vocab = processor.cell_processor.gene_vocab
+    print(f"Saved a new scMMGPT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{model.config.num_cell_tokens} cell tokens, {len(vocab)} genes in the encoder's vocabulary) -> {args.output_dir}")
+
+
 def cmd_train(args):
-    from trainers.run import STAGES, pretrain_all, run_stage
+    from trainers.run import STAGES, parse_stage_for_plan, plan_stage, pretrain_all, run_stage
 
     if args.stage == "all":  # each stage has its own config; the stages chain through OUTPUT_DIR/<stage>
         configs = {stage: os.path.join(args.config, f"{stage}_{args.suffix}.yaml") for stage in STAGES}
@@ -143,24 +197,59 @@ def cmd_train(args):
                            "With --stage all, pass a folder holding <stage>_<suffix>.yaml for each stage, e.g. examples/configs.")  # fmt: skip
         if not args.output_dir:
             raise CLIError("--stage all needs --output-dir.", "Each stage is saved in OUTPUT_DIR/<stage>.")
-        pretrain_all({stage: [path, *args.overrides] for stage, path in configs.items()}, args.output_dir)
+        plans = pretrain_all({stage: [path, *args.overrides] for stage, path in configs.items()}, args.output_dir,
+                             dry_run=args.dry_run)  # fmt: skip
+        if args.dry_run:
+            _print_plans(plans.values())
         return
     if args.stage not in STAGES:
         raise CLIError(f"--stage {args.stage}: unknown stage.", f"Choose from {', '.join(STAGES)} or all.")
     if not os.path.isfile(args.config):
         raise CLIError(f"{args.config}: no such config file.", "Pass a YAML or JSON file, e.g. examples/configs/*.yaml.")
+    if args.dry_run:
+        _print_plans([plan_stage(args.stage, parse_stage_for_plan(args.stage, [args.config, *args.overrides]))])
+        return
     run_stage(args.stage, [args.config, *args.overrides])
 
 
-def cmd_evaluate(args):
-    from .evaluation import main as evaluate_main
+def _print_plans(plans) -> None:
+    import json
 
-    evaluate_main(["--model", args.model, *(["--output-json", args.output_json] if args.output_json else []),
-                   *(["--test-cells", str(args.test_cells)] if args.test_cells else [])])  # fmt: skip
+    for plan in plans:
+        print(f"stage {plan['stage']}:")
+        for key, value in plan.items():
+            if key != "stage":
+                print(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    print("(dry run: nothing was loaded, read or trained)")
+
+
+def cmd_evaluate(args):
+    from trainers.arguments import ScMMGPTDataArguments
+
+    from .evaluation import ScMMGPTEvaluationArguments, run_evaluation
+
+    if not args.model:
+        raise CLIError("evaluate needs --model.", "Pass the output folder of training (its instruction stage) or of the demo.")
+    run_evaluation(_dataclass_from(ScMMGPTEvaluationArguments, args), _dataclass_from(ScMMGPTDataArguments, args))
+
+
+def _dataclass_from(cls, namespace):
+    """A dataclass from the parsed options its fields added (see `_dataclass_options`); its checks run here."""
+    import dataclasses
+
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+def _dataclass_options(*classes) -> argparse.ArgumentParser:
+    """The options of dataclasses, as transformers' HfArgumentParser defines them (each as --name and --kebab-name),
+    to be a subcommand's parent parser."""
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(classes, add_help=False)
 
 
 def cmd_convert_scgpt(args):
-    from .convert_scgpt import convert_scgpt_checkpoint
+    from modeling_scmmgpt.convert_scgpt import convert_scgpt_checkpoint
 
     if not os.path.exists(args.checkpoint):
         raise CLIError(f"{args.checkpoint}: no such scGPT checkpoint.", "Pass the folder with best_model.pt, args.json and vocab.json.")
@@ -171,7 +260,7 @@ def cmd_convert_scgpt(args):
 
 
 def cmd_push(args):
-    from .hub import push_to_hub
+    from modeling_scmmgpt.hub import push_to_hub
 
     model, processor = _load(args.model)
     info = push_to_hub(model, processor, args.repo_id, eval_results=args.eval_results, private=args.private)
@@ -179,10 +268,9 @@ def cmd_push(args):
 
 
 def cmd_demo(args):
-    from .demo import main as demo_main
+    from .demo import run_demo
 
-    holdout = ["--holdout-types", *args.holdout_types] if args.holdout_types else []
-    demo_main(["--output-dir", args.output_dir, "--seed", str(args.seed), *(["--fast"] if args.fast else []), *holdout])
+    run_demo(args.output_dir, fast=args.fast, seed=args.seed, holdout_types=args.holdout_types)
 
 
 # --- parser ---------------------------------------------------------------------------------------------------------
@@ -208,9 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     subs = parser.add_subparsers(dest="command", metavar="command", required=True)
 
-    def sub(name, help_text):
+    def sub(name, help_text, parents=()):
         return subs.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
-                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                               formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents),
+                               allow_abbrev=False)  # fmt: skip
 
     p = sub("demo", "Train scMMGPT on the embedded PBMC data through all three stages, evaluate it and plot.")
     p.add_argument("--output-dir", default="scmmgpt_demo")
@@ -245,18 +334,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help=".h5ad or .csv")
     p.set_defaults(func=cmd_generate)
 
+    p = sub("init", "A new model from your parts: cell encoder, causal LM and a BERT for the Q-Former; saved for `train`.")
+    p.add_argument("--cell-encoder", required=True, help="cell-encoder folder (from convert-scgpt, or a ScMMGPTCellModel)")
+    p.add_argument("--language-model", required=True, help="causal-LM folder, or a .gguf file")
+    p.add_argument("--qformer", help="BERT folder initialising the Q-Former and its tokenizer (default: a random Q-Former)")
+    p.add_argument("--num-cell-tokens", type=int, default=32, help="Q-Former queries: the cell tokens the LM reads")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="further ScMMGPTConfig fields, JSON values (e.g. cell_summary=true for a random encoder)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    p.set_defaults(func=cmd_init)
+
     p = sub("train", "Run one training stage, or all three in order, from a YAML/JSON config.")
     p.add_argument("--stage", required=True, help="contrastive, reconstruction, instruction or all")
     p.add_argument("--output-dir", help="with --stage all: the stages go to OUTPUT_DIR/<stage>")
     p.add_argument("--suffix", default="tiny", help="with --stage all: read CONFIG/<stage>_<suffix>.yaml")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each stage's resolved plan (data, model, steps, output) and train nothing")
     p.add_argument("config", help="YAML or JSON file of the stage's arguments (with --stage all, their folder)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="further --flag value pairs")
     p.set_defaults(func=cmd_train)
 
-    p = sub("evaluate", "The paper's three evaluations on the PBMC demo test split, next to baselines.")
-    p.add_argument("--model", required=True)
-    p.add_argument("--output-json")
-    p.add_argument("--test-cells", type=int)
+    from trainers.arguments import ScMMGPTDataArguments
+
+    from .evaluation import ScMMGPTEvaluationArguments
+
+    p = sub("evaluate", "The paper's three evaluations on held-out cells (yours, or the PBMC demo's test split), next "
+            "to baselines fit on the training cells.", parents=[_dataclass_options(ScMMGPTEvaluationArguments, ScMMGPTDataArguments)])
     p.set_defaults(func=cmd_evaluate)
 
     p = sub("convert-scgpt", "Convert scGPT's best_model.pt/args.json/vocab.json into a safetensors cell encoder.")

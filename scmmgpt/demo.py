@@ -11,97 +11,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
-import warnings
 
-import numpy as np
 import torch
 
-from .configuration_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
-from .gene_vocab import GeneVocab
-from .modeling_cell_encoder import ScMMGPTCellModel
-from .modeling_scmmgpt import ScMMGPTForConditionalGeneration
-from .processing_scmmgpt import ScMMGPTCellProcessor, ScMMGPTProcessor
-from .resources import census_vocab_path, minilm_dir, pbmc68k_reduced_path, smollm2_gguf_path
+from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
+from modeling_scmmgpt.hub import render_model_card
+from modeling_scmmgpt.resources import smollm2_gguf_path
+from trainers.data import load_pbmc, load_pbmc_demo
+from trainers.run import pretrain_all
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def train_word_tokenizer(texts: list[str]):
-    """A word-level tokenizer trained on `texts`, for tiny LMs that have no tokenizer of their own."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["<pad>", "<unk>", "<eos>", "<|user|>", "<|assistant|>"]
-    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", padding_side="left"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def load_pbmc():
-    import anndata as ad
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return ad.read_h5ad(pbmc68k_reduced_path())
-
-
-def _demo_texts(adata) -> list[str]:
-    """What the tiny LM's word tokenizer must know: the PBMC labels, their Cell Ontology descriptions and the
-    instruction phrasings (otherwise most description words would be `<unk>`)."""
-    from trainers.data.instructions import ANNOTATE, DESCRIBE, GENERATE
-    from trainers.data.ontology import CellOntology
-    from trainers.data.pbmc import PBMC_LABEL_TO_CELL_ONTOLOGY
-
-    ontology = CellOntology.load()
-    labels = sorted(adata.obs["bulk_labels"].astype(str).unique())
-    records = [{"cell_type": label, "cell_type_ontology_term_id": PBMC_LABEL_TO_CELL_ONTOLOGY.get(label)} for label in labels]
-    texts = labels + [ontology.describe(r, template=t) for r in records for t in ("paper", "rich")]
-    return texts + list(DESCRIBE) + list(ANNOTATE) + [g.format(cell_type="", tissue=" from blood") for g in GENERATE]
-
-
-def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8, **config_kwargs):
-    """Returns (model, processor): a small random cell encoder over the census genes PBMC measures, plus the real
-    SmolLM2 and MiniLM (or a tiny random LM with `tiny_lm`). `config_kwargs` are further `ScMMGPTConfig` fields
-    (e.g. `cell_summary=True`)."""
-    census = GeneVocab.from_scgpt_json(census_vocab_path())
-    vocab = GeneVocab.from_genes([g for g in adata.raw.var_names if g in census])
-    cell_processor = ScMMGPTCellProcessor(vocab, max_genes=256, use_raw=True)
-    cell_config = ScMMGPTCellConfig(vocab_size=len(vocab), d_model=64, nhead=4, nlayers=2, d_hid=128,
-                                    pad_token_id=vocab.pad_token_id, cls_token_id=vocab.cls_token_id, max_genes=256)  # fmt: skip
-    if tiny_lm:
-        tokenizer = train_word_tokenizer(_demo_texts(adata))
-        processor = ScMMGPTProcessor(cell_processor, tokenizer, num_cell_tokens=num_cell_tokens)
-        config = ScMMGPTConfig(
-            cell_config=cell_config,
-            qformer_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                vocab_size=len(tokenizer)),
-            text_config=dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=128, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id),
-            **config_kwargs, **processor.config_token_ids(),
-        )  # fmt: skip
-        processor.qformer_tokenizer = tokenizer
-        return ScMMGPTForConditionalGeneration(config).eval(), processor
-    with tempfile.TemporaryDirectory() as encoder_dir:
-        ScMMGPTCellModel(cell_config).save_pretrained(encoder_dir)
-        cell_processor.save_pretrained(encoder_dir)
-        gguf = smollm2_gguf_path()
-        model, processor = ScMMGPTForConditionalGeneration.from_pretrained_parts(
-            os.path.dirname(gguf), encoder_dir, qformer=minilm_dir(), gguf_file=os.path.basename(gguf),
-            num_cell_tokens=num_cell_tokens, **config_kwargs,
-        )  # fmt: skip
-    return model.eval(), processor
-
+from .evaluation import evaluate_paper_tasks, evaluate_zero_shot_holdout, format_table, write_results
+from .plots import annotate_test_cells, plot_embeddings, plot_generated_vs_real
 
 STAGE_FLAGS = {
     # (fast, full) steps; the options and their measured contributions are in docs/recipe.md. With SmolLM2 the
@@ -125,8 +46,6 @@ PRETRAINED_TEXT_FLAGS = {"contrastive": ["--text_path_learning_rate", "1e-5"]}
 
 
 def train_all_stages(output_dir: str, tiny_lm: bool, fast: bool, seed: int = 0, holdout_types=()) -> dict:
-    from trainers.run import pretrain_all
-
     common = ["--use_cpu", "true", "--seed", str(seed), "--report_to", "none", "--save_strategy", "steps",
               "--save_total_limit", "1", "--logging_steps", "10", "--eval_strategy", "no", "--num_cell_tokens", "8",
               "--data_cache_dir", os.path.join(output_dir, "hf_cache"), "--max_eval_samples", "64",
@@ -151,6 +70,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--holdout-types", nargs="+", default=[], help="bulk_labels kept out of all training")
     args = parser.parse_args(argv)
+    return run_demo(args.output_dir, fast=args.fast, seed=args.seed, holdout_types=args.holdout_types)
+
+
+def run_demo(output_dir: str, fast: bool = False, seed: int = 0, holdout_types=()) -> dict:
+    """Trains the three stages on the embedded PBMCs into `output_dir`, evaluates, plots and returns the results."""
+    args = argparse.Namespace(output_dir=output_dir, fast=fast, seed=seed, holdout_types=list(holdout_types))
     start = time.time()
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
@@ -160,10 +85,8 @@ def main(argv=None) -> dict:
     stages = train_all_stages(out, tiny_lm=tiny_lm, fast=args.fast, seed=args.seed, holdout_types=args.holdout_types)
     model_dir = os.path.join(out, "instruction")
 
-    from .evaluation import evaluate_paper_tasks, evaluate_zero_shot_holdout, format_table, write_results
-    from .modeling_scmmgpt import ScMMGPTForConditionalGeneration as Model
-
-    model, processor = Model.from_pretrained(model_dir).eval(), ScMMGPTProcessor.from_pretrained(model_dir)
+    model = ScMMGPTForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = ScMMGPTProcessor.from_pretrained(model_dir)
     splits = _demo_splits(processor, out, args.seed)
     metrics_path = os.path.join(out, "metrics.json")
     if os.path.isfile(metrics_path):
@@ -184,9 +107,6 @@ def main(argv=None) -> dict:
         holdout = results["zero_shot_holdout"]
         print(f"held-out types {holdout['holdout_types']}: zero-shot accuracy {holdout['accuracy']:.3f} on "
               f"{holdout['n_cells']} test cells (chance {holdout['chance_accuracy']:.3f})")
-
-    from .hub import render_model_card
-    from .plots import annotate_test_cells, plot_embeddings, plot_generated_vs_real
 
     card = render_model_card(model, processor, repo_id="scmmgpt-pbmc-demo", eval_results=metrics_path,
                              datasets=["scanpy/pbmc68k_reduced"], training=_training_text(stages, tiny_lm))  # fmt: skip
@@ -213,8 +133,6 @@ def _has_smollm2() -> bool:
 
 
 def _demo_splits(processor, out: str, seed: int):
-    from trainers.data import load_pbmc_demo
-
     return load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, cache_dir=os.path.join(out, "hf_cache"), seed=seed)
 
 

@@ -14,21 +14,24 @@ Splits are data-builder datasets (`cell_id`, `gene_ids`, `values`, `cell_type`, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .metrics import CellDescriptionMetric, CellTypeAnnotationMetric, PseudoCellGenerationMetric
-from .pipelines import CellDescriptionPipeline, CellTypeAnnotationPipeline, TextToCellPipeline
-from .utils import atomic_write_text
-
-from trainers.data.instructions import GENERATE as GENERATION_PROMPTS  # the phrasings the model was tuned on
+from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
+from modeling_scmmgpt.metrics import CellDescriptionMetric, CellTypeAnnotationMetric, PseudoCellGenerationMetric
+from modeling_scmmgpt.pipelines import CellDescriptionPipeline, CellTypeAnnotationPipeline, TextToCellPipeline
+from modeling_scmmgpt.prompts import GENERATE as GENERATION_PROMPTS  # the phrasings the model was tuned on
+from modeling_scmmgpt.utils import atomic_write_text
+from trainers.data import load_cell_text_splits, load_pbmc
+from trainers.default_model import build_model
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,17 @@ def _unit_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
     return sp.diags(1 / np.maximum(norms, 1e-12)) @ matrix
 
 
+def _zero_shot_column(*splits) -> str:
+    """Zero-shot names Cell Ontology ids (scored with their definitions, as in training) when every cell has one;
+    labels that did not resolve to the ontology are scored as the label text itself."""
+    ids = [i for split in splits for i in split["cell_type_ontology_term_id"]]
+    if all(ids):
+        return "cell_type_ontology_term_id"
+    logger.warning("%d of %d cells have no Cell Ontology id: zero-shot annotation ranks the label texts instead.",
+                   sum(not i for i in ids), len(ids))  # fmt: skip
+    return "cell_type"
+
+
 def evaluate_annotation(model, processor, train, test, modes=("zero-shot", "generative"), batch_size: int = 16) -> dict:
     """Zero-shot ranks Cell Ontology ids (described with their definitions, as in training); generative maps the
     LM's answer to the closest training label. Baseline: logistic regression on expression."""
@@ -80,7 +94,7 @@ def evaluate_annotation(model, processor, train, test, modes=("zero-shot", "gene
     results = {}
     annotator = _pipeline(CellTypeAnnotationPipeline, model, processor)
     for mode in modes:
-        column = "cell_type_ontology_term_id" if mode == "zero-shot" else "cell_type"
+        column = _zero_shot_column(train, test) if mode == "zero-shot" else "cell_type"
         candidates = sorted(set(train[column]))
         ranked = annotator(test, candidate_labels=candidates, mode=mode, batch_size=batch_size, progress=False)
         predictions = [r[0]["label"] for r in ranked]
@@ -130,7 +144,8 @@ def evaluate_generation(model, processor, train, test, cells_per_type: int = 4, 
         return metric.compute(predictions=cells, references=intended, real_cells=np.concatenate([train_x, test_x]),
                               real_labels=list(train_labels) + list(test["cell_type"]))  # fmt: skip
 
-    return {"model": score(generated), "baseline_class_mean_plus_noise": score(baseline), "n_genes": len(genes)}
+    return {"model": score(generated), "baseline_class_mean_plus_noise": score(baseline), "n_genes": len(genes),
+            "n_generated": len(generated)}  # fmt: skip
 
 
 def evaluate_zero_shot_holdout(model, processor, test, holdout_types, batch_size: int = 16) -> dict:
@@ -139,12 +154,11 @@ def evaluate_zero_shot_holdout(model, processor, test, holdout_types, batch_size
     cells = test.filter(lambda r: r["cell_type"] in set(holdout_types))
     if len(cells) == 0:
         raise ValueError(f"No test cells of the held-out types {list(holdout_types)}; check the label spelling.")
-    candidates = sorted(set(test["cell_type_ontology_term_id"]))
+    column = _zero_shot_column(test)
+    candidates = sorted(set(test[column]))
     annotator = _pipeline(CellTypeAnnotationPipeline, model, processor)
     ranked = annotator(cells, candidate_labels=candidates, mode="zero-shot", batch_size=batch_size, progress=False)
-    result = CellTypeAnnotationMetric().compute(
-        predictions=[r[0]["label"] for r in ranked], references=list(cells["cell_type_ontology_term_id"])
-    )
+    result = CellTypeAnnotationMetric().compute(predictions=[r[0]["label"] for r in ranked], references=list(cells[column]))
     return {"holdout_types": list(holdout_types), "n_cells": len(cells), "n_candidates": len(candidates),
             "chance_accuracy": 1 / len(candidates), **result}  # fmt: skip
 
@@ -214,49 +228,89 @@ def format_table(results: dict) -> str:
     return "\n".join("  ".join(cell(v).ljust(w) for v, w in zip(row, widths)) for row in rows)
 
 
+@dataclass
+class ScMMGPTEvaluationArguments:
+    """What `scmmgpt evaluate` scores; the cells come from [`ScMMGPTDataArguments`] (the PBMC demo by default)."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "A saved scMMGPT folder. None: an untrained tiny model (a floor, not a result)."}
+    )
+    output_json: str | None = field(default=None, metadata={"help": "Write the results here (the model card reads it)."})
+    test_cells: int | None = field(default=None, metadata={"help": "Evaluate on a seeded sample of this many test cells."})
+    description_cells: int | None = field(default=None, metadata={"help": "Describe at most this many test cells."})
+    cells_per_type: int = field(default=4, metadata={"help": "Pseudo-cells generated per cell type."})
+    holdout_types: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Cell types kept out of the baselines' training cells; their test cells are also named "
+                  "zero-shot from Cell Ontology text."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the split, the test sample and generation."})
+
+    def __post_init__(self):
+        for name in ("test_cells", "description_cells", "cells_per_type"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: need at least 1.")
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="The paper's three evaluations on the PBMC demo test split, next to baselines.")
-    parser.add_argument("--model", help="folder with a saved ScMMGPTForConditionalGeneration and its processor")
-    parser.add_argument("--output-json", help="write the results here (the model card reads this file)")
-    parser.add_argument("--test-cells", type=int, default=None, help="evaluate on a seeded sample of the test split")
-    parser.add_argument("--description-cells", type=int, default=None, help="describe at most this many test cells")
-    parser.add_argument("--cells-per-type", type=int, default=4, help="pseudo-cells generated per cell type")
-    parser.add_argument("--holdout-types", nargs="*", default=[], help="bulk_labels kept out of training")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    from transformers import HfArgumentParser
+
+    from trainers.arguments import ScMMGPTDataArguments
+
+    parser = HfArgumentParser((ScMMGPTEvaluationArguments, ScMMGPTDataArguments), allow_abbrev=False,
+                              description="The paper's three evaluations on held-out cells, next to baselines.")  # fmt: skip
+    args, data_args = parser.parse_args_into_dataclasses(args=argv)
+    return run_evaluation(args, data_args)
+
+
+def run_evaluation(args: ScMMGPTEvaluationArguments, data_args) -> dict:
+    """Loads the model and the cells, runs the three evaluations (and the held-out-type one), prints the table and
+    writes the JSON. The baselines fit on the training cells; a model trained on the same `data_args` and seed has
+    never seen the test cells."""
     logging.basicConfig(level=logging.WARNING)
-
-    from trainers.data import load_pbmc_demo
-
-    from .modeling_scmmgpt import ScMMGPTForConditionalGeneration
-    from .processing_scmmgpt import ScMMGPTProcessor
-
     torch.manual_seed(args.seed)
     if args.model:
         model = ScMMGPTForConditionalGeneration.from_pretrained(args.model)
         processor = ScMMGPTProcessor.from_pretrained(args.model)
     else:
-        from .demo import build_model, load_pbmc
-
         print("No --model: evaluating an untrained tiny model (a floor, not a result).", file=sys.stderr)
         model, processor = build_model(load_pbmc(), tiny_lm=True)
-    splits = load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, seed=args.seed)
-    train = splits["train"].filter(lambda r: r["cell_type"] not in args.holdout_types)
+    splits = load_cell_text_splits(data_args, processor.cell_processor.gene_vocab, args.seed)
+    if data_args.streaming:  # the baselines and metrics need the cells in memory
+        splits = {name: datasets.Dataset.from_list(list(split), features=split.features) for name, split in splits.items()}
+    if "test" not in splits:
+        raise ValueError("No test cells: pass test_data (with train_data and validation_data), or train_data alone to split it.")
+    unknown = set(args.holdout_types) - set(splits["test"]["cell_type"])
+    if unknown:
+        raise ValueError(f"holdout_types {sorted(unknown)} are not cell types of the test cells; check the spelling.")
+    train = splits["train"].filter(lambda r: r["cell_type"] not in set(args.holdout_types))
     test = splits["test"]
     if args.test_cells is not None:
         test = test.shuffle(seed=args.seed).select(range(min(args.test_cells, len(test))))
+    dataset = PBMC_DATASET if data_args.uses_demo_data else {
+        "name": ", ".join(os.path.basename(p.rstrip("/")) for p in data_args.test_data or data_args.train_data),
+        "type": "custom", "split": "test"}  # fmt: skip
     results = evaluate_paper_tasks(
         model, processor, train, test, description_cells=args.description_cells,
-        cells_per_type=args.cells_per_type, seed=args.seed,
+        cells_per_type=args.cells_per_type, seed=args.seed, dataset=dataset,
     )  # fmt: skip
     if args.holdout_types:
         results["zero_shot_holdout"] = evaluate_zero_shot_holdout(model, processor, test, args.holdout_types)
     if args.output_json:
         write_results(results, args.output_json)
-    print(f"PBMC demo test split: {results['n_test_cells']} cells; baselines fit on {results['n_train_cells']} "
-          "training cells")  # fmt: skip
+    where = "PBMC demo test split" if data_args.uses_demo_data else f"{dataset['name']} test cells"
+    print(f"{where}: {results['n_test_cells']} cells; baselines fit on {results['n_train_cells']} training cells")
     print(format_table(results))
     return results
 
 
-__all__ = ["evaluate_paper_tasks", "evaluate_zero_shot_holdout", "expression_matrix", "format_table", "write_results"]
+__all__ = [
+    "ScMMGPTEvaluationArguments",
+    "evaluate_paper_tasks",
+    "evaluate_zero_shot_holdout",
+    "expression_matrix",
+    "format_table",
+    "run_evaluation",
+    "write_results",
+]

@@ -23,7 +23,7 @@ def annotate_test_cells(model, processor, adata, splits, descriptions: dict[str,
     """The test split's cells as an AnnData with scMMGPT's embeddings (`obsm["X_scmmgpt"]`), zero-shot cell type
     (among the training types' Cell Ontology ids, shown as labels) and generated description in `obs`.
     `descriptions` (cell id to text, e.g. the evaluation's) are used where they cover every test cell."""
-    from .pipelines import CellDescriptionPipeline, CellFeatureExtractionPipeline, CellTypeAnnotationPipeline
+    from modeling_scmmgpt.pipelines import CellDescriptionPipeline, CellFeatureExtractionPipeline, CellTypeAnnotationPipeline
 
     test = splits["test"]
     cells = adata[list(test["cell_id"])].copy()
@@ -66,8 +66,8 @@ def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per
     import pandas as pd
     import scanpy as sc
 
-    from .evaluation import GENERATION_PROMPTS
-    from .pipelines import TextToCellPipeline
+    from modeling_scmmgpt.pipelines import TextToCellPipeline
+    from modeling_scmmgpt.prompts import GENERATE as GENERATION_PROMPTS
 
     plt = _figure_backend()
     test = splits["test"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from modeling_scmmgpt import GeneVocab, ScMMGPTCellProcessor
-from modeling_scmmgpt.demo import train_word_tokenizer
 from modeling_scmmgpt.resources import census_vocab_path, pbmc68k_reduced_path
+from trainers.default_model import train_word_tokenizer
 
 SENTENCES = [
     "cell type: CD14-positive monocyte. A monocyte that expresses CD14 and is found in blood.",
@@ -86,8 +86,8 @@ def oracle():
 
 def tiny_demo(cache_dir):
     """A tiny untrained scMMGPT over the PBMC genes (48 genes per cell) and the PBMC demo splits with its gene ids."""
-    from modeling_scmmgpt.demo import build_model
     from trainers.data import load_pbmc_demo
+    from trainers.default_model import build_model
 
     torch.manual_seed(0)
     model, processor = build_model(pbmc_cells(), tiny_lm=True)

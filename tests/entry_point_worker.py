@@ -98,7 +98,7 @@ def main(out_dir, fault, entry, *argv):
 
     trainers.run._trainer = recording_trainer
     if entry == "scmmgpt":
-        from modeling_scmmgpt.cli import main as cli_main
+        from scmmgpt.cli import main as cli_main
 
         sys.exit(cli_main(list(argv)))
     sys.argv = [entry, *argv]

@@ -9,7 +9,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from modeling_scmmgpt.cli import EXAMPLES, main
+from scmmgpt.cli import EXAMPLES, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +67,7 @@ def test_demo_fast_model_knows_its_cells(demo_dir):
 def test_architecture_figure_matches_the_readme(tmp_path):
     from PIL import Image
 
-    from modeling_scmmgpt.plots import plot_architecture
+    from scmmgpt.plots import plot_architecture
 
     plot_architecture(str(tmp_path / "architecture.png"))
     drawn, committed = (Image.open(p) for p in (tmp_path / "architecture.png", os.path.join(ROOT, "docs", "architecture.png")))
@@ -100,7 +100,7 @@ def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, tmp_path):
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "modeling_scmmgpt.cli", *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "scmmgpt.cli", *args], cwd=ROOT, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("command", sorted(EXAMPLES))
@@ -184,7 +184,7 @@ def test_push_subcommand_publishes_to_a_hub(demo_dir, tmp_path):
     with LocalHub() as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
                "HF_TOKEN": "hf_dummy_test_token", "HF_HOME": str(tmp_path / "hf_home")}  # fmt: skip
-        result = subprocess.run([sys.executable, "-m", "modeling_scmmgpt.cli", "push", "--model",
+        result = subprocess.run([sys.executable, "-m", "scmmgpt.cli", "push", "--model",
                                  str(demo_dir / "instruction"), "--repo-id", "tester/demo", "--eval-results",
                                  str(demo_dir / "metrics.json")], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]

@@ -9,10 +9,9 @@ import pandas as pd
 import pytest
 from datasets.distributed import split_dataset_by_node
 
+from modeling_scmmgpt.ontology import CellOntology, OntologyReport
 from trainers.data import (
     PBMC_LABEL_TO_CELL_ONTOLOGY,
-    CellOntology,
-    OntologyReport,
     ScMMGPTH5ADBuilder,
     ScMMGPTSomaBuilder,
     instruction_examples,

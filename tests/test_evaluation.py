@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_demo
 
-from modeling_scmmgpt.evaluation import evaluate_paper_tasks, evaluate_zero_shot_holdout, expression_matrix, format_table
+from scmmgpt.evaluation import evaluate_paper_tasks, evaluate_zero_shot_holdout, expression_matrix, format_table
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_expression_matrix_matches_the_examples(setup):
 
 
 def test_harness_reports_model_and_baselines(setup, tmp_path):
-    from modeling_scmmgpt.evaluation import write_results
+    from scmmgpt.evaluation import write_results
     from modeling_scmmgpt.hub import eval_results_from_json, render_model_card
 
     model, processor, splits = setup
@@ -78,7 +78,7 @@ def test_example_script_writes_json(setup, tmp_path, monkeypatch):
 
 def test_annotated_test_cells_reuse_the_evaluation_descriptions(setup, monkeypatch):
     from modeling_scmmgpt import pipelines
-    from modeling_scmmgpt.plots import annotate_test_cells
+    from scmmgpt.plots import annotate_test_cells
     from conftest import pbmc_cells
 
     model, processor, splits = setup

@@ -53,7 +53,8 @@ def test_bad_arguments_are_named(tmp_path):
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])  # both precision paths on any CPU
 def test_instruction_tuning_lowers_validation_loss_with_lora(demo, tmp_path, bf16):
-    from modeling_scmmgpt.demo import build_model, load_pbmc
+    from trainers.data import load_pbmc
+    from trainers.default_model import build_model
 
     torch.manual_seed(0)
     model, _ = build_model(load_pbmc(), tiny_lm=True)  # a fresh model per precision
@@ -101,20 +102,20 @@ def test_instruction_tuning_lowers_validation_loss_with_lora(demo, tmp_path, bf1
 
 
 def test_cell_encoder_lora_and_full_modes(demo, tmp_path):
-    from modeling_scmmgpt.demo import build_model
+    from trainers.default_model import build_model
 
     _, processor, splits = demo
-    model, _ = build_model(__import__("modeling_scmmgpt.demo", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
+    model, _ = build_model(__import__("trainers.data", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
     trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, cell_encoder_mode="lora", qformer_mode="lora"),
                                         processor, splits["train"])  # fmt: skip
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert any("cell_model" in n and "lora_A" in n and "o_proj" in n for n in names)
     assert any("qformer" in n and "lora_A" in n and "crossattention" in n for n in names)
     assert not any("qformer" in n and "lora_" not in n for n in names)
-    model, _ = build_model(__import__("modeling_scmmgpt.demo", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
+    model, _ = build_model(__import__("trainers.data", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
     trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, qformer_mode="full"), processor, splits["train"])
     assert any("qformer" in n and "lora_" not in n for n, p in trainer.model.named_parameters() if p.requires_grad)
-    model, _ = build_model(__import__("modeling_scmmgpt.demo", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
+    model, _ = build_model(__import__("trainers.data", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
     trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, use_lora=False, cell_encoder_mode="full"),
                                         processor, splits["train"])  # fmt: skip
     assert all(p.requires_grad for p in trainer.model.model.cell_tower.cell_model.parameters())
@@ -122,7 +123,8 @@ def test_cell_encoder_lora_and_full_modes(demo, tmp_path):
 
 
 def test_lora_modules_choose_the_adapted_layers(demo, tmp_path):
-    from modeling_scmmgpt.demo import build_model, load_pbmc
+    from trainers.data import load_pbmc
+    from trainers.default_model import build_model
 
     _, processor, splits = demo
     model, _ = build_model(load_pbmc(), tiny_lm=True)
@@ -135,7 +137,9 @@ def test_lora_modules_choose_the_adapted_layers(demo, tmp_path):
 def test_balanced_cell_types_are_drawn_equally_often(demo, tmp_path):
     from collections import Counter
 
-    from modeling_scmmgpt.demo import build_model, load_pbmc
+    from trainers.data import load_pbmc
+
+    from trainers.default_model import build_model
 
     _, processor, splits = demo
     train = splits["train"]

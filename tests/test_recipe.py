@@ -255,7 +255,7 @@ def test_ridge_fit_recovers_a_linear_map():
 def test_least_squares_bridges_read_cells_as_their_labels(tmp_path):
     """After the fit, a training cell's tokens are closer to the LM embeddings of its own label than of others."""
     from conftest import pbmc_cells, tiny_demo
-    from modeling_scmmgpt.demo import build_model
+    from trainers.default_model import build_model
     from trainers.bridges import _spread, fit_bridges
 
     _, processor, splits = tiny_demo(tmp_path)
@@ -284,7 +284,7 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
     """The codebook fit: one entry per training label holding its token embeddings, the projector's output at zero,
     and training cells read as (close to) their own label's entry; the codebook and its labels survive save/load."""
     from conftest import pbmc_cells, tiny_demo
-    from modeling_scmmgpt.demo import build_model
+    from trainers.default_model import build_model
     from trainers.bridges import _label_embeddings, fit_bridges
 
     _, processor, splits = tiny_demo(tmp_path)
@@ -315,7 +315,8 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
 
 def test_label_codebook_needs_two_types(tmp_path):
     from conftest import tiny_demo
-    from modeling_scmmgpt.demo import build_model, load_pbmc
+    from trainers.data import load_pbmc
+    from trainers.default_model import build_model
     from trainers.bridges import fit_bridges
 
     _, processor, splits = tiny_demo(tmp_path)
@@ -330,7 +331,8 @@ def test_generate_prompt_states_run_each_distinct_prompt_once_and_match_one_by_o
     """The cell_head fit runs each distinct generate prompt through the LM once; every cell gets its own prompt's
     states, the same as running that prompt alone (left padding does not shift positions)."""
     from conftest import tiny_demo
-    from modeling_scmmgpt.demo import build_model, load_pbmc
+    from trainers.data import load_pbmc
+    from trainers.default_model import build_model
     from trainers.bridges import _generate_prompt_states
     from trainers.data.instructions import instruction_examples
 

@@ -28,6 +28,26 @@ def test_config_keys_are_arguments(path):
     HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]))  # the parser builds for these classes
 
 
+def test_misspelled_or_malformed_config_is_refused_by_name(tmp_path):
+    """A misspelled key is not taken as an abbreviation of another option (argparse's default): it is refused, with
+    the file, the key and the closest option; so is a config that is not a mapping, or a misspelled flag."""
+    from trainers.common import parse_stage_args
+
+    parser = HfArgumentParser((ScMMGPTModelDataArguments, STAGES["contrastive"]), allow_abbrev=False)
+    config = tmp_path / "typo.yaml"
+    config.write_text("output_dir: out\nlearning_rat: 0.01\n")
+    with pytest.raises(ValueError, match="typo.yaml: unknown option 'learning_rat'; did you mean 'learning_rate'"):
+        parse_stage_args(parser, [str(config)])
+    config.write_text("- output_dir\n- out\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        parse_stage_args(parser, [str(config)])
+    config.write_text("output_dir: out\n")
+    with pytest.raises(ValueError, match="not used.*--learning_rat"):  # refused, not applied as --learning_rate
+        parse_stage_args(parser, [str(config), "--learning_rat", "0.01"])
+    model_args, args = parse_stage_args(parser, [str(config), "--learning_rate", "0.01"])
+    assert args.learning_rate == 0.01
+
+
 def test_pretrain_all_chains_stages_and_reuses_them(tmp_path, capsys):
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 

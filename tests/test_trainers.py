@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from modeling_scmmgpt import ScMMGPTCellProcessor, ScMMGPTForConditionalGeneration
-from modeling_scmmgpt.demo import train_word_tokenizer
+from trainers.default_model import train_word_tokenizer
 from trainers import (
     ScMMGPTContrastiveArguments,
     ScMMGPTContrastiveCollator,
@@ -266,12 +266,12 @@ def stage1_loss_in_one_process(record_dir, runs_dir, batches, tmp_path) -> tuple
 
     from entry_point_worker import no_dropout
     from trainers.arguments import ScMMGPTModelDataArguments
-    from trainers.common import load_model_and_pbmc, parse_stage_args
+    from trainers.common import load_model_and_data, parse_stage_args
 
     config = os.path.join(ROOT, "examples", "configs", "contrastive_tiny.yaml")
     parser = HfArgumentParser((ScMMGPTModelDataArguments, ScMMGPTContrastiveArguments))
     model_args, args = parse_stage_args(parser, [config, *ENTRY_FLAGS, "--output_dir", str(tmp_path / "one")])
-    _, processor, data = load_model_and_pbmc(model_args, args.seed)
+    _, processor, data = load_model_and_data(model_args, args.seed)
     model = ScMMGPTForConditionalGeneration.from_pretrained(os.path.join(runs_dir, "contrastive"))
     model.load_state_dict(load_file(os.path.join(record_dir, "contrastive_start.safetensors")))
     no_dropout(model)

@@ -100,16 +100,89 @@ class ScMMGPTReconstructionArguments(_StageArguments):
 
 
 @dataclass
-class ScMMGPTModelDataArguments:
-    """Model and data of the example scripts (`examples/train_*.py`)."""
+class ScMMGPTDataArguments:
+    """Where the cells are and how to read them: the user's `.h5ad` files or TileDB-SOMA experiments, or, with no
+    `train_data`, the embedded PBMC demo. Shared by every training stage, `scmmgpt train` and `scmmgpt evaluate`.
+
+    Splits: `train_data` alone is split into train/validation/test by `split_fractions` (stratified by cell type, or
+    whole donors with `donor_column`); with `validation_data` (and optionally `test_data`) each split is its own
+    files.
+    """
+
+    train_data: list[str] = field(
+        default_factory=list,
+        metadata={"help": ".h5ad files (globs allowed) or TileDB-SOMA experiment URIs with the training cells. Empty: "
+                  "the embedded PBMC demo (scanpy's pbmc68k_reduced)."},
+    )
+    validation_data: list[str] = field(default_factory=list, metadata={"help": "Validation files or URIs (globs allowed)."})
+    test_data: list[str] = field(default_factory=list, metadata={"help": "Test files or URIs (globs allowed)."})
+    obs_filter: str | None = field(
+        default=None,
+        metadata={"help": "Keep only cells matching this obs value filter, in TileDB-SOMA/Census value_filter syntax, "
+                  "e.g. \"tissue_general == 'blood' and is_primary_data == True\" (h5ad: evaluated by pandas.query)."},
+    )
+    label_column: str = field(default="cell_type", metadata={"help": "obs column with the cell type label."})
+    ontology_id_column: str | None = field(
+        default=None,
+        metadata={"help": "obs column with Cell Ontology ids (CL:...); default: 'cell_type_ontology_term_id' if present, "
+                  "else labels are resolved by name."},
+    )
+    tissue_column: str | None = field(default=None, metadata={"help": "obs column with the tissue (default 'tissue' if present)."})
+    disease_column: str | None = field(default=None, metadata={"help": "obs column with the disease (default 'disease' if present)."})
+    donor_column: str | None = field(
+        default=None, metadata={"help": "obs column with the donor: a fraction split keeps each donor's cells together."}
+    )
+    gene_column: str | None = field(
+        default=None,
+        metadata={"help": "var column with gene symbols or Ensembl IDs (versions allowed); default var_names "
+                  "(SOMA: feature_name)."},
+    )
+    use_raw: bool = field(default=False, metadata={"help": "Read .raw.X instead of X (h5ad)."})
+    layer: str | None = field(default=None, metadata={"help": "Read this layer instead of X (h5ad); SOMA: the X layer name."})
+    split_fractions: list[float] = field(
+        default_factory=lambda: [0.7, 0.15, 0.15],
+        metadata={"help": "Train/validation/test fractions when only train_data is given."},
+    )
+    min_vocab_coverage: float = field(
+        default=0.5, metadata={"help": "Refuse a source where fewer of its genes than this are in the model's vocabulary."}
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the cells (datasets IterableDataset) instead of preparing an Arrow copy first."},
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000, metadata={"help": "With streaming: training cells are shuffled through a seeded buffer this large."}
+    )
+    data_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache for the prepared cells."})
+    description_template: str = field(default="paper", metadata={"help": "'paper' or 'rich' cell descriptions."})
+
+    def __post_init__(self):
+        if (self.validation_data or self.test_data) and not self.train_data:
+            raise ValueError("validation_data/test_data need train_data too (the baselines and training read it).")
+        if self.use_raw and self.layer:
+            raise ValueError(f"use_raw and layer={self.layer!r} both name the values to read; pick one.")
+        if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0 or abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError(f"split_fractions={self.split_fractions}: three positive fractions summing to 1 "
+                             "(train, validation, test).")  # fmt: skip
+        if not 0 <= self.min_vocab_coverage <= 1:
+            raise ValueError(f"min_vocab_coverage={self.min_vocab_coverage}: a fraction in [0, 1].")
+        if self.description_template not in ("paper", "rich"):
+            raise ValueError(f"description_template={self.description_template!r}: use 'paper' or 'rich'.")
+
+    @property
+    def uses_demo_data(self) -> bool:
+        return not self.train_data
+
+
+@dataclass
+class ScMMGPTModelDataArguments(ScMMGPTDataArguments):
+    """Model and data of the training entry points (`scmmgpt train`, `examples/train_*.py`)."""
 
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A saved scMMGPT (model + processor). None builds the tiny random demo model over PBMC genes."},
     )
     num_cell_tokens: int = field(default=8, metadata={"help": "Queries of the demo model (ignored with a model path)."})
-    description_template: str = field(default="paper", metadata={"help": "'paper' or 'rich' cell descriptions."})
-    data_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache for the PBMC demo builder."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training cells."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation cells."})
     demo_language_model: str = field(
@@ -147,6 +220,11 @@ class ScMMGPTModelDataArguments:
                   "training split's encoder inputs, so the cell summary starts as the cells' PCA scores; 'random' "
                   "keeps scGPT's initialisation. Needs cell_summary."},
     )
+    pca_cells: int = field(
+        default=20_000,
+        metadata={"help": "Demo model with gene_embedding_init 'pca' and streamed data: the first this many training "
+                  "cells give the PCA (map-style data uses the whole training split)."},
+    )
     holdout_cell_types: list[str] = field(
         default_factory=list,
         metadata={"help": "Cell types (cell_type values) removed from the training split, for zero-shot tests."},
@@ -159,6 +237,7 @@ class ScMMGPTModelDataArguments:
                                                      "expression_temperature", "bilinear_expression_readout")}
 
     def __post_init__(self):
+        super().__post_init__()
         if self.demo_language_model not in ("tiny", "smollm2"):
             raise ValueError(f"demo_language_model={self.demo_language_model!r}: use 'tiny' or 'smollm2'.")
         if self.gene_embedding_init not in ("random", "pca"):

@@ -5,6 +5,8 @@ model, and freezing of unused modules."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -402,14 +404,15 @@ def _fsync_tree(path: str):
 
 
 # --- example scripts --------------------------------------------------------------------------------------------------
-def load_model_and_pbmc(model_args, seed: int):
-    """`(model, processor, datasets)` for the example scripts: a saved model (`model_name_or_path`) or the tiny demo
-    model, and the embedded PBMC demo built with *that model's* gene vocabulary (so gene ids agree)."""
+def load_model_and_data(model_args, seed: int):
+    """`(model, processor, datasets)` for the training entry points: a saved model (`model_name_or_path`) or the
+    embedded default model, and the cells `model_args` names (the embedded PBMC demo by default), read with *that
+    model's* gene vocabulary (so gene ids agree)."""
 
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
-    from modeling_scmmgpt.demo import build_model, load_pbmc
 
-    from .data import load_pbmc_demo
+    from .data import load_cell_text_splits, load_pbmc
+    from .default_model import build_model
 
     if model_args.model_name_or_path:
         model = ScMMGPTForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
@@ -420,23 +423,29 @@ def load_model_and_pbmc(model_args, seed: int):
             load_pbmc(), tiny_lm=model_args.demo_language_model == "tiny", num_cell_tokens=model_args.num_cell_tokens,
             **model_args.demo_model_options,
         )
-    data = load_pbmc_demo(
-        cache_dir=model_args.data_cache_dir, seed=seed, gene_vocab=processor.cell_processor.gene_vocab,
-        description_template=model_args.description_template,
-    )  # fmt: skip
+    data = load_cell_text_splits(model_args, processor.cell_processor.gene_vocab, seed)
+    if "validation" not in data:
+        raise ValueError("Training needs validation cells: pass validation_data too, or pass only train_data to split "
+                         "it by split_fractions.")  # fmt: skip
+    streaming = model_args.streaming
     if model_args.holdout_cell_types:
         held_out = set(model_args.holdout_cell_types)
-        unknown = held_out - set(data["train"]["cell_type"])
-        if unknown:
-            raise ValueError(f"holdout_cell_types {sorted(unknown)} are not cell types of the training split.")
+        if not streaming:  # a stream is not read ahead to check the names
+            unknown = held_out - set(data["train"]["cell_type"])
+            if unknown:
+                raise ValueError(f"holdout_cell_types {sorted(unknown)} are not cell types of the training split.")
         for split in ("train", "validation"):
             data[split] = data[split].filter(lambda r: r["cell_type"] not in held_out)
+    if streaming:  # map-style splits are shuffled by the Trainer's sampler; a stream through a seeded buffer
+        data["train"] = data["train"].shuffle(seed=seed, buffer_size=model_args.shuffle_buffer_size)
     for split, limit in (("train", model_args.max_train_samples), ("validation", model_args.max_eval_samples)):
         if limit is not None:
-            data[split] = data[split].select(range(min(limit, len(data[split]))))
+            data[split] = data[split].take(limit) if streaming else data[split].select(range(min(limit, len(data[split]))))
     if not model_args.model_name_or_path and model_args.gene_embedding_init == "pca":
-        # From the training split only (after hold-outs), with exactly the encoder's inputs.
-        cells = processor.cell_processor(data["train"][:])
+        # From the training split only (after hold-outs), with exactly the encoder's inputs (a stream: its first
+        # pca_cells cells).
+        train = list(data["train"].take(model_args.pca_cells)) if streaming else data["train"][:]
+        cells = processor.cell_processor(train)
         base_model(model).cell_tower.init_cell_summary_from_pca(cells["gene_ids"], cells["values"], cells["attention_mask"])
     return model.train(), processor, data
 
@@ -452,6 +461,13 @@ def parse_stage_args(parser, argv=None):
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         with open(argv[0], encoding="utf-8") as f:
             config = json.load(f) if argv[0].endswith(".json") else yaml.safe_load(f)
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"{argv[0]}: expected a mapping of option: value, got a {type(config).__name__}.")
+        known = {field.name for dtype in parser.dataclass_types for field in dataclasses.fields(dtype)}
+        for key in config or {}:
+            if key not in known:  # argparse would guess an abbreviation, or stop without naming the file
+                close = difflib.get_close_matches(key, known, n=1)
+                raise ValueError(f"{argv[0]}: unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else "."))
         flags = []
         for key, value in (config or {}).items():
             if value is None:

@@ -14,7 +14,7 @@ from transformers import HfArgumentParser, TrainerCallback
 
 from .arguments import ScMMGPTContrastiveArguments, ScMMGPTModelDataArguments, ScMMGPTReconstructionArguments
 from .collators import ScMMGPTContrastiveCollator, ScMMGPTReconstructionCollator
-from .common import load_model_and_pbmc, parse_stage_args, world
+from .common import load_model_and_data, parse_stage_args, world
 from .contrastive import ScMMGPTContrastiveTrainer
 from .instruction import ScMMGPTInstructionArguments, ScMMGPTInstructionTrainer
 from .reconstruction import ScMMGPTReconstructionTrainer
@@ -55,19 +55,25 @@ def stage_is_complete(output_dir: str) -> bool:
     return os.path.isfile(os.path.join(output_dir, COMPLETE))
 
 
-def run_stage(stage: str, argv: list[str], callbacks: list[TrainerCallback] | None = None) -> dict:
-    """Trains one stage from `argv` (a YAML/JSON config path first, then `--flag value` overrides) and saves the
+def parse_stage(stage: str, argv: list[str]) -> tuple:
+    """`(ScMMGPTModelDataArguments, <stage>Arguments)` from `argv`: a YAML/JSON config path first, then `--flag value`
+    overrides (no abbreviations; unknown keys are refused by name)."""
+    if stage not in STAGES:
+        raise ValueError(f"Unknown stage {stage!r}; choose from {list(STAGES)}.")
+    return tuple(parse_stage_args(HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]), allow_abbrev=False), argv))
+
+
+def run_stage(stage: str, argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None,
+              arguments: tuple | None = None) -> dict:  # fmt: skip
+    """Trains one stage from `arguments` (parsed, as [`parse_stage`] returns them) or from `argv`, and saves the
     final model and processor in `output_dir` (the instruction stage merges its LoRA adapters, which it also keeps
     in `output_dir/adapter`, when it trains with LoRA). Returns the validation metrics before training (of the
     checkpoint it resumes from, if any) and after."""
-    if stage not in STAGES:
-        raise ValueError(f"Unknown stage {stage!r}; choose from {list(STAGES)}.")
-    parser = HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]))
-    model_args, args = parse_stage_args(parser, argv)
+    model_args, args = arguments if arguments is not None else parse_stage(stage, argv)
     if stage_is_complete(args.output_dir):
         with open(os.path.join(args.output_dir, COMPLETE), encoding="utf-8") as f:
             return json.load(f)
-    model, processor, data = load_model_and_pbmc(model_args, args.seed)
+    model, processor, data = load_model_and_data(model_args, args.seed)
     trainer = _trainer(stage, model, processor, args, data, callbacks)
     baseline = BaselineEvaluation(trainer)
     trainer.add_callback(baseline)
@@ -97,6 +103,41 @@ def run_stage(stage: str, argv: list[str], callbacks: list[TrainerCallback] | No
     return metrics
 
 
+def parse_stage_for_plan(stage: str, argv: list[str]) -> tuple:
+    """[`parse_stage`] on any machine: TrainingArguments refuses bf16 without a GPU unless told to use the CPU, so
+    on a CPU a GPU config is parsed with `--use_cpu true` to print its plan."""
+    import torch
+
+    return parse_stage(stage, [*argv, "--use_cpu", "true"] if not torch.cuda.is_available() else argv)
+
+
+def plan_stage(stage: str, arguments: tuple) -> dict:
+    """What [`run_stage`] would do with `arguments`, resolved without loading a model or reading any data: the data
+    source, the model it starts from, the steps and the output folder (for `--dry-run`)."""
+    model_args, args = arguments
+    data = "embedded PBMC demo (scanpy pbmc68k_reduced)" if model_args.uses_demo_data else {
+        split: sources for split, sources in (("train", model_args.train_data), ("validation", model_args.validation_data),
+                                              ("test", model_args.test_data)) if sources}  # fmt: skip
+    return {
+        "stage": stage,
+        "data": data,
+        "obs_filter": model_args.obs_filter,
+        "columns": {"label": model_args.label_column, "ontology_id": model_args.ontology_id_column,
+                    "tissue": model_args.tissue_column, "disease": model_args.disease_column,
+                    "donor": model_args.donor_column, "gene": model_args.gene_column},  # fmt: skip
+        "values": "raw" if model_args.use_raw else (model_args.layer or "X"),
+        "streaming": model_args.streaming,
+        "model": model_args.model_name_or_path or f"embedded default model ({model_args.demo_language_model} LM)",
+        "steps": args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs:g} epoch(s)",
+        "batch_size_per_device": args.per_device_train_batch_size,
+        "learning_rate": args.learning_rate,
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32 (or the CPU's native bf16 where the stage picks it)",
+        "output_dir": args.output_dir,
+        "complete": stage_is_complete(args.output_dir),
+        "parsed_on": "a CPU (launch it on the GPUs it names)" if args.use_cpu else "this machine",
+    }
+
+
 def _last_checkpoint(output_dir: str) -> str | None:
     """The last complete checkpoint, or None to start fresh (so `--resume_from_checkpoint true` is safe to repeat)."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -104,22 +145,28 @@ def _last_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
-def pretrain_all(stage_argv: dict[str, list[str]], output_root: str, model: str | None = None, callbacks=None) -> dict:
+def pretrain_all(stage_argv: dict[str, list[str]], output_root: str, model: str | None = None, callbacks=None,
+                 dry_run: bool = False) -> dict:  # fmt: skip
     """The three stages in order, each starting from the previous stage's saved model in `output_root/<stage>`.
     `stage_argv` maps each stage to its arguments (a YAML/JSON config path first and/or `--flag value` pairs).
-    Finished stages are reused and interrupted ones resume; a line per stage reports its validation loss."""
+    Finished stages are reused and interrupted ones resume; a line per stage reports its validation loss. With
+    `dry_run`, returns each stage's [`plan_stage`] instead, training nothing."""
     results, previous = {}, model
     for stage in STAGES:
-        argv = [*stage_argv[stage], "--output_dir", os.path.join(output_root, stage), "--resume_from_checkpoint", "true"]
+        model_args, args = (parse_stage_for_plan if dry_run else parse_stage)(stage, stage_argv[stage])
+        args.output_dir, args.resume_from_checkpoint = os.path.join(output_root, stage), "true"
         if previous is not None:
-            argv += ["--model_name_or_path", previous]
+            model_args.model_name_or_path = previous
+        previous = args.output_dir
+        if dry_run:
+            results[stage] = plan_stage(stage, (model_args, args))
+            continue
         start = time.time()
-        results[stage] = run_stage(stage, argv, callbacks)
+        results[stage] = run_stage(stage, callbacks=callbacks, arguments=(model_args, args))
         before, after = results[stage]["before"]["eval_loss"], results[stage]["after"]["eval_loss"]
         if world()[0] == 0:  # one line per stage, not one per rank
             print(f"  stage {stage:>14}: validation loss {before:.3f} -> {after:.3f} ({time.time() - start:.0f}s)", flush=True)
-        previous = os.path.join(output_root, stage)
     return results
 
 
-__all__ = ["STAGES", "pretrain_all", "run_stage", "stage_is_complete"]
+__all__ = ["STAGES", "parse_stage", "plan_stage", "pretrain_all", "run_stage", "stage_is_complete"]

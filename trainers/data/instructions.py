@@ -4,26 +4,7 @@ from __future__ import annotations
 
 import random
 
-CELL = "<cell>"
-
-DESCRIBE = (
-    "Describe this cell.",
-    "What can you tell me about this cell?",
-    "Write a short description of this cell.",
-    "Give a description of the cell shown.",
-)
-ANNOTATE = (
-    "Which cell type is this?",
-    "What type of cell is this?",
-    "Name the cell type of this cell.",
-    "Identify the cell type.",
-)
-GENERATE = (
-    "Generate a cell of type {cell_type}{tissue}.",
-    "Create a {cell_type}{tissue}.",
-    "Produce the expression profile of a {cell_type}{tissue}.",
-    "Write a cell that is a {cell_type}{tissue}.",
-)
+from modeling_scmmgpt.prompts import ANNOTATE, CELL, DESCRIBE, GENERATE
 
 
 def instruction_examples(record: dict, seed: int = 0) -> list[dict]:

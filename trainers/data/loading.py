@@ -1,26 +1,29 @@
-"""The embedded demo: scanpy's 700 real PBMCs (10x Genomics PBMC 68k, reduced), 10 FACS-sorted types."""
+"""Loading cell-text splits: the user's `.h5ad` files or TileDB-SOMA experiments (`load_cell_text_splits`), or the
+embedded default, scanpy's 700 real PBMCs (10x Genomics PBMC 68k, reduced; 10 FACS-sorted types)."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 
 import datasets
 
-# bulk_labels to Cell Ontology: the closest term to what each FACS gate selects.
-PBMC_LABEL_TO_CELL_ONTOLOGY = {
-    "CD14+ Monocyte": "CL:0001054",  # CD14-positive monocyte
-    "CD19+ B": "CL:0000236",  # B cell
-    "CD56+ NK": "CL:0000623",  # natural killer cell
-    "CD4+/CD25 T Reg": "CL:0000815",  # regulatory T cell
-    "Dendritic": "CL:0000451",  # dendritic cell
-    "CD8+ Cytotoxic T": "CL:0000794",  # CD8-positive, alpha-beta cytotoxic T cell
-    "CD8+/CD45RA+ Naive Cytotoxic": "CL:0000900",  # naive thymus-derived CD8-positive, alpha-beta T cell
-    "CD4+/CD45RO+ Memory": "CL:0000897",  # CD4-positive, alpha-beta memory T cell
-    "CD4+/CD45RA+/CD25- Naive T": "CL:0000895",  # naive thymus-derived CD4-positive, alpha-beta T cell
-    "CD34+": "CL:0008001",  # hematopoietic precursor cell
-}
+from modeling_scmmgpt.resources import pbmc68k_reduced_path
+
+from .builders import ScMMGPTH5ADBuilder, ScMMGPTSomaBuilder
+
+
+def load_pbmc():
+    """The embedded PBMCs as an AnnData (log-normalised `.raw`, `bulk_labels`)."""
+    import warnings
+
+    import anndata as ad
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's notes about the file's old format
+        return ad.read_h5ad(pbmc68k_reduced_path())
 
 
 def load_pbmc_demo(
@@ -28,23 +31,83 @@ def load_pbmc_demo(
 ) -> datasets.DatasetDict | datasets.IterableDatasetDict:
     """One call to the demo's train/validation/test splits (70/15/15, stratified by cell type, fixed `seed`).
 
-    Equivalent to `ScMMGPTH5ADBuilder(config_name="pbmc68k_reduced", stratified_split_seed=seed)`. `gene_vocab` is a
+    Equivalent to `ScMMGPTH5ADBuilder(config_name="pbmc68k_reduced", split_seed=seed)`. `gene_vocab` is a
     vocabulary file or folder, or a [`GeneVocab`] (e.g. a model's `processor.cell_processor.gene_vocab`, so that
     the examples' gene ids are that model's). Further `ScMMGPTCellTextConfig` options (e.g.
     `description_template="rich"`) pass through.
     """
-    from .builders import ScMMGPTH5ADBuilder
-
-    if gene_vocab is not None and not isinstance(gene_vocab, (str, os.PathLike)):
-        gene_vocab = _saved_vocab_path(gene_vocab, cache_dir)
     builder = ScMMGPTH5ADBuilder(
-        config_name="pbmc68k_reduced", cache_dir=cache_dir, stratified_split_seed=seed, gene_vocab=gene_vocab,
-        **config_kwargs,
+        config_name="pbmc68k_reduced", cache_dir=cache_dir, split_seed=seed,
+        gene_vocab=_vocab_path(gene_vocab, cache_dir), **config_kwargs,
     )  # fmt: skip
+    return _splits(builder, streaming)
+
+
+def load_cell_text_splits(data_args, gene_vocab, seed: int = 0):
+    """Train/validation/test splits of the cells `data_args` ([`ScMMGPTDataArguments`]) names, with gene ids of
+    `gene_vocab` (the model's), or the embedded PBMC demo when it names none. Sources and columns are checked when
+    the builder opens them, before any training: a missing column, no genes in common with the vocabulary, a label
+    column without labels, or a filter that selects nothing is a one-line error."""
+    if data_args.uses_demo_data:
+        return load_pbmc_demo(streaming=data_args.streaming, cache_dir=data_args.data_cache_dir, seed=seed,
+                              gene_vocab=gene_vocab, description_template=data_args.description_template)  # fmt: skip
+    named = {"train": data_args.train_data, "validation": data_args.validation_data, "test": data_args.test_data}
+    files = {split: expand_sources(sources) for split, sources in named.items() if sources}
+    every = [f for split_files in files.values() for f in split_files]
+    soma = [not f.endswith(".h5ad") for f in every]
+    if any(soma) and not all(soma):
+        raise ValueError("Mix of .h5ad files and TileDB-SOMA experiments; train on one kind (convert with "
+                         "tiledbsoma.io.from_h5ad or to_anndata).")  # fmt: skip
+    column_map = {column: field for column, field in ((data_args.ontology_id_column, "cell_type_ontology_term_id"),
+                  (data_args.tissue_column, "tissue"), (data_args.disease_column, "disease")) if column}  # fmt: skip
+    config = dict(
+        gene_vocab=_vocab_path(gene_vocab, data_args.data_cache_dir), gene_id_column=data_args.gene_column,
+        label_column=data_args.label_column, column_map=column_map or None, obs_filter=data_args.obs_filter,
+        min_vocab_coverage=data_args.min_vocab_coverage, description_template=data_args.description_template,
+    )  # fmt: skip
+    if len(files) == 1:  # train_data only: split it
+        config.update(split_seed=seed, split_fractions=tuple(data_args.split_fractions),
+                      split_group_column=data_args.donor_column)  # fmt: skip
+    sources = files["train"] if len(files) == 1 else files
+    if all(soma):
+        if data_args.layer:
+            config["x_name"] = data_args.layer
+        builder = ScMMGPTSomaBuilder(cache_dir=data_args.data_cache_dir, experiment_uris=sources, **config)
+    else:
+        builder = ScMMGPTH5ADBuilder(cache_dir=data_args.data_cache_dir, h5ad_files=sources, use_raw=data_args.use_raw,
+                                     layer=data_args.layer, **config)  # fmt: skip
+    return _splits(builder, data_args.streaming)
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    """Files and globs to sorted paths (SOMA URIs pass through); a pattern or path that matches nothing is an error."""
+    paths = []
+    for source in sources:
+        if "://" in source:  # s3://, tiledb://: a remote SOMA experiment
+            paths.append(source)
+        elif glob.has_magic(source):
+            matched = sorted(glob.glob(source))
+            if not matched:
+                raise FileNotFoundError(f"{source}: no file matches this pattern.")
+            paths += matched
+        elif not os.path.exists(source):
+            raise FileNotFoundError(f"{source}: no such file or SOMA experiment.")
+        else:
+            paths.append(source)
+    return list(dict.fromkeys(paths))
+
+
+def _splits(builder, streaming: bool):
     if streaming:
         return builder.as_streaming_dataset()
     builder.download_and_prepare()
     return builder.as_dataset()
+
+
+def _vocab_path(gene_vocab, cache_dir: str | None) -> str | None:
+    if gene_vocab is None or isinstance(gene_vocab, (str, os.PathLike)):
+        return gene_vocab
+    return _saved_vocab_path(gene_vocab, cache_dir)
 
 
 def _saved_vocab_path(gene_vocab, cache_dir: str | None) -> str:
