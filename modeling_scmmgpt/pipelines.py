@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import types
 import warnings
 
 import numpy as np
@@ -76,7 +77,14 @@ class _CsvRowWriter(_NpyRowWriter):
 
 
 class ScMMGPTCellPipeline(Pipeline):
-    """Shared chunked walk over cells. Subclasses define `_forward` and how results are stored."""
+    """Cells to per-cell results, on transformers' `Pipeline` contract.
+
+    The unit the contract processes is a chunk of cells (AnnData rows, or matrix rows with `gene_names`):
+    `preprocess` turns it into tensors, `_forward` runs the model (the base class moves the tensors to the pipeline's
+    device and back), `postprocess` gives one result per cell. Options travel through `_sanitize_parameters`, never
+    through the instance, so calls can interleave. `__call__` is a thin layer over the contract: it walks any number
+    of cells in chunks of `batch_size`, streams results to a file or collects them, and writes them into AnnData.
+    """
 
     _load_processor = True
     _load_tokenizer = False
@@ -88,86 +96,105 @@ class ScMMGPTCellPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         self.cell_processor = self.processor.cell_processor
 
-    def _sanitize_parameters(self, **kwargs):
-        return {}, {}, {}
+    def _sanitize_parameters(self, gene_names=None, **kwargs):
+        return {"gene_names": gene_names}, {}, {}
 
-    def preprocess(self, chunk, gene_names=None):
-        return self.cell_processor(chunk, gene_names=gene_names)
+    def preprocess(self, cells, gene_names=None, **kwargs):
+        inputs = self.cell_processor(cells, gene_names=gene_names if not _is_anndata(cells) else None)
+        return {"gene_ids": inputs["gene_ids"], "values": inputs["values"], "attention_mask": inputs["attention_mask"]}
 
-    def postprocess(self, model_outputs):
-        return model_outputs
+    def _prompt_inputs(self, instruction: str, n_cells: int) -> dict:
+        """A chat prompt holding the cell, once per cell, left-padded for generation."""
+        text = self.processor(text=[self.processor.build_prompt(instruction)] * n_cells, padding_side="left")
+        return {"input_ids": text["input_ids"], "prompt_attention_mask": text["attention_mask"]}
 
+    def _generate(self, inputs, max_new_tokens: int) -> torch.Tensor:
+        """The tokens the LM writes after each cell's prompt, greedily."""
+        generated = self.model.generate(
+            input_ids=inputs["input_ids"], attention_mask=inputs["prompt_attention_mask"],
+            cell_gene_ids=inputs["gene_ids"], cell_values=inputs["values"],
+            cell_attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False,
+        )  # fmt: skip
+        return generated[:, inputs["input_ids"].shape[1] :]
+
+    # --- the thin layer: chunks, files, AnnData ------------------------------------------------------------------
     def __call__(
         self, inputs, batch_size: int = 64, gene_names=None, write_to_adata: bool = False, progress: bool = True,
         output_file: str | os.PathLike | None = None, **kwargs,
     ):  # fmt: skip
         r"""
         Args:
-            inputs: AnnData, a path to an `.h5ad` file, or a `(num_cells, num_genes)` matrix with `gene_names`.
+            inputs: AnnData, a path to an `.h5ad` file, or a `(num_cells, num_genes)` matrix with `gene_names`; or a
+                generator of such chunks, which returns the contract's lazy iterator (one list of results per chunk).
             batch_size (`int`, defaults to 64): cells per forward pass.
             write_to_adata (`bool`): also store the results in the AnnData (in-memory AnnData only).
             output_file (`str`, *optional*): stream the results to this file instead of holding them in memory, so
                 memory stays flat for any number of cells: cell-feature-extraction writes a `.npy` file (returned
                 memory-mapped), annotation and description a CSV table with one row per cell (its path is
                 returned).
+            kwargs: the task's options (see the subclass).
         """
+        if isinstance(inputs, types.GeneratorType):  # chunks of cells: the contract's lazy iterator, one result list per chunk
+            return super().__call__(inputs, gene_names=gene_names, **kwargs)
         if write_to_adata and output_file is not None:
             raise ValueError("Pass either write_to_adata or output_file: results streamed to a file are not in memory.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: need at least 1 cell per batch.")
+        self._check_options(**kwargs)  # before any compute or file
         cells = _open_cells(inputs)
         n_cells = cells.shape[0] if hasattr(cells, "shape") else len(cells)
-        self._start(n_cells, **kwargs)
-        if output_file is not None:
-            self._open_output(output_file, n_cells)
-        complete = False
+        chunks = (cells[start : start + batch_size] for start in range(0, n_cells, batch_size))
+        writer = self._open_output(output_file, n_cells, **kwargs) if output_file is not None else None
+        collected, done, complete = [], 0, False
         try:
             with tqdm(total=n_cells, desc=self.task or type(self).__name__, disable=not progress, unit="cell") as bar:
-                for start in range(0, n_cells, batch_size):
-                    chunk = cells[start : start + batch_size]
-                    model_inputs = self.preprocess(chunk, gene_names=gene_names if not _is_anndata(cells) else None)
-                    with torch.inference_mode():
-                        outputs = self._forward(model_inputs, **kwargs)
-                    self._store(start, outputs)
-                    bar.update(len(model_inputs["gene_ids"]))
+                for chunk_results in super().__call__(chunks, gene_names=gene_names, **kwargs):
+                    if writer is not None:
+                        self._write_rows(writer, done, chunk_results)
+                    else:
+                        collected.extend(chunk_results)
+                    done += len(chunk_results)
+                    bar.update(len(chunk_results))
             complete = True
         finally:
-            if output_file is not None:
-                self._writer.close(complete)
-        results = self._finish()
+            if writer is not None:
+                writer.close(complete)
+        results = self._results(writer.path if writer is not None else None, collected)
         if write_to_adata:
             if not _is_anndata(cells) or cells.isbacked:
                 raise ValueError("write_to_adata needs an in-memory AnnData; read the file without backed mode.")
             self._write(cells, results)
         return results
 
+    def _check_options(self, **kwargs) -> None:
+        self._sanitize_parameters(**kwargs)
+
+    def _results(self, path, collected):
+        return path if path is not None else collected
+
 
 class CellFeatureExtractionPipeline(ScMMGPTCellPipeline):
     """Cells to L2-normalised scMMGPT embeddings, `(num_cells, projection_dim)`; written to `obsm["X_scmmgpt"]`."""
 
-    def _start(self, n_cells, **kwargs):
-        self._features, self._writer = None, None
-        self._shape = (n_cells, self.model.config.projection_dim)
-
-    def _open_output(self, path, n_cells):
-        if not str(path).endswith(".npy"):
-            raise ValueError(f"output_file={path!r}: cell-feature-extraction streams to a .npy file.")
-        self._writer = _NpyRowWriter(path, *self._shape)
-
-    def _forward(self, inputs, **kwargs):
+    def _forward(self, inputs):
         return self.model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
 
-    def _store(self, start, outputs):
-        rows = outputs.float().cpu().numpy()
-        if self._writer is not None:
-            self._writer.write(rows)
-            return
-        if self._features is None:
-            self._features = np.zeros(self._shape, dtype=np.float32)
-        self._features[start : start + len(rows)] = rows
+    def postprocess(self, features):
+        return list(features.float().numpy())
 
-    def _finish(self):
-        if self._writer is not None:
-            return np.load(self._writer.path, mmap_mode="r")
-        return self._features
+    def _open_output(self, path, n_cells, **kwargs):
+        if not str(path).endswith(".npy"):
+            raise ValueError(f"output_file={path!r}: cell-feature-extraction streams to a .npy file.")
+        return _NpyRowWriter(path, n_cells, self.model.config.projection_dim)
+
+    def _write_rows(self, writer, start, rows):
+        writer.write(np.stack(rows))
+
+    def _results(self, path, collected):
+        if path is not None:
+            return np.load(path, mmap_mode="r")
+        width = self.model.config.projection_dim
+        return np.stack(collected).astype(np.float32) if collected else np.zeros((0, width), dtype=np.float32)
 
     def _write(self, adata, results):
         adata.obsm["X_scmmgpt"] = results
@@ -181,19 +208,29 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
     lets the LM name the type and maps its answer to the closest candidate.
     """
 
-    def _start(self, n_cells, candidate_labels=None, top_k: int = 1, mode: str = "zero-shot", **kwargs):
+    def _sanitize_parameters(self, gene_names=None, candidate_labels=None, top_k: int = 1, mode: str = "zero-shot"):
+        if candidate_labels is None:  # pipeline() construction: the labels come with each call
+            return {}, {}, {}
         if not candidate_labels:
             raise ValueError("Pass candidate_labels=[...] (Cell Ontology labels or ids, or free text).")
         if mode not in ("zero-shot", "generative"):
             raise ValueError(f"mode={mode!r}: use 'zero-shot' or 'generative'.")
-        self._labels, self._top_k, self._mode = list(candidate_labels), min(top_k, len(candidate_labels)), mode
-        self._results, self._writer = [], None
-        if mode == "zero-shot":
-            texts = [self._describe(label) for label in self._labels]
-            tokenizer = self.processor.qformer_tokenizer or self.processor.tokenizer
-            batch = tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
-            with torch.inference_mode():
-                self._text_features = self.model.get_text_features(batch["input_ids"], batch["attention_mask"])
+        labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
+        preprocess = {"gene_names": gene_names, "labels": labels, "mode": mode}
+        return preprocess, {"mode": mode}, {"labels": labels, "top_k": min(top_k, len(labels))}
+
+    def _check_options(self, candidate_labels=None, **kwargs) -> None:
+        if not candidate_labels:
+            raise ValueError("Pass candidate_labels=[...] (Cell Ontology labels or ids, or free text).")
+        self._sanitize_parameters(candidate_labels=candidate_labels, **kwargs)
+
+    def preprocess(self, cells, gene_names=None, labels=(), mode="zero-shot"):
+        inputs = super().preprocess(cells, gene_names)
+        if mode == "generative":
+            return {**inputs, **self._prompt_inputs(ANNOTATE[0], inputs["gene_ids"].shape[0]), "labels": labels}
+        tokenizer = self.processor.qformer_tokenizer or self.processor.tokenizer
+        texts = tokenizer([self._describe(label) for label in labels], padding=True, return_tensors="pt")
+        return {**inputs, "text_input_ids": texts["input_ids"], "text_attention_mask": texts["attention_mask"]}
 
     @staticmethod
     def _describe(label: str) -> str:
@@ -204,43 +241,27 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         term = label if label in ontology else ontology.resolve(label, None)
         return ontology.describe({"cell_type": label, "cell_type_ontology_term_id": term})
 
-    def _forward(self, inputs, **kwargs):
-        if self._mode == "zero-shot":
+    def _forward(self, inputs, mode="zero-shot"):
+        if mode == "zero-shot":
             cells = self.model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
+            texts = self.model.get_text_features(inputs["text_input_ids"], inputs["text_attention_mask"])
             scale = getattr(self.model, "model", self.model).cell_tower.logit_scale.exp()
-            return (scale * cells @ self._text_features.T).softmax(-1)
-        prompt = self.processor.build_prompt(ANNOTATE[0])
-        n = inputs["gene_ids"].shape[0]
-        text = self.processor(text=[prompt] * n, padding_side="left")
-        generated = self.model.generate(
-            input_ids=text["input_ids"], attention_mask=text["attention_mask"], cell_gene_ids=inputs["gene_ids"],
-            cell_values=inputs["values"], cell_attention_mask=inputs["attention_mask"], max_new_tokens=16,
-            do_sample=False,
-        )  # fmt: skip
-        answers = self.processor.batch_decode(generated[:, text["input_ids"].shape[1] :], skip_special_tokens=True)
-        scores = torch.tensor([[difflib.SequenceMatcher(None, a.lower().strip(), c.lower()).ratio()
-                                for c in self._labels] for a in answers])  # fmt: skip
-        return scores
+            return (scale * cells @ texts.T).softmax(-1)
+        answers = self.processor.batch_decode(self._generate(inputs, max_new_tokens=16), skip_special_tokens=True)
+        return torch.tensor([[difflib.SequenceMatcher(None, a.lower().strip(), c.lower()).ratio()
+                              for c in inputs["labels"]] for a in answers])  # fmt: skip
 
-    def _open_output(self, path, n_cells):
-        header = ["cell"] + [f"{name}_{k + 1}" for k in range(self._top_k) for name in ("label", "score")]
-        self._writer = _CsvRowWriter(path, header)
+    def postprocess(self, scores, labels=(), top_k: int = 1):
+        values, indices = scores.float().topk(top_k, dim=-1)
+        return [[{"label": labels[i], "score": v} for v, i in zip(row_values, row_indices)]
+                for row_values, row_indices in zip(values.tolist(), indices.tolist())]  # fmt: skip
 
-    def _store(self, start, scores):
-        values, indices = scores.float().cpu().topk(self._top_k, dim=-1)
-        ranked = [
-            [{"label": self._labels[i], "score": v} for v, i in zip(row_values, row_indices)]
-            for row_values, row_indices in zip(values.tolist(), indices.tolist())
-        ]
-        if self._writer is None:
-            self._results.extend(ranked)
-            return
-        self._writer.write(
-            [start + i] + [x for r in row for x in (r["label"], f"{r['score']:.6g}")] for i, row in enumerate(ranked)
-        )
+    def _open_output(self, path, n_cells, candidate_labels=(), top_k: int = 1, **kwargs):
+        k = min(top_k, len(candidate_labels))
+        return _CsvRowWriter(path, ["cell"] + [f"{name}_{j + 1}" for j in range(k) for name in ("label", "score")])
 
-    def _finish(self):
-        return self._writer.path if self._writer is not None else self._results
+    def _write_rows(self, writer, start, ranked):
+        writer.write([start + i] + [x for r in row for x in (r["label"], f"{r['score']:.6g}")] for i, row in enumerate(ranked))
 
     def _write(self, adata, results):
         adata.obs["scmmgpt_cell_type"] = [r[0]["label"] for r in results]
@@ -252,32 +273,24 @@ class CellDescriptionPipeline(ScMMGPTCellPipeline):
 
     _pipeline_calls_generate = True
 
-    def _start(self, n_cells, prompt: str = DESCRIBE[0], max_new_tokens: int = 64, **kwargs):
-        self._prompt, self._max_new_tokens, self._texts = self.processor.build_prompt(prompt), max_new_tokens, []
-        self._writer = None
+    def _sanitize_parameters(self, gene_names=None, prompt: str = DESCRIBE[0], max_new_tokens: int = 64):
+        return {"gene_names": gene_names, "prompt": prompt}, {"max_new_tokens": max_new_tokens}, {}
 
-    def _open_output(self, path, n_cells):
-        self._writer = _CsvRowWriter(path, ["cell", "description"])
+    def preprocess(self, cells, gene_names=None, prompt: str = DESCRIBE[0]):
+        inputs = super().preprocess(cells, gene_names)
+        return {**inputs, **self._prompt_inputs(prompt, inputs["gene_ids"].shape[0])}
 
-    def _forward(self, inputs, **kwargs):
-        n = inputs["gene_ids"].shape[0]
-        text = self.processor(text=[self._prompt] * n, padding_side="left")
-        generated = self.model.generate(
-            input_ids=text["input_ids"], attention_mask=text["attention_mask"], cell_gene_ids=inputs["gene_ids"],
-            cell_values=inputs["values"], cell_attention_mask=inputs["attention_mask"],
-            max_new_tokens=self._max_new_tokens, do_sample=False,
-        )  # fmt: skip
-        return self.processor.batch_decode(generated[:, text["input_ids"].shape[1] :], skip_special_tokens=True)
+    def _forward(self, inputs, max_new_tokens: int = 64):
+        return self._generate(inputs, max_new_tokens)
 
-    def _store(self, start, texts):
-        texts = [t.strip() for t in texts]
-        if self._writer is None:
-            self._texts.extend(texts)
-        else:
-            self._writer.write([start + i, text] for i, text in enumerate(texts))
+    def postprocess(self, generated):
+        return [t.strip() for t in self.processor.batch_decode(generated, skip_special_tokens=True)]
 
-    def _finish(self):
-        return self._writer.path if self._writer is not None else self._texts
+    def _open_output(self, path, n_cells, **kwargs):
+        return _CsvRowWriter(path, ["cell", "description"])
+
+    def _write_rows(self, writer, start, texts):
+        writer.write([start + i, text] for i, text in enumerate(texts))
 
     def _write(self, adata, results):
         adata.obs["scmmgpt_description"] = results
@@ -288,6 +301,7 @@ class TextToCellPipeline(Pipeline):
 
     Each prompt gives `n_cells` cells: the LM writes up to `max_text_tokens` sampled tokens (seeded) before the cell
     span, so cells differ by seed; with `max_text_tokens=0` the cell follows the prompt directly (one per prompt).
+    One prompt is the contract's unit; `__call__` assembles the AnnData.
     """
 
     _load_processor = True
@@ -296,17 +310,45 @@ class TextToCellPipeline(Pipeline):
     _load_image_processor = False
     _pipeline_calls_generate = True
 
-    def _sanitize_parameters(self, **kwargs):
-        return {}, {}, {}
+    def _sanitize_parameters(self, n_cells: int = 1, seed: int = 0, max_text_tokens: int = 8, genes=None,
+                             sample: bool | None = None, temperature: float | None = None):  # fmt: skip
+        if n_cells < 1:
+            raise ValueError(f"n_cells={n_cells}: need at least 1 cell per prompt.")
+        if sample is None:
+            sample = bool(getattr(self.model.config, "expression_variance", False))
+        forward = {"n_cells": n_cells, "max_text_tokens": max_text_tokens, "sample": sample, "temperature": temperature}
+        return {"genes": self._gene_names(genes), "n_cells": n_cells, "seed": seed}, forward, {}
 
-    def preprocess(self, inputs):
-        return inputs
+    def _gene_names(self, genes) -> list[str]:
+        vocab = self.processor.cell_processor.gene_vocab
+        if genes is not None:
+            return list(genes)
+        specials = {vocab.pad_token_id, vocab.cls_token_id, vocab.gene_to_id.get("<eoc>")}
+        return [g for g, i in sorted(vocab.gene_to_id.items(), key=lambda kv: kv[1]) if i not in specials]
 
-    def _forward(self, inputs):
-        return inputs
+    def preprocess(self, prompt, genes=(), n_cells: int = 1, seed: int = 0):
+        """`prompt` is `{"prompt": text, "index": i}`: cell k of prompt i draws with seed `seed + i * n_cells + k`,
+        so cells from different prompts never share their random draws."""
+        gene_ids = torch.as_tensor(self.processor.cell_processor.gene_vocab.lookup(genes))
+        if (gene_ids < 0).any():
+            raise ValueError(f"Genes not in the vocabulary: {[n for n, i in zip(genes, gene_ids.tolist()) if i < 0][:5]}")
+        text = self.processor(text=[self.processor.build_prompt(prompt["prompt"], with_cell=False)], padding_side="left")
+        return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"], "gene_ids": gene_ids,
+                "first_seed": seed + prompt["index"] * n_cells}  # fmt: skip
 
-    def postprocess(self, outputs):
-        return outputs
+    def _forward(self, inputs, n_cells: int = 1, max_text_tokens: int = 8, sample: bool = False, temperature=None):
+        cells = []
+        for k in range(n_cells):
+            torch.manual_seed(inputs["first_seed"] + k)
+            out = self.model.generate_cells(
+                inputs["input_ids"], inputs["gene_ids"], inputs["attention_mask"], max_text_tokens=max_text_tokens,
+                do_sample=max_text_tokens > 0, sample=sample, temperature=temperature,
+            )  # fmt: skip
+            cells.append(out.expression[0].float())
+        return torch.stack(cells)
+
+    def postprocess(self, expression):
+        return expression.numpy()
 
     def __call__(self, prompts, n_cells: int = 1, seed: int = 0, max_text_tokens: int = 8, genes=None,
                  sample: bool | None = None, temperature: float | None = None):  # fmt: skip
@@ -317,32 +359,14 @@ class TextToCellPipeline(Pipeline):
         import pandas as pd
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        vocab = self.processor.cell_processor.gene_vocab
-        specials = {vocab.pad_token_id, vocab.cls_token_id, vocab.gene_to_id.get("<eoc>")}
-        names = [g for g, i in sorted(vocab.gene_to_id.items(), key=lambda kv: kv[1]) if i not in specials]
-        if genes is not None:
-            names = list(genes)
-        gene_ids = torch.as_tensor(vocab.lookup(names), device=self.device)
-        if (gene_ids < 0).any():
-            raise ValueError(f"Genes not in the vocabulary: {[n for n, i in zip(names, gene_ids.tolist()) if i < 0][:5]}")
-        if sample is None:
-            sample = bool(getattr(self.model.config, "expression_variance", False))
-        rows, obs = [], []
-        for p_idx, prompt in enumerate(prompts):
-            text = self.processor.build_prompt(prompt, with_cell=False)
-            inputs = self.processor(text=[text], padding_side="left").to(self.device)
-            for k in range(n_cells):
-                # One seed per cell of the call: cells from different prompts must not share their random draws.
-                torch.manual_seed(seed + len(rows))
-                out = self.model.generate_cells(
-                    inputs["input_ids"], gene_ids, inputs["attention_mask"], max_text_tokens=max_text_tokens,
-                    do_sample=max_text_tokens > 0, sample=sample, temperature=temperature,
-                )  # fmt: skip
-                rows.append(out.expression[0].float().cpu().numpy())
-                obs.append({"prompt": prompt, "prompt_index": p_idx, "seed": seed + len(rows) - 1})
+        options = dict(n_cells=n_cells, seed=seed, max_text_tokens=max_text_tokens, genes=genes, sample=sample,
+                       temperature=temperature)  # fmt: skip
+        per_prompt = super().__call__([{"prompt": p, "index": i} for i, p in enumerate(prompts)], **options)
+        obs = [{"prompt": p, "prompt_index": i, "seed": seed + i * n_cells + k}
+               for i, p in enumerate(prompts) for k in range(n_cells)]  # fmt: skip
         return ad.AnnData(
-            np.stack(rows), obs=pd.DataFrame(obs, index=[f"pseudo_cell_{i}" for i in range(len(obs))]),
-            var=pd.DataFrame(index=names),
+            np.concatenate(per_prompt), obs=pd.DataFrame(obs, index=[f"pseudo_cell_{i}" for i in range(len(obs))]),
+            var=pd.DataFrame(index=self._gene_names(genes)),
         )  # fmt: skip
 
 

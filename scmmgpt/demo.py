@@ -10,6 +10,7 @@ Re-running reuses every finished stage and the evaluation.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -62,8 +63,6 @@ def train_all_stages(output_dir: str, tiny_lm: bool, fast: bool, seed: int = 0, 
 
 
 def main(argv=None) -> dict:
-    import json
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="scmmgpt_demo")
     parser.add_argument("--fast", action="store_true", help="tiny LM and fewer steps (CI)")

@@ -125,3 +125,36 @@ def test_interrupted_stream_leaves_no_output_file(saved_model, pbmc, tmp_path):
         extractor(cells, gene_names=list(pbmc.raw.var_names), batch_size=4, progress=False,
                   output_file=tmp_path / "features.npy")  # fmt: skip
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")], ids=["str", "torch.device"])
+def test_every_task_runs_on_the_device_it_is_given(saved_model, pbmc, device):
+    """The base class places the tensors (the pipelines move none themselves): all four tasks on an explicit device."""
+    cells = pbmc[:6]
+    extractor = pipeline("cell-feature-extraction", model=saved_model, device=device)
+    assert extractor.device == torch.device("cpu") and extractor(cells, progress=False).shape == (6, 16)
+    annotator = pipeline("cell-type-annotation", model=saved_model, device=device)
+    for mode in ("zero-shot", "generative"):
+        assert len(annotator(cells, candidate_labels=["B cell", "CL:0001054"], mode=mode, progress=False)) == 6
+    describer = pipeline("cell-description", model=saved_model, device=device)
+    assert len(describer(cells, max_new_tokens=3, progress=False)) == 6
+    generator = pipeline("text-to-cell", model=saved_model, device=device)
+    assert generator("a B cell", n_cells=2, max_text_tokens=0).shape[0] == 2
+
+
+def test_interleaved_calls_on_one_pipeline_share_no_state(saved_model, pbmc):
+    """Two lazy calls with different labels and modes, advanced in turns, give what each gives alone: the options
+    travel with the call, not on the instance."""
+    annotator = pipeline("cell-type-annotation", model=saved_model)
+    first = dict(candidate_labels=["B cell", "natural killer cell", "CL:0001054"], top_k=2)
+    second = dict(candidate_labels=["dendritic cell", "T cell"], mode="generative")
+    chunks = lambda: (pbmc[i : i + 4] for i in range(0, 12, 4))  # noqa: E731
+    alone = [annotator(pbmc[:12], batch_size=4, progress=False, **options) for options in (first, second)]
+    a, b = annotator(chunks(), **first), annotator(chunks(), **second)
+    together = [[], []]
+    for chunk_a, chunk_b in zip(a, b):
+        together[0] += chunk_a
+        together[1] += chunk_b
+    assert together == alone
+    assert {r["label"] for ranked in together[1] for r in ranked} <= {"dendritic cell", "T cell"}
+    assert all(len(ranked) == 2 for ranked in together[0]) and all(len(ranked) == 1 for ranked in together[1])
