@@ -15,7 +15,7 @@ import pytest
 
 from modeling_scmmgpt.resources import gencode_human_path
 from scmmgpt.cli import main
-from trainers.arguments import ScMMGPTDataArguments
+from trainers.arguments import ScMMGPTDataArguments, ScMMGPTModelDataArguments
 from trainers.data import expand_sources, load_cell_text_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,3 +251,25 @@ def test_paper_configs_dry_run_resolves_the_census_plan(tmp_path, capsys):
     assert f"model: {os.path.join(out, 'contrastive')}" in printed  # stage 2 starts from stage 1
     assert "model: runs/paper/init" in printed and "precision: bf16" in printed
     assert not os.path.exists(out)  # nothing written
+
+
+def test_streamed_training_data_keeps_limits_and_a_seeded_shuffle(lab_files, tmp_path):
+    """With streaming, the training split is a seeded buffered shuffle of the stream, max_train_samples and
+    max_eval_samples take that many cells, and the same seed gives the same order."""
+    import datasets
+
+    from trainers.common import load_model_and_data
+
+    def train_ids(seed, **options):
+        args = ScMMGPTModelDataArguments(train_data=[lab_files["train"]], label_column="celltype", gene_column="ensembl",
+                                         streaming=True, shuffle_buffer_size=64, data_cache_dir=str(tmp_path), **options)  # fmt: skip
+        _, _, data = load_model_and_data(args, seed)
+        assert isinstance(data["train"], datasets.IterableDataset)
+        return [r["cell_id"] for r in data["train"]], [r["cell_id"] for r in data["validation"]]
+
+    first, _ = train_ids(0)
+    again, _ = train_ids(0)
+    other, _ = train_ids(1, gene_embedding_init="random")  # another split and order; no PCA to read
+    assert first == again and first != other
+    limited, validation = train_ids(0, max_train_samples=10, max_eval_samples=5)
+    assert limited == first[:10] and len(validation) == 5
