@@ -7,6 +7,7 @@ the chunk, not the dataset, and can write results back in AnnData convention (`o
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import types
@@ -54,11 +55,21 @@ class _NpyRowWriter:
         self.file.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
 
     def close(self, complete: bool) -> None:
-        self.file.close()
+        """Publishes the file when `complete`; otherwise removes it, even when closing fails (a full disk fails the
+        last flush): an incomplete result never stays, under either name."""
+        try:
+            self.file.close()
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(self.tmp)
+            if complete:  # the last rows never reached the disk
+                raise
+            return
         if complete:
             os.replace(self.tmp, self.path)
         else:
-            os.remove(self.tmp)
+            with contextlib.suppress(OSError):
+                os.remove(self.tmp)
 
 
 class _CsvRowWriter(_NpyRowWriter):

@@ -1,22 +1,34 @@
 """Small shared helpers."""
 
+import contextlib
 import os
 import tempfile
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename, so a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yields a temporary path next to `path` (same folder, same suffix, so writers that go by the extension still
+    work); when the block finishes, the file is flushed to disk and renamed onto `path` in one step. If the block
+    fails, the temporary file is removed and `path` is untouched: a crash, a full disk or an error never leaves half
+    a file, and writing over an input file replaces it only once the new one is complete."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    finally:
+        with contextlib.suppress(OSError):  # already renamed; cleanup must never raise over the real error
             os.remove(tmp)
-        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename, so a crash never leaves half a file."""
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _umask() -> int:

@@ -66,14 +66,30 @@ def _load(model_dir: str, cls_name: str = "ScMMGPTForConditionalGeneration", **c
     return model, processor
 
 
+def _check_output(args, formats=(".h5ad", ".csv")) -> None:
+    """Before any compute: a known format, an existing folder, and never the input file unless --overwrite."""
+    output = args.output
+    if not output.endswith(formats):
+        raise CLIError(f"--output {output}: unknown format.", f"Use a {' or '.join(formats)} file name.")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise CLIError(f"--output {output}: the folder {folder} does not exist.", "Create it first, or write elsewhere.")
+    source = getattr(args, "input", None)
+    if source and os.path.exists(output) and os.path.exists(source) and os.path.samefile(source, output) and not args.overwrite:
+        raise CLIError(f"--output {output} is the --input file.",
+                       "Write to a new file, or pass --overwrite to replace the input once the result is complete.")  # fmt: skip
+
+
 def _write_table(adata, columns: list[str], output: str) -> None:
-    """`.h5ad` keeps the whole AnnData; `.csv` writes the cell ids and the new obs columns."""
-    if output.endswith(".h5ad"):
-        adata.write_h5ad(output)
-    elif output.endswith(".csv"):
-        adata.obs[columns].to_csv(output, index_label="cell_id")
-    else:
-        raise CLIError(f"--output {output}: unknown format.", "Use a .h5ad or .csv file name.")
+    """`.h5ad` keeps the whole AnnData; `.csv` writes the cell ids and the new obs columns. Written to a temporary
+    file and renamed into place, so the output (possibly the input file, with --overwrite) is never half written."""
+    from modeling_scmmgpt.utils import atomic_output
+
+    with atomic_output(output) as tmp:
+        if output.endswith(".h5ad"):
+            adata.write_h5ad(tmp)
+        else:
+            adata.obs[columns].to_csv(tmp, index_label="cell_id")
 
 
 def _cell_pipeline(task: str, args):
@@ -86,6 +102,7 @@ def _cell_pipeline(task: str, args):
 
 # --- subcommands ----------------------------------------------------------------------------------------------------
 def cmd_embed(args):
+    _check_output(args, (".h5ad", ".npy"))
     # A .npy output streams from the file opened backed; only an .h5ad output needs the AnnData in memory.
     adata = _read_h5ad(args.input, backed=args.output.endswith(".npy"))
     extractor = _cell_pipeline("cell-feature-extraction", args)
@@ -93,13 +110,12 @@ def cmd_embed(args):
         extractor(args.input, batch_size=args.batch_size, output_file=args.output)
     else:
         extractor(adata, batch_size=args.batch_size, write_to_adata=True)
-        if not args.output.endswith(".h5ad"):
-            raise CLIError(f"--output {args.output}: embeddings go to .h5ad (obsm['X_scmmgpt']) or .npy.", "")
-        adata.write_h5ad(args.output)
+        _write_table(adata, [], args.output)
     print(f"Embedded {adata.n_obs} cells -> {args.output}")
 
 
 def cmd_annotate(args):
+    _check_output(args)
     adata = _read_h5ad(args.input)
     annotator = _cell_pipeline("cell-type-annotation", args)
     results = annotator(adata, candidate_labels=args.labels, top_k=args.top_k, mode=args.mode,
@@ -113,6 +129,7 @@ def cmd_annotate(args):
 
 
 def cmd_describe(args):
+    _check_output(args)
     adata = _read_h5ad(args.input)
     describer = _cell_pipeline("cell-description", args)
     describer(adata, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, write_to_adata=True)
@@ -123,16 +140,18 @@ def cmd_describe(args):
 def cmd_generate(args):
     from transformers import pipeline
 
+    from modeling_scmmgpt.utils import atomic_output
+
+    _check_output(args)
     model, processor = _load(args.model)
     cells = pipeline("text-to-cell", model=model, processor=processor)(
         args.prompt, n_cells=args.n_cells, seed=args.seed, max_text_tokens=args.max_text_tokens
     )
-    if args.output.endswith(".h5ad"):
-        cells.write_h5ad(args.output)
-    elif args.output.endswith(".csv"):
-        cells.to_df().join(cells.obs).to_csv(args.output, index_label="cell_id")
-    else:
-        raise CLIError(f"--output {args.output}: unknown format.", "Use a .h5ad or .csv file name.")
+    with atomic_output(args.output) as tmp:
+        if args.output.endswith(".h5ad"):
+            cells.write_h5ad(tmp)
+        else:
+            cells.to_df().join(cells.obs).to_csv(tmp, index_label="cell_id")
     print(f"Generated {cells.n_obs} cells over {cells.n_vars} genes -> {args.output}")
 
 
@@ -282,6 +301,8 @@ def _add_cell_io(sub, output_help: str):
     sub.add_argument("--gene-id-column", help="var column with gene symbols or Ensembl IDs (default: var_names)")
     sub.add_argument("--layer", help="read this layer instead of X")
     sub.add_argument("--use-raw", action="store_true", help="read adata.raw")
+    sub.add_argument("--overwrite", action="store_true",
+                     help="allow --output to be the --input file (replaced only once the result is complete)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -191,3 +191,41 @@ def test_push_subcommand_publishes_to_a_hub(demo_dir, tmp_path):
         files = set(hub.repos["tester/demo"].files)
     assert {"model.safetensors", "config.json", "README.md", "processor_config.json"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl"))]
+
+
+def _bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_output_never_destroys_the_input(demo_dir, cells_h5ad, tmp_path, monkeypatch, capsys):
+    """--output equal to --input is refused without --overwrite; with it, the input is replaced only by a complete
+    result; a write that fails part-way (a full disk) leaves neither the final file nor a temporary one, and the
+    input byte-identical."""
+    model = str(demo_dir / "instruction")
+    source = tmp_path / "mine.h5ad"
+    source.write_bytes(_bytes(cells_h5ad))
+    before = _bytes(source)
+    describe = ["describe", "--model", model, "--input", str(source), "--max-new-tokens", "2"]
+    assert main([*describe, "--output", str(source)]) == 2
+    assert "is the --input file" in capsys.readouterr().err and _bytes(source) == before
+
+    def full_disk(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half an h5ad")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", full_disk)
+    assert main([*describe, "--output", str(source), "--overwrite"]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert _bytes(source) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine.h5ad"]
+    assert main([*describe, "--output", str(tmp_path / "new.h5ad")]) == 2
+    assert not (tmp_path / "new.h5ad").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mine.h5ad"]
+    monkeypatch.undo()
+
+    assert main([*describe, "--output", str(source), "--overwrite"]) == 0
+    described = ad.read_h5ad(source)
+    assert "scmmgpt_description" in described.obs and described.n_obs == 12
+    assert main(["describe", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "missing" / "d.csv")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["describe", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "d.txt")]) == 2

@@ -158,3 +158,25 @@ def test_interleaved_calls_on_one_pipeline_share_no_state(saved_model, pbmc):
     assert together == alone
     assert {r["label"] for ranked in together[1] for r in ranked} <= {"dendritic cell", "T cell"}
     assert all(len(ranked) == 2 for ranked in together[0]) and all(len(ranked) == 1 for ranked in together[1])
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_stream_writer_cleans_up_when_the_last_flush_fails(tmp_path, complete):
+    """A full disk can fail the final flush; the partial file is removed anyway and nothing is published."""
+    from modeling_scmmgpt.pipelines import _NpyRowWriter
+
+    writer = _NpyRowWriter(tmp_path / "out.npy", 2, 3)
+    writer.write(np.zeros((2, 3)))
+    real_close = writer.file.close
+
+    def failing_close():
+        real_close()
+        raise OSError(28, "No space left on device")
+
+    writer.file.close = failing_close
+    if complete:
+        with pytest.raises(OSError, match="No space"):
+            writer.close(complete=True)
+    else:
+        writer.close(complete=False)  # the cleanup after another error must not raise over it
+    assert not list(tmp_path.iterdir())
