@@ -16,6 +16,7 @@ import pytest
 from modeling_scmmgpt.resources import gencode_human_path
 from scmmgpt.cli import main
 from trainers.arguments import ScMMGPTDataArguments, ScMMGPTModelDataArguments
+from trainers.common import load_model_and_data
 from trainers.data import expand_sources, load_cell_text_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,15 +119,20 @@ def test_globs_and_files_per_split(lab_files, pbmc_vocab, tmp_path):
     assert [r["cell_id"] for r in streamed["test"]] == list(splits["test"]["cell_id"])
 
 
-def test_soma_experiment_with_a_value_filter(lab_files, pbmc_vocab, tmp_path):
+def _to_soma(h5ad: str, uri: str):
     import tiledbsoma.io
 
-    soma = str(tmp_path / "soma")
-    adata = ad.read_h5ad(lab_files["train"])
+    adata = ad.read_h5ad(h5ad)
     adata.var["feature_name"] = adata.var["ensembl"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tiledbsoma.io.from_anndata(soma, adata, measurement_name="RNA", X_layer_name="data")
+        tiledbsoma.io.from_anndata(uri, adata, measurement_name="RNA", X_layer_name="data")
+    return adata
+
+
+def test_soma_experiment_with_a_value_filter(lab_files, pbmc_vocab, tmp_path):
+    soma = str(tmp_path / "soma")
+    adata = _to_soma(lab_files["train"], soma)
     query = "celltype in ['CD14+ Monocyte', 'CD56+ NK']"
     args = ScMMGPTDataArguments(train_data=[soma], obs_filter=query, label_column="celltype", layer="data",
                                 data_cache_dir=str(tmp_path / "cache"))  # fmt: skip
@@ -139,16 +145,6 @@ def test_soma_experiment_with_a_value_filter(lab_files, pbmc_vocab, tmp_path):
                                             data_cache_dir=str(tmp_path / "cache_h5ad")), pbmc_vocab, seed=0)  # fmt: skip
     for split in ("train", "test"):
         assert [r.pop("source") and r for r in h5ad[split]] == [r.pop("source") and r for r in splits[split]]
-
-    # Train on it through the command line: the trained-on cells are the filter's training split.
-    out = tmp_path / "run"
-    code = main(["train", "--stage", "contrastive", os.path.join(ROOT, "examples/configs/contrastive_tiny.yaml"),
-                 "--output_dir", str(out), "--train_data", soma, "--obs_filter", query, "--label_column", "celltype",
-                 "--layer", "data", "--data_cache_dir", str(tmp_path / "cache"), "--max_steps", "2",
-                 "--per_device_train_batch_size", "8", "--eval_strategy", "no", "--save_strategy", "no"])  # fmt: skip
-    assert code == 0
-    state = json.loads((out / "stage_complete.json").read_text())
-    assert state["stage"] == "contrastive"
 
 
 def _tiny_parts(tmp_path, pbmc_vocab):
@@ -178,12 +174,23 @@ def _tiny_parts(tmp_path, pbmc_vocab):
     return str(encoder), str(lm)
 
 
-def test_init_train_all_and_evaluate_on_own_files(lab_files, pbmc_vocab, tmp_path, capsys):
+TINY_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_eval_samples", "8",
+              "--eval_strategy", "no", "--save_strategy", "no"]  # fmt: skip
+
+
+def _init_tiny_model(tmp_path, pbmc_vocab) -> str:
+    """`scmmgpt init` from the tiny parts, with a small random Q-Former; returns the model folder."""
     encoder, lm = _tiny_parts(tmp_path, pbmc_vocab)
     model = str(tmp_path / "model")
     qformer = json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64})
     assert main(["init", "--cell-encoder", encoder, "--language-model", lm, "--num-cell-tokens", "4",
                  "--option", f"qformer_config={qformer}", "--option", "cell_summary=true", "--output-dir", model]) == 0  # fmt: skip
+    return model
+
+
+def test_init_train_all_and_evaluate_on_own_files(lab_files, pbmc_vocab, tmp_path, capsys):
+    model = _init_tiny_model(tmp_path, pbmc_vocab)
+    encoder, lm = str(tmp_path / "encoder"), str(tmp_path / "lm")
     assert os.path.isfile(os.path.join(model, "model.safetensors")) and os.path.isfile(os.path.join(model, "config.json"))
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".init-")]  # no staging folder left
     assert main(["init", "--cell-encoder", encoder, "--language-model", lm, "--output-dir", model]) == 2  # exists
@@ -191,10 +198,8 @@ def test_init_train_all_and_evaluate_on_own_files(lab_files, pbmc_vocab, tmp_pat
     data = ["--train_data", lab_files["train"], "--label_column", "celltype", "--gene_column", "ensembl",
             "--donor_column", "donor", "--data_cache_dir", str(tmp_path / "cache")]  # fmt: skip
     runs = str(tmp_path / "runs")
-    steps = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_eval_samples", "8",
-             "--eval_strategy", "no", "--save_strategy", "no"]  # fmt: skip
     assert main(["train", "--stage", "all", "--output-dir", runs, os.path.join(ROOT, "examples/configs"),
-                 "--model_name_or_path", model, *data, *steps]) == 0  # fmt: skip
+                 "--model_name_or_path", model, *data, *TINY_STEPS]) == 0  # fmt: skip
     for stage in ("contrastive", "reconstruction", "instruction"):
         assert os.path.isfile(os.path.join(runs, stage, "stage_complete.json"))
 
@@ -212,6 +217,31 @@ def test_init_train_all_and_evaluate_on_own_files(lab_files, pbmc_vocab, tmp_pat
     annotation = results["cell_type_annotation"]
     assert {"model_zero-shot", "model_generative", "baseline_logistic_regression"} <= set(annotation)
     assert annotation["baseline_logistic_regression"]["accuracy"] > 0.5  # the baseline reads these cells well
+
+
+def test_init_train_all_and_evaluate_on_filtered_soma_experiments(lab_files, pbmc_vocab, tmp_path, capsys):
+    """The same run on two SOMA experiments (training and held-out cells) with a value filter: every cell the filter
+    selects in the training experiment is trained on, and the evaluation's baselines fit on exactly those cells."""
+    train_soma, test_soma = str(tmp_path / "train_soma"), str(tmp_path / "test_soma")
+    train_cells = _to_soma(lab_files["train"], train_soma)
+    _to_soma(lab_files["heldout"], test_soma)
+    query = "celltype != 'CD19+ B' and donor != 'donor5'"
+    data = ["--label_column", "celltype", "--layer", "data", "--obs_filter", query, "--data_cache_dir", str(tmp_path / "cache")]
+    model = _init_tiny_model(tmp_path, pbmc_vocab)
+    _, _, splits = load_model_and_data(ScMMGPTModelDataArguments(
+        train_data=[train_soma], validation_data=[test_soma], obs_filter=query, label_column="celltype",
+        layer="data", data_cache_dir=str(tmp_path / "cache"), model_name_or_path=model), seed=0)  # fmt: skip
+    assert len(splits["train"]) == len(train_cells.obs.query(query))  # all of the filter's cells, none other
+    runs = str(tmp_path / "runs")
+    assert main(["train", "--stage", "all", "--output-dir", runs, os.path.join(ROOT, "examples/configs"),
+                 "--model_name_or_path", model, "--train_data", train_soma, "--validation_data", test_soma, *data,
+                 *TINY_STEPS]) == 0  # fmt: skip
+    metrics = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model", os.path.join(runs, "instruction"), "--train_data", train_soma, "--test_data",
+                 test_soma, *data, "--description_cells", "2", "--cells_per_type", "1", "--output_json", str(metrics)]) == 0  # fmt: skip
+    results = json.loads(metrics.read_text())
+    assert results["n_train_cells"] == len(train_cells.obs.query(query))
+    assert results["n_test_cells"] == len(ad.read_h5ad(lab_files["heldout"], backed="r").obs.query(query))
 
 
 def test_every_evaluation_option_changes_the_result(lab_files, tmp_path):
@@ -257,8 +287,6 @@ def test_streamed_training_data_keeps_limits_and_a_seeded_shuffle(lab_files, tmp
     """With streaming, the training split is a seeded buffered shuffle of the stream, max_train_samples and
     max_eval_samples take that many cells, and the same seed gives the same order."""
     import datasets
-
-    from trainers.common import load_model_and_data
 
     def train_ids(seed, **options):
         args = ScMMGPTModelDataArguments(train_data=[lab_files["train"]], label_column="celltype", gene_column="ensembl",
