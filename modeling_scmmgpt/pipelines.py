@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import re
 import types
 import warnings
 
@@ -85,6 +86,33 @@ class _CsvRowWriter(_NpyRowWriter):
 
     def write(self, rows) -> None:
         self.csv.writerows(rows)
+
+
+_CL_ID = re.compile(r"^\s*cl[\s:_-]*(\d{7})\s*$", re.IGNORECASE)
+
+
+def _candidate_labels(candidate_labels) -> list[str]:
+    """The labels to rank: a single string is one label; Cell Ontology ids are written `CL:0000236` whatever their
+    case or separator (`cl_0000236`) and must exist; empty labels are refused; repeats are merged, with a warning
+    (two copies of a label would split its probability)."""
+    from .ontology import CellOntology
+
+    labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
+    normalised = []
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"candidate_labels holds an empty or non-text label ({label!r}); pass names or CL ids.")
+        match = _CL_ID.match(label)
+        if match:
+            label = f"CL:{match.group(1)}"
+            if label not in CellOntology.load():
+                raise ValueError(f"candidate label {label} is not a Cell Ontology id; check the number, or pass the type's name.")
+        normalised.append(label.strip())
+    unique = list(dict.fromkeys(normalised))
+    if len(unique) < len(normalised):
+        repeats = sorted({label for label in normalised if normalised.count(label) > 1})
+        warnings.warn(f"candidate_labels repeats {repeats}; each is ranked once.", stacklevel=3)
+    return unique
 
 
 class ScMMGPTCellPipeline(Pipeline):
@@ -226,7 +254,11 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
             raise ValueError("Pass candidate_labels=[...] (Cell Ontology labels or ids, or free text).")
         if mode not in ("zero-shot", "generative"):
             raise ValueError(f"mode={mode!r}: use 'zero-shot' or 'generative'.")
-        labels = [candidate_labels] if isinstance(candidate_labels, str) else list(candidate_labels)
+        labels = _candidate_labels(candidate_labels)
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r}: need a whole number of at least 1.")
+        if top_k > len(labels):
+            warnings.warn(f"top_k={top_k} but only {len(labels)} candidate labels; returning {len(labels)}.", stacklevel=3)
         preprocess = {"gene_names": gene_names, "labels": labels, "mode": mode}
         return preprocess, {"mode": mode}, {"labels": labels, "top_k": min(top_k, len(labels))}
 
@@ -268,7 +300,9 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
                 for row_values, row_indices in zip(values.tolist(), indices.tolist())]  # fmt: skip
 
     def _open_output(self, path, n_cells, candidate_labels=(), top_k: int = 1, **kwargs):
-        k = min(top_k, len(candidate_labels))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the call's own check already warned
+            k = min(top_k, len(_candidate_labels(candidate_labels)))
         return _CsvRowWriter(path, ["cell"] + [f"{name}_{j + 1}" for j in range(k) for name in ("label", "score")])
 
     def _write_rows(self, writer, start, ranked):

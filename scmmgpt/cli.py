@@ -120,7 +120,7 @@ def cmd_annotate(args):
     annotator = _cell_pipeline("cell-type-annotation", args)
     results = annotator(adata, candidate_labels=args.labels, top_k=args.top_k, mode=args.mode,
                         batch_size=args.batch_size, write_to_adata=True)  # fmt: skip
-    for k in range(1, args.top_k):
+    for k in range(1, len(results[0]) if results else 0):  # top_k may exceed the labels (the pipeline warns)
         adata.obs[f"scmmgpt_cell_type_{k + 1}"] = [r[k]["label"] for r in results]
         adata.obs[f"scmmgpt_cell_type_{k + 1}_score"] = [r[k]["score"] for r in results]
     columns = [c for c in adata.obs.columns if c.startswith("scmmgpt_cell_type")]

@@ -91,6 +91,11 @@ def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, tmp_path):
                  "--labels", "CL:0000236", "natural killer cell", "CD14-positive monocyte", "--top-k", "2"]) == 0  # fmt: skip
     table = (tmp_path / "a.csv").read_text().splitlines()
     assert len(table) == 13 and "scmmgpt_cell_type_2" in table[0]
+    assert main(["annotate", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "a3.csv"),
+                 "--labels", "B cell", "T cell", "--top-k", "5"]) == 0  # more than the labels: cut to 2, with a warning  # fmt: skip
+    assert "scmmgpt_cell_type_2" in (tmp_path / "a3.csv").read_text().splitlines()[0]
+    assert main(["annotate", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "a0.csv"),
+                 "--labels", "B cell", "--top-k", "0"]) == 2 and not (tmp_path / "a0.csv").exists()  # fmt: skip
     assert main(["describe", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "d.csv"),
                  "--max-new-tokens", "4"]) == 0  # fmt: skip
     assert len((tmp_path / "d.csv").read_text().splitlines()) >= 13

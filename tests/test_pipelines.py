@@ -180,3 +180,26 @@ def test_stream_writer_cleans_up_when_the_last_flush_fails(tmp_path, complete):
     else:
         writer.close(complete=False)  # the cleanup after another error must not raise over it
     assert not list(tmp_path.iterdir())
+
+
+def test_candidate_labels_are_checked_before_any_cell_is_read(saved_model, pbmc):
+    """One string is one label (not its characters); CL ids are normalised and must exist; empty labels and a
+    top_k below 1 are refused; repeats are merged and a top_k beyond the labels is cut, each with a warning."""
+    annotator = pipeline("cell-type-annotation", model=saved_model)
+    cells = pbmc[:3]
+    one = annotator(cells, candidate_labels="B cell", progress=False)
+    assert [r[0]["label"] for r in one] == ["B cell"] * 3
+    ids = annotator(cells, candidate_labels=["cl_0000236", "CL 0001054"], top_k=2, progress=False)
+    assert {r["label"] for r in ids[0]} == {"CL:0000236", "CL:0001054"}
+    with pytest.raises(ValueError, match="CL:9999999 is not a Cell Ontology id"):
+        annotator(cells, candidate_labels=["B cell", "CL:9999999"], progress=False)
+    with pytest.raises(ValueError, match="empty or non-text label"):
+        annotator(cells, candidate_labels=["B cell", "  "], progress=False)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="top_k"):
+            annotator(cells, candidate_labels=["B cell", "T cell"], top_k=bad, progress=False)
+    with pytest.warns(UserWarning, match="repeats"):
+        merged = annotator(cells, candidate_labels=["B cell", "T cell", "B cell"], top_k=2, progress=False)
+    assert all({r["label"] for r in ranked} == {"B cell", "T cell"} for ranked in merged)
+    with pytest.warns(UserWarning, match="only 2 candidate labels"):
+        assert len(annotator(cells, candidate_labels=["B cell", "T cell"], top_k=5, progress=False)[0]) == 2
