@@ -37,9 +37,23 @@ def _umask() -> int:
     return mask
 
 
+PRECISION_ENV = "SCMMGPT_CPU_BF16"
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX). Without them (e.g. AVX2-only
-    CPUs), bf16 autocast is emulated and several times slower than fp32."""
+    CPUs), bf16 autocast is emulated and several times slower than fp32.
+
+    `SCMMGPT_CPU_BF16=1` or `0` overrides the answer, in this process and the processes it starts: every choice of
+    precision made from it (stage 3's default `bf16`, `fast_autocast`) then takes the bf16 or the fp32 path on any
+    CPU, e.g. to run the tests of the path this machine would not take."""
+    forced = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if forced in ("1", "true", "bf16"):
+        return True
+    if forced in ("0", "false", "fp32"):
+        return False
+    if forced:
+        raise ValueError(f"{PRECISION_ENV}={forced!r}: use 1 (bf16) or 0 (fp32), or unset it to follow the CPU.")
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = f.read()
