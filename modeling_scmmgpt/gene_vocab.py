@@ -24,6 +24,12 @@ def strip_ensembl_version(gene_id: str) -> str:
     return gene_id
 
 
+def looks_like_ensembl(names) -> bool:
+    """Whether most of `names` are Ensembl gene IDs (`ENSG...`, any species prefix) rather than symbols."""
+    names = list(names)
+    return sum(str(n).startswith("ENS") for n in names) > len(names) / 2
+
+
 @dataclass
 class GeneCoverage:
     """How a list of gene names maps to the vocabulary.
@@ -53,10 +59,9 @@ class GeneCoverage:
         """Raises when fewer than `min_fraction` of the genes are known, with a hint at the likely cause."""
         if self.fraction >= min_fraction:
             return
-        looks_ensembl = sum(g.startswith("ENS") for g in self.unknown) > len(self.unknown) / 2
         hint = (
             "they look like Ensembl IDs: add aliases with gene_vocab.add_ensembl_ids_from_gencode(...)"
-            if looks_ensembl
+            if looks_like_ensembl(self.unknown)
             else "pass gene_id_column='feature_name' (symbols) or 'feature_id' (Ensembl IDs) if var_names hold "
             "something else"
         )
@@ -237,4 +242,4 @@ class GeneVocab:
         return f"GeneVocab({len(self)} tokens, {len(self.ensembl_to_symbol)} Ensembl aliases)"
 
 
-__all__ = ["GeneCoverage", "GeneVocab", "strip_ensembl_version"]
+__all__ = ["GeneCoverage", "GeneVocab", "looks_like_ensembl", "strip_ensembl_version"]

@@ -404,6 +404,7 @@ class TextToCellPipeline(Pipeline):
         import pandas as pd
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        genes = self._gene_names(genes)  # once per call: the whole vocabulary is sorted when no genes are named
         options = dict(n_cells=n_cells, seed=seed, max_text_tokens=max_text_tokens, genes=genes, sample=sample,
                        temperature=temperature)  # fmt: skip
         per_prompt = super().__call__([{"prompt": p, "index": i} for i, p in enumerate(prompts)], **options)
@@ -411,7 +412,7 @@ class TextToCellPipeline(Pipeline):
                for i, p in enumerate(prompts) for k in range(n_cells)]  # fmt: skip
         return ad.AnnData(
             np.concatenate(per_prompt), obs=pd.DataFrame(obs, index=[f"pseudo_cell_{i}" for i in range(len(obs))]),
-            var=pd.DataFrame(index=self._gene_names(genes)),
+            var=pd.DataFrame(index=genes),
         )  # fmt: skip
 
 

@@ -134,7 +134,6 @@ def plan_stage(stage: str, arguments: tuple) -> dict:
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32 (or the CPU's native bf16 where the stage picks it)",
         "output_dir": args.output_dir,
         "complete": stage_is_complete(args.output_dir),
-        "parsed_on": "a CPU (launch it on the GPUs it names)" if args.use_cpu else "this machine",
     }
 
 

