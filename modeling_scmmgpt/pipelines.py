@@ -313,19 +313,26 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         adata.obs["scmmgpt_cell_type_score"] = [r[0]["score"] for r in results]
 
 
+DEFAULT_DESCRIPTION_TOKENS = 64  # for models whose generation config sets no `max_new_tokens`
+
+
 class CellDescriptionPipeline(ScMMGPTCellPipeline):
     """Cells to generated descriptions; written to `obs["scmmgpt_description"]`."""
 
     _pipeline_calls_generate = True
 
-    def _sanitize_parameters(self, gene_names=None, prompt: str = DESCRIBE[0], max_new_tokens: int = 64):
+    def _sanitize_parameters(self, gene_names=None, prompt: str = DESCRIBE[0], max_new_tokens: int | None = None):
+        if max_new_tokens is None:  # what stage 3 saved (its longest response, with room), else a paragraph
+            max_new_tokens = self.model.generation_config.max_new_tokens or DEFAULT_DESCRIPTION_TOKENS
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: need a whole number of at least 1.")
         return {"gene_names": gene_names, "prompt": prompt}, {"max_new_tokens": max_new_tokens}, {}
 
     def preprocess(self, cells, gene_names=None, prompt: str = DESCRIBE[0]):
         inputs = super().preprocess(cells, gene_names)
         return {**inputs, **self._prompt_inputs(prompt, inputs["gene_ids"].shape[0])}
 
-    def _forward(self, inputs, max_new_tokens: int = 64):
+    def _forward(self, inputs, max_new_tokens: int = DEFAULT_DESCRIPTION_TOKENS):
         return self._generate(inputs, max_new_tokens)
 
     def postprocess(self, generated):

@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub("describe", "A generated text description per cell, in obs['scmmgpt_description'].")
     _add_cell_io(p, ".h5ad or .csv")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per description (default: the model's generation config, else 64)")
     p.set_defaults(func=cmd_describe)
 
     p = sub("generate", "Pseudo-cells from text prompts, as an AnnData over the model's genes.")

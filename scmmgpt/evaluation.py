@@ -50,9 +50,10 @@ def _pipeline(cls, model, processor):
     return cls(model=model, processor=processor, task=None)
 
 
-def evaluate_description(model, processor, train, test, max_new_tokens: int = 48, batch_size: int = 16) -> dict:
+def evaluate_description(model, processor, train, test, max_new_tokens: int | None = None, batch_size: int = 16) -> dict:
     """Model: generated descriptions (all of them under `generated`, by cell id, so callers need not generate them
-    again). Baseline: the nearest training cell's description (cosine on expression)."""
+    again), up to `max_new_tokens` (default: the model's generation config, which stage 3 sizes to its longest
+    training response). Baseline: the nearest training cell's description (cosine on expression)."""
     metric = CellDescriptionMetric()
     references = list(test["description"])
     describer = _pipeline(CellDescriptionPipeline, model, processor)

@@ -40,7 +40,7 @@ def annotate_test_cells(model, processor, adata, splits, descriptions: dict[str,
         cells.obs["scmmgpt_description"] = [descriptions[i] for i in ids]
     else:
         describer = CellDescriptionPipeline(model=model, processor=processor, task=None)
-        cells.obs["scmmgpt_description"] = describer(test, max_new_tokens=48, progress=False)
+        cells.obs["scmmgpt_description"] = describer(test, progress=False)
     return cells
 
 

@@ -156,3 +156,29 @@ def test_balanced_cell_types_are_drawn_equally_often(demo, tmp_path):
         ScMMGPTInstructionArguments(str(tmp_path), use_cpu=True, balance_cell_types=2.0)
     with pytest.raises(ValueError, match="map-style"):
         ScMMGPTInstructionTrainer(model, _args(tmp_path, balance_cell_types=1.0), processor, train.to_iterable_dataset())
+
+
+def test_generation_length_fits_the_longest_training_response(demo, tmp_path):
+    """Stage 3 saves a `max_new_tokens` that fits every description it trained on; the describe pipeline uses it."""
+    from modeling_scmmgpt import ScMMGPTForConditionalGeneration
+    from modeling_scmmgpt.pipelines import CellDescriptionPipeline
+    from trainers.data import load_pbmc
+    from trainers.default_model import build_model
+    from trainers.instruction import response_token_budget
+
+    _, processor, splits = demo
+    train = splits["train"]
+    longest = max(len(processor.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in set(train["description"]))
+    assert response_token_budget(processor, train) == longest + 16
+    assert response_token_budget(processor, train.to_iterable_dataset(), max_streamed_cells=len(train)) == longest + 16
+    model, _ = build_model(load_pbmc(), tiny_lm=True)
+    assert model.generation_config.max_new_tokens is None
+    ScMMGPTInstructionTrainer(model, _args(tmp_path), processor, train).save_merged(tmp_path / "merged")
+    reloaded = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    assert reloaded.generation_config.max_new_tokens == longest + 16
+    describer = CellDescriptionPipeline(model=reloaded, processor=processor, task=None)
+    assert describer._sanitize_parameters()[1]["max_new_tokens"] == longest + 16
+    assert describer._sanitize_parameters(max_new_tokens=5)[1]["max_new_tokens"] == 5
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            describer(splits["test"].select(range(2)), max_new_tokens=bad, progress=False)

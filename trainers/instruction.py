@@ -173,6 +173,20 @@ class ScMMGPTInstructionCollator:
         return labels
 
 
+def response_token_budget(processor, dataset, max_streamed_cells: int = 512, room: int = 16) -> int:
+    """Tokens for the longest text response (description or label) in `dataset`, plus `room`: the generation length
+    that lets the model finish any answer it was trained on (a fixed 48 had cut the demo's longest definition, 78
+    tokens, for a third of the test cells). A map-style dataset is read whole (its distinct texts are tokenised
+    once); a streaming one up to `max_streamed_cells` cells."""
+    if hasattr(dataset, "__len__") and {"description", "cell_type"} <= set(dataset.column_names):
+        texts = set(dataset["description"]) | set(dataset["cell_type"])
+    else:
+        records = itertools.islice(iter(dataset), max_streamed_cells)
+        texts = {e["response"] for r in records for e in instruction_examples(r) if e["cell_role"] == "input"}
+    lengths = [len(ids) for ids in processor.tokenizer(sorted(t for t in texts if t), add_special_tokens=False)["input_ids"]]
+    return max(lengths, default=0) + room
+
+
 def _lora_config(args: ScMMGPTInstructionArguments, model):
     from peft import LoraConfig
 
@@ -232,6 +246,8 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
         )
         if args.expression_loss_weight is not None:
             model.config.expression_loss_weight = args.expression_loss_weight
+        if train_dataset is not None:  # saved with the model: pipelines then write whole descriptions by default
+            model.generation_config.max_new_tokens = response_token_budget(processor, train_dataset, args.bridge_init_cells)
         parts = BRIDGE_INIT_PARTS[args.bridge_init]
         if parts and train_dataset is not None:
             records = list(itertools.islice(iter(train_dataset), args.bridge_init_cells))
@@ -307,4 +323,4 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
         self.processor.save_pretrained(output_dir)
 
 
-__all__ = ["ScMMGPTInstructionArguments", "ScMMGPTInstructionCollator", "ScMMGPTInstructionTrainer"]
+__all__ = ["ScMMGPTInstructionArguments", "ScMMGPTInstructionCollator", "ScMMGPTInstructionTrainer", "response_token_budget"]
