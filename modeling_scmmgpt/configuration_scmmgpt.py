@@ -3,12 +3,35 @@
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 
+class _RefuseOtherModelTypes:
+    """`from_pretrained` refuses a `config.json` whose `model_type` is not one this config reads: read with default
+    sub-configs, a Llama config would allocate a 7B-sized text tower until the OOM killer ended it."""
+
+    _readable_model_types: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        found = config_dict.get("model_type")
+        if found not in cls._readable_model_types:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: config.json has model_type {found!r}, not {cls.model_type!r}; this "
+                "folder holds another model. Pass a folder saved by scMMGPT (scmmgpt init, train, demo or convert-scgpt)."
+            )
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except StrictDataclassError as error:  # not a ValueError: one line that names the file and the field
+            detail = " ".join(str(error).split())
+            raise ValueError(f"{pretrained_model_name_or_path}: config.json: {detail}") from error
+
+
 @strict
-class ScMMGPTCellConfig(PreTrainedConfig):
+class ScMMGPTCellConfig(_RefuseOtherModelTypes, PreTrainedConfig):
     r"""
     Configuration of the scGPT-architecture cell encoder ([`ScMMGPTCellModel`]). Defaults are scGPT's whole-human
     checkpoint. scGPT's own argument names (`d_model`, `nhead`, `nlayers`, `d_hid`) are accepted as aliases.
@@ -65,6 +88,10 @@ class ScMMGPTCellConfig(PreTrainedConfig):
             How the gene embeddings started, kept with the weights: `"random"` (scGPT's uniform +-0.1) or `"pca"`
             (set by [`ScMMGPTCellModel.init_gene_embeddings_from_pca`] from a training matrix, so that the
             expression-weighted mean of a cell's gene embeddings is its standardised PCA score vector).
+        gene_vocab_fingerprint (`str`, *optional*):
+            [`GeneVocab.fingerprint`] of the gene vocabulary the gene embeddings belong to. Set when a model is built
+            or converted with its vocabulary; a processor with another vocabulary is then refused
+            ([`ScMMGPTProcessor.check_model_config`]), where it would silently read genes through the wrong rows.
 
     Example:
 
@@ -75,6 +102,7 @@ class ScMMGPTCellConfig(PreTrainedConfig):
     ```"""
 
     model_type = "scmmgpt_cell"
+    _readable_model_types = ("scmmgpt_cell",)
     base_config_key = "cell_config"
     attribute_map = {
         "d_model": "hidden_size",
@@ -104,6 +132,7 @@ class ScMMGPTCellConfig(PreTrainedConfig):
     mask_value: float | int = -1.0
     max_genes: int = 1200
     gene_embedding_init: Literal["random", "pca"] = "random"
+    gene_vocab_fingerprint: str | None = None
     initializer_range: float = 0.02
 
     def validate_architecture(self):
@@ -120,7 +149,7 @@ class ScMMGPTCellConfig(PreTrainedConfig):
 
 
 @strict
-class ScMMGPTConfig(PreTrainedConfig):
+class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
     r"""
     Configuration of scMMGPT ([`ScMMGPTModel`], [`ScMMGPTForConditionalGeneration`]): a cell encoder read by a
     Q-Former whose `num_cell_tokens` query outputs are projected into a causal LM between `<cell>` and `</cell>`.
@@ -206,6 +235,7 @@ class ScMMGPTConfig(PreTrainedConfig):
     ```"""
 
     model_type = "scmmgpt"
+    _readable_model_types = ("scmmgpt",)
     sub_configs_defaults = {
         "cell_config": ScMMGPTCellConfig,
         "qformer_config": Blip2QFormerConfig,

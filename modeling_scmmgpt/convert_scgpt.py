@@ -84,6 +84,8 @@ def convert_scgpt_checkpoint(
     import json
     import logging
     import os
+    import pickle
+    import warnings
 
     from .configuration_scmmgpt import ScMMGPTCellConfig
     from .gene_vocab import GeneVocab
@@ -100,7 +102,14 @@ def convert_scgpt_checkpoint(
     with open(args_json, encoding="utf-8") as f:
         args = json.load(f)
     vocab = GeneVocab.from_scgpt_json(vocab_json, special_tokens=(args.get("pad_token", "<pad>"), "<cls>", "<eoc>"))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on pickle protocols; the refusal below is what matters
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"{checkpoint}: refused: its pickle holds more than tensors (torch.load with "
+                             f"weights_only=True: {str(error).splitlines()[-1][:160]}). Convert only checkpoints from a "
+                             "source you trust, re-saved as plain state dicts.") from error  # fmt: skip
     state = state.get("model_state_dict", state) if isinstance(state, dict) else state
 
     binned = args.get("input_emb_style", "continuous") == "category"
@@ -121,6 +130,7 @@ def convert_scgpt_checkpoint(
         pad_value=args.get("pad_value", -2),
         mask_value=args.get("mask_value", -1),
         max_genes=args.get("max_seq_len", 1200),
+        gene_vocab_fingerprint=vocab.fingerprint,
     )
     if args.get("pre_norm") or args.get("use_batch_labels") or args.get("DSBN") or args.get("domain_spec_batchnorm"):
         raise ValueError(f"{args_json}: pre-norm or batch-label scGPT variants are not supported by this encoder.")

@@ -94,6 +94,9 @@ def build_from_parts(
     # Cell encoder and its vocabulary
     cell_model = ScMMGPTCellModel.from_pretrained(cell_encoder, dtype=torch.float32)
     cell_processor = ScMMGPTCellProcessor.from_pretrained(cell_encoder, **(cell_processor_kwargs or {}))
+    cell_processor.check_cell_config(cell_model.config)
+    if cell_model.config.gene_vocab_fingerprint is None:  # an encoder saved before fingerprints: it pairs from here on
+        cell_model.config.gene_vocab_fingerprint = cell_processor.gene_vocab.fingerprint
 
     # Q-Former: sized like the BERT when one is given
     if qformer is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -32,23 +33,42 @@ def looks_like_ensembl(names) -> bool:
 
 @dataclass
 class GeneCoverage:
-    """How a list of gene names maps to the vocabulary.
+    """How a list of gene names maps to the vocabulary, in both directions.
 
-    `unknown` lists the names not in the vocabulary (all of them, so nothing is dropped unreported);
-    `duplicated` lists names whose token id was already taken by an earlier column (those columns are skipped).
+    `fraction` is the share of the input's genes the model knows; `model_fraction` the share of the model's genes
+    (`n_model_genes`, special tokens excluded) the input measures. `unknown` lists the names not in the vocabulary
+    (all of them, so nothing is dropped unreported); `duplicated` lists names whose token id was already taken by an
+    earlier column (those columns are skipped).
     """
 
     n_genes: int
     n_known: int
     unknown: list[str] = field(default_factory=list)
     duplicated: list[str] = field(default_factory=list)
+    n_model_genes: int = 0
 
     @property
     def fraction(self) -> float:
         return self.n_known / max(self.n_genes, 1)
 
+    @property
+    def model_fraction(self) -> float:
+        return self.n_known / max(self.n_model_genes, 1)
+
+    @property
+    def decides_on_model_genes(self) -> bool:
+        """`check` decides on the model's genes when its vocabulary is smaller than the input: a 708-gene model
+        reading a whole transcriptome knows 2% of the input's genes, but the input may hold most of the model's."""
+        return 0 < self.n_model_genes < self.n_genes
+
+    @property
+    def deciding_fraction(self) -> float:
+        return self.model_fraction if self.decides_on_model_genes else self.fraction
+
     def __str__(self) -> str:
         text = f"{self.n_known}/{self.n_genes} genes ({self.fraction:.1%}) are in the vocabulary"
+        if self.n_model_genes:
+            text += f", {self.model_fraction:.1%} of the model's {self.n_model_genes} genes are measured"
         if self.unknown:
             text += f"; {len(self.unknown)} unknown, e.g. {', '.join(self.unknown[:5])}"
         if self.duplicated:
@@ -56,8 +76,9 @@ class GeneCoverage:
         return text
 
     def check(self, min_fraction: float, source: str) -> None:
-        """Raises when fewer than `min_fraction` of the genes are known, with a hint at the likely cause."""
-        if self.fraction >= min_fraction:
+        """Raises when the deciding share (`decides_on_model_genes`) is below `min_fraction`, with a hint at the
+        likely cause."""
+        if self.deciding_fraction >= min_fraction:
             return
         hint = (
             "they look like Ensembl IDs: add aliases with gene_vocab.add_ensembl_ids_from_gencode(...)"
@@ -65,10 +86,11 @@ class GeneCoverage:
             else "pass gene_id_column='feature_name' (symbols) or 'feature_id' (Ensembl IDs) if var_names hold "
             "something else"
         )
-        raise ValueError(
-            f"{1 - self.fraction:.0%} of genes in {source} are not in the vocabulary "
-            f"(e.g. {', '.join(self.unknown[:5])}); {hint}. Lower min_vocab_coverage (now {min_fraction}) to accept this."
-        )
+        if self.decides_on_model_genes:
+            what = f"{source} measures {self.n_known} of the model's {self.n_model_genes} genes ({self.model_fraction:.0%})"
+        else:
+            what = f"{1 - self.fraction:.0%} of genes in {source} are not in the vocabulary (e.g. {', '.join(self.unknown[:5])})"
+        raise ValueError(f"{what}; {hint}. Lower min_vocab_coverage (now {min_fraction}) to accept this.")
 
 
 class GeneVocab:
@@ -181,7 +203,8 @@ class GeneVocab:
                 duplicated.append(gene_names[col])
                 ids[col] = -1
             seen.add(int(token_id))
-        return ids, GeneCoverage(len(gene_names), len(seen), unknown, duplicated)
+        n_model_genes = len(self.gene_to_id) - len({self.pad_token, self.cls_token, *SCGPT_SPECIAL_TOKENS} & set(self.gene_to_id))
+        return ids, GeneCoverage(len(gene_names), len(seen), unknown, duplicated, n_model_genes)
 
     @property
     def pad_token_id(self) -> int:
@@ -199,6 +222,19 @@ class GeneVocab:
         if cached is None or len(cached) != len(self.gene_to_id):
             cached = self._id_to_gene = {i: g for g, i in self.gene_to_id.items()}
         return cached
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of the SHA-256 of the (id, gene) pairs in id order: the same for the same genes at the same
+        ids, whatever the file layout or the Ensembl aliases added later. A model's config records the fingerprint of
+        the vocabulary its gene embeddings were trained with (`ScMMGPTCellConfig.gene_vocab_fingerprint`)."""
+        pairs = sorted((i, g) for g, i in self.gene_to_id.items())
+        return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
+
+    @property
+    def id_bound(self) -> int:
+        """One past the largest token id: the embedding table needs at least this many rows."""
+        return max(self.gene_to_id.values()) + 1
 
     # --- persistence ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -225,7 +261,10 @@ class GeneVocab:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No gene vocabulary at {path}: expected {GENE_VOCAB_NAME} or scGPT's vocab.json.")
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: not valid JSON ({error}); re-save the processor or re-download the model.") from error
         if "gene_to_id" not in data:
             return cls.from_scgpt_json(path)
         return cls(

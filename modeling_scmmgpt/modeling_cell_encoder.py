@@ -25,6 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
+from .utils import StrictLoadingMixin
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -181,7 +182,7 @@ class ScMMGPTCellLayer(nn.Module):
         return self.norm2(hidden_states + self.dropout(feed_forward))
 
 
-class ScMMGPTCellPreTrainedModel(PreTrainedModel):
+class ScMMGPTCellPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config: ScMMGPTCellConfig
     config_class = ScMMGPTCellConfig
     base_model_prefix = "cell_model"

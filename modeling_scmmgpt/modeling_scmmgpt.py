@@ -20,6 +20,7 @@ from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from .configuration_scmmgpt import ScMMGPTConfig
 from .from_parts import build_from_parts
 from .modeling_cell_encoder import ScMMGPTCellModel
+from .utils import StrictLoadingMixin
 
 CELL_INPUT_NAMES = ("cell_gene_ids", "cell_values", "cell_attention_mask")
 
@@ -395,7 +396,7 @@ class ScMMGPTCellTower(nn.Module):
 
 
 # --- pre-trained base -------------------------------------------------------------------------------------------------
-class ScMMGPTPreTrainedModel(PreTrainedModel):
+class ScMMGPTPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config: ScMMGPTConfig
     config_class = ScMMGPTConfig
     base_model_prefix = "model"
@@ -453,6 +454,9 @@ class ScMMGPTPreTrainedModel(PreTrainedModel):
 # --- models -----------------------------------------------------------------------------------------------------------
 class ScMMGPTModel(ScMMGPTPreTrainedModel):
     """Cell tower, cell-to-LM projector, expression decoder and a headless LM; no LM head."""
+
+    # Loaded from a whole model's folder, the heads are not part of this one.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^cell_head\."]
 
     def __init__(self, config: ScMMGPTConfig):
         super().__init__(config)

@@ -37,6 +37,25 @@ def _open_cells(inputs):
     return inputs
 
 
+def fit_instruction(processor, instruction: str, context_length: int, new_tokens: int, with_cell: bool = True) -> str:
+    """`instruction`, cut at the end (with a warning) so that its chat prompt plus `new_tokens` fits the LM's
+    `context_length`: past it, position embeddings the LM never learnt would run silently. An empty instruction
+    gets a warning that the output is not conditioned on one."""
+    if not instruction.strip():
+        warnings.warn("The prompt is empty: the output is not conditioned on any instruction.", stacklevel=3)
+    prompt_length = processor(text=[processor.build_prompt(instruction, with_cell=with_cell)])["input_ids"].shape[1]
+    excess = prompt_length + new_tokens - context_length
+    if excess <= 0:
+        return instruction
+    ids = processor.tokenizer(instruction, add_special_tokens=False)["input_ids"]
+    if excess >= len(ids):
+        raise ValueError(f"The LM's context ({context_length} tokens) has no room for the prompt and {new_tokens} new "
+                         "tokens; ask for fewer new tokens.")  # fmt: skip
+    warnings.warn(f"The prompt takes {prompt_length} tokens and {new_tokens} more are to be generated, past the LM's "
+                  f"context of {context_length}: its last {excess} tokens are cut.", stacklevel=3)  # fmt: skip
+    return processor.tokenizer.decode(ids[: len(ids) - excess])
+
+
 def _is_anndata(cells) -> bool:
     return hasattr(cells, "obs") and hasattr(cells, "var")
 
@@ -133,6 +152,7 @@ class ScMMGPTCellPipeline(Pipeline):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.processor.check_model_config(self.model.config)  # before any cell is read through the wrong genes
         self.cell_processor = self.processor.cell_processor
 
     def _sanitize_parameters(self, gene_names=None, **kwargs):
@@ -182,6 +202,8 @@ class ScMMGPTCellPipeline(Pipeline):
         self._check_options(**kwargs)  # before any compute or file
         cells = _open_cells(inputs)
         n_cells = cells.shape[0] if hasattr(cells, "shape") else len(cells)
+        if n_cells == 0:  # an empty result would look like a complete one
+            raise ValueError("The input has no cells: nothing to compute.")
         chunks = (cells[start : start + batch_size] for start in range(0, n_cells, batch_size))
         writer = self._open_output(output_file, n_cells, **kwargs) if output_file is not None else None
         collected, done, complete = [], 0, False
@@ -326,6 +348,7 @@ class CellDescriptionPipeline(ScMMGPTCellPipeline):
             max_new_tokens = self.model.generation_config.max_new_tokens or DEFAULT_DESCRIPTION_TOKENS
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: need a whole number of at least 1.")
+        prompt = fit_instruction(self.processor, prompt, self.model.config.text_config.max_position_embeddings, max_new_tokens)
         return {"gene_names": gene_names, "prompt": prompt}, {"max_new_tokens": max_new_tokens}, {}
 
     def preprocess(self, cells, gene_names=None, prompt: str = DESCRIBE[0]):
@@ -361,6 +384,10 @@ class TextToCellPipeline(Pipeline):
     _load_feature_extractor = False
     _load_image_processor = False
     _pipeline_calls_generate = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.processor.check_model_config(self.model.config)  # the genes it writes must be the model's
 
     def _sanitize_parameters(self, n_cells: int = 1, seed: int = 0, max_text_tokens: int = 8, genes=None,
                              sample: bool | None = None, temperature: float | None = None):  # fmt: skip
@@ -411,6 +438,9 @@ class TextToCellPipeline(Pipeline):
         import pandas as pd
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        written = max_text_tokens + self.model.config.num_cell_tokens + 2  # text, then <cell> <cell_i>... </cell>
+        context = self.model.config.text_config.max_position_embeddings
+        prompts = [fit_instruction(self.processor, p, context, written, with_cell=False) for p in prompts]
         genes = self._gene_names(genes)  # once per call: the whole vocabulary is sorted when no genes are named
         options = dict(n_cells=n_cells, seed=seed, max_text_tokens=max_text_tokens, genes=genes, sample=sample,
                        temperature=temperature)  # fmt: skip
@@ -433,6 +463,7 @@ def register_pipelines() -> None:
 
 
 __all__ = [
+    "fit_instruction",
     "CellDescriptionPipeline",
     "CellFeatureExtractionPipeline",
     "CellTypeAnnotationPipeline",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import logging
 import os
@@ -201,12 +203,38 @@ class ScMMGPTCellProcessor:
         with open(path, encoding="utf-8") as f:
             kwargs = json.load(f)
         kwargs.update(overrides)
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "gene_vocab"}
+        for key in sorted(set(kwargs) - known):
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ValueError(f"{path}: unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + "; remove it or fix its spelling.")  # fmt: skip
         return cls(GeneVocab.from_pretrained(directory), **kwargs)
+
+    def check_cell_config(self, cell_config) -> None:
+        """Refuses a cell encoder (`ScMMGPTCellConfig`) whose gene embeddings do not belong to this vocabulary: ids
+        past its embedding table (a raw `IndexError`, or a device-side assert on a GPU), or, when the config records
+        one, another vocabulary's fingerprint (a permuted vocabulary of the same size reads genes through the wrong
+        rows, silently)."""
+        vocab = self.gene_vocab
+        if vocab.id_bound > cell_config.vocab_size:
+            raise ValueError(
+                f"The processor's gene vocabulary has ids up to {vocab.id_bound - 1}, but the model has "
+                f"{cell_config.vocab_size} gene embeddings: the vocabulary belongs to another model. Load the processor "
+                "from the model's own folder."
+            )
+        expected = cell_config.gene_vocab_fingerprint
+        if expected is not None and expected != vocab.fingerprint:
+            raise ValueError(
+                f"The processor's gene vocabulary (fingerprint {vocab.fingerprint}) is not the one the model's gene "
+                f"embeddings were trained with ({expected}). Load the processor from the model's own folder."
+            )
 
     # --- inputs -----------------------------------------------------------------------------------------------------
     def _matrix_and_genes(self, cells, gene_names):
         """Returns (matrix, gene names, where it was read) for AnnData, numpy or scipy input."""
         if hasattr(cells, "obs") and hasattr(cells, "var"):  # AnnData, in memory or backed
+            if self.use_raw and self.layer is not None:
+                raise ValueError(f"use_raw and layer={self.layer!r} both name the values to read; pick one.")
             if self.use_raw:
                 if cells.raw is None:
                     raise ValueError("use_raw=True but adata.raw is empty; read adata.X or a layer instead.")
@@ -267,6 +295,9 @@ class ScMMGPTCellProcessor:
     def _process_matrix(self, cells, gene_names) -> list:
         """Rows from AnnData / numpy / scipy input, mapping its columns to the vocabulary."""
         matrix, names, source = self._matrix_and_genes(cells, gene_names)
+        if matrix is None:
+            raise ValueError(f"{source} is None: the AnnData has no expression matrix there; read adata.raw "
+                             "(use_raw) or a layer (layer) instead.")  # fmt: skip
         if matrix.shape[1] != len(names):
             raise ValueError(f"{source} has {matrix.shape[1]} columns but {len(names)} gene names were given.")
         if matrix.shape[0] == 0:
@@ -412,6 +443,17 @@ class ScMMGPTProcessor(ProcessorMixin):
             "num_cell_tokens": self.num_cell_tokens,
         }
 
+    def check_model_config(self, config) -> None:
+        """Refuses a model (`ScMMGPTConfig`) this processor does not belong to: other cell-token ids, another number
+        of cell tokens, or another gene vocabulary ([`ScMMGPTCellProcessor.check_cell_config`])."""
+        for name, value in self.config_token_ids().items():
+            if getattr(config, name) != value:
+                raise ValueError(
+                    f"The model's {name} is {getattr(config, name)} but the processor's is {value}: the processor was "
+                    "saved with another model. Load both from the same folder."
+                )
+        self.cell_processor.check_cell_config(config.cell_config)
+
     def expand_cell_placeholders(self, text: str) -> str:
         """Replaces each bare `<cell>` with the full span; spans already expanded are left as they are."""
         return re.sub(re.escape(CELL_START_TOKEN) + r"(?!\s*" + re.escape(cell_token(0)) + ")", self.cell_span, text)
@@ -511,6 +553,8 @@ class ScMMGPTProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ScMMGPTProcessor:
         directory = str(pretrained_model_name_or_path)
+        if not os.path.isdir(directory) and (os.path.isabs(directory) or directory.startswith(("." , "~")) or directory.count("/") > 1):
+            raise FileNotFoundError(f"{directory}: no such model folder (and not a Hub repo id, which is owner/name).")
         if not os.path.isdir(directory):
             from huggingface_hub import snapshot_download
 

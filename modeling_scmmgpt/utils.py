@@ -69,3 +69,36 @@ def fast_autocast(device_type: str = "cpu", enabled: bool = True):
 
     enabled = enabled and (device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16()))
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
+class StrictLoadingMixin:
+    """`from_pretrained` that loads only a whole, matching safetensors checkpoint, or fails in one line naming the
+    file. transformers' own default warns and initialises missing weights at random, which turns a folder of another
+    architecture or a partly saved one into a silently wrong model; it also raises raw deserialiser errors for a
+    truncated file. Pickled weights (`pytorch_model.bin`) are not read at all: safetensors only."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        from safetensors import SafetensorError
+
+        source = str(pretrained_model_name_or_path)
+        if os.path.isdir(source) and not any(n.endswith(".safetensors") for n in os.listdir(source)):
+            found = ", ".join(n for n in sorted(os.listdir(source)) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            raise OSError(f"{source}: no model.safetensors" + (f" (only pickled weights: {found})" if found else "")
+                          + "; scMMGPT loads safetensors only. Re-save the model with save_pretrained, or convert "
+                          "a scGPT checkpoint with `scmmgpt convert-scgpt`.")  # fmt: skip
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, instead of a RuntimeError
+        try:
+            model, info = super().from_pretrained(source, *args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:
+            raise OSError(f"{source}: the safetensors weights are truncated or corrupt ({error}); re-download or "
+                          "re-save the model.") from error  # fmt: skip
+        problems = {kind: sorted(info.get(kind) or ()) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {kind: keys for kind, keys in problems.items() if keys}
+        if problems:
+            text = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {keys[0]})" for kind, keys in problems.items())
+            raise ValueError(f"{source}: the weights do not fit {cls.__name__}: {text}. The folder holds another "
+                             "architecture or an incomplete save; load it with the class that saved it.")  # fmt: skip
+        return (model, info) if want_info else model

