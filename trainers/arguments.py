@@ -8,7 +8,19 @@ from transformers import TrainingArguments
 
 
 @dataclass
-class _StageArguments(TrainingArguments):
+class ScMMGPTRunOptions:
+    """Options of a stage's run that every stage shares (mixed into each stage's arguments)."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start the stage over in an output_dir that holds its checkpoints or finished model: they "
+                  "are deleted first. Without it, a re-run resumes from the last checkpoint (or reuses the finished "
+                  "model), and `--resume_from_checkpoint false` refuses to touch them."},
+    )
+
+
+@dataclass
+class _StageArguments(ScMMGPTRunOptions, TrainingArguments):
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Off: the stage collators need the raw builder columns (gene_ids, values, description)."},

@@ -4,6 +4,7 @@ model, and freezing of unused modules."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -417,6 +418,7 @@ def load_model_and_data(model_args, seed: int):
     if model_args.model_name_or_path:
         model = ScMMGPTForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
         processor = ScMMGPTProcessor.from_pretrained(model_args.model_name_or_path)
+        processor.check_model_config(model.config)
     else:
         torch.manual_seed(seed)  # the demo model's random init
         model, processor = build_model(
@@ -458,10 +460,20 @@ def parse_stage_args(parser, argv=None):
     import yaml
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+    argv_source = argv[0] if argv and argv[0].endswith((".yaml", ".yml", ".json")) else None
+    if argv_source:
         with open(argv[0], encoding="utf-8") as f:
-            config = json.load(f) if argv[0].endswith(".json") else yaml.safe_load(f)
-        if config is not None and not isinstance(config, dict):
+            try:
+                config = json.load(f) if argv[0].endswith(".json") else yaml.safe_load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{argv[0]}:{error.lineno}: not valid JSON ({error.msg}).") from error
+            except yaml.YAMLError as error:
+                mark = getattr(error, "problem_mark", None)
+                where = f"{argv[0]}:{mark.line + 1}" if mark is not None else argv[0]
+                raise ValueError(f"{where}: not valid YAML ({getattr(error, 'problem', None) or error}).") from error
+        if config is None:
+            raise ValueError(f"{argv[0]} is empty: a stage config needs at least output_dir.")
+        if not isinstance(config, dict):
             raise ValueError(f"{argv[0]}: expected a mapping of option: value, got a {type(config).__name__}.")
         known = {field.name for dtype in parser.dataclass_types for field in dataclasses.fields(dtype)}
         for key in config or {}:
@@ -475,7 +487,11 @@ def parse_stage_args(parser, argv=None):
             values = value if isinstance(value, list) else [value]
             flags += [f"--{key}", *(_flag_value(v) for v in values)]
         argv = flags + argv[1:]
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except argparse.ArgumentError as error:  # a parser made with exit_on_error=False: a value of the wrong type
+        source = f"{argv_source}: " if argv_source else ""
+        raise ValueError(f"{source}{error}") from error
 
 
 def _flag_value(value) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from .arguments import ScMMGPTRunOptions
 from .bridges import fit_bridges
 from .common import AtomicCheckpointsMixin, RanksInStepMixin, mean_over_ranks, regroup_optimizer
 from .data.instructions import instruction_examples
@@ -34,7 +35,7 @@ BRIDGE_INIT_PARTS = {"random": (), "least_squares": ("projector", "cell_head"), 
 
 
 @dataclass
-class ScMMGPTInstructionArguments(SFTConfig):
+class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
     r"""
     [`SFTConfig`] plus the instruction stage's choices.
 

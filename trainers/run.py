@@ -7,6 +7,7 @@ a finished model (`stage_complete.json`) is reused; one with checkpoints resumes
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -25,6 +26,7 @@ STAGES = {
     "instruction": ScMMGPTInstructionArguments,
 }
 COMPLETE = "stage_complete.json"
+logger = logging.getLogger(__name__)
 
 
 def _trainer(stage: str, model, processor, args, data, callbacks):
@@ -60,7 +62,7 @@ def parse_stage(stage: str, argv: list[str]) -> tuple:
     overrides (no abbreviations; unknown keys are refused by name)."""
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; choose from {list(STAGES)}.")
-    return tuple(parse_stage_args(HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]), allow_abbrev=False), argv))
+    return tuple(parse_stage_args(HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]), allow_abbrev=False, exit_on_error=False), argv))
 
 
 def run_stage(stage: str, argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None,
@@ -70,17 +72,15 @@ def run_stage(stage: str, argv: list[str] | None = None, callbacks: list[Trainer
     in `output_dir/adapter`, when it trains with LoRA). Returns the validation metrics before training (of the
     checkpoint it resumes from, if any) and after."""
     model_args, args = arguments if arguments is not None else parse_stage(stage, argv)
-    if stage_is_complete(args.output_dir):
+    resume = _resume_point(stage, args)
+    if resume is None and stage_is_complete(args.output_dir):
         with open(os.path.join(args.output_dir, COMPLETE), encoding="utf-8") as f:
             return json.load(f)
     model, processor, data = load_model_and_data(model_args, args.seed)
     trainer = _trainer(stage, model, processor, args, data, callbacks)
     baseline = BaselineEvaluation(trainer)
     trainer.add_callback(baseline)
-    resume = args.resume_from_checkpoint
-    if resume in ("true", "True", "last"):
-        resume = _last_checkpoint(args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume or None)
     before, after = baseline.metrics, trainer.evaluate()
     if stage == "instruction":
         if hasattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config"):  # LoRA: keep the adapters too
@@ -135,6 +135,43 @@ def plan_stage(stage: str, arguments: tuple) -> dict:
         "output_dir": args.output_dir,
         "complete": stage_is_complete(args.output_dir),
     }
+
+
+def _resume_point(stage: str, args) -> str | None:
+    """Where a stage starts, said out loud: a re-run over a folder with checkpoints resumes from the last complete
+    one (the default), starts over after deleting them (`overwrite_output_dir`), or, with `resume_from_checkpoint
+    false`, refuses. Returns the checkpoint to resume from, `""` to train from the start, or `None` to reuse a
+    finished stage."""
+    import glob
+    import shutil
+
+    out = args.output_dir
+    saved = sorted(glob.glob(os.path.join(out, "checkpoint-*"))) if os.path.isdir(out) else []
+    if args.overwrite_output_dir:
+        if (saved or stage_is_complete(out)) and world()[0] == 0:
+            logger.warning("%s: overwrite_output_dir: deleting %d checkpoint(s)%s and starting over.", out, len(saved),
+                           " and the finished model" if stage_is_complete(out) else "")  # fmt: skip
+            for path in [*saved, *glob.glob(os.path.join(out, ".tmp-checkpoint-*"))]:
+                shutil.rmtree(path, ignore_errors=True)
+            for name in (COMPLETE, "model.safetensors"):
+                if os.path.exists(os.path.join(out, name)):
+                    os.remove(os.path.join(out, name))
+        return ""
+    if stage_is_complete(out):
+        logger.warning("%s: the %s stage is complete; reusing it (overwrite_output_dir true trains it again).", out, stage)
+        return None
+    requested = None if args.resume_from_checkpoint is None else str(args.resume_from_checkpoint)
+    last = _last_checkpoint(out)
+    if requested is not None and requested.lower() in ("false", "no") and saved:
+        raise ValueError(f"{out} holds {len(saved)} checkpoint(s) of an unfinished run (the last: "
+                         f"{os.path.basename(last or saved[-1])}) and resume_from_checkpoint is false: pass "
+                         "overwrite_output_dir true to delete them and start over, or drop resume_from_checkpoint to "
+                         "resume.")  # fmt: skip
+    if requested is not None and requested.lower() not in ("true", "last", "false", "no"):
+        return requested  # a checkpoint the user named
+    if last:
+        logger.warning("%s: resuming the %s stage from %s (overwrite_output_dir true starts over).", out, stage, last)
+    return last or ""
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
