@@ -6,7 +6,9 @@ Errors print one line and a hint (the traceback only with `--debug`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 import textwrap
 
@@ -78,6 +80,34 @@ def _check_output(args, formats=(".h5ad", ".csv")) -> None:
     if source and os.path.exists(output) and os.path.exists(source) and os.path.samefile(source, output) and not args.overwrite:
         raise CLIError(f"--output {output} is the --input file.",
                        "Write to a new file, or pass --overwrite to replace the input once the result is complete.")  # fmt: skip
+    _check_room(output, _expected_output_bytes(args))
+
+
+def _expected_output_bytes(args) -> int:
+    """A generous estimate of the output's size: an `.h5ad` output holds the whole input AnnData plus the results;
+    a table or a generated matrix a few hundred bytes per cell and gene."""
+    source = getattr(args, "input", None)
+    size = os.path.getsize(source) if source and os.path.isfile(source) else 0
+    if source is None:  # generate: n_cells x (up to 60k genes) float32
+        size = getattr(args, "n_cells", 1) * 60_000 * 4
+    return int(size * 1.2) + (1 << 20)
+
+
+def _check_room(output: str, needed: int) -> None:
+    """Refuses before any compute when the output cannot fit: the free space of its file system, or the file-size
+    limit of this process (`ulimit -f`). HDF5 that runs out of room part-way through a write can crash the process
+    instead of raising, so a full disk must be caught here, not at the write."""
+    import resource
+    import shutil
+
+    folder = os.path.dirname(os.path.abspath(output))
+    free = shutil.disk_usage(folder).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    room = min(free, limit) if limit != resource.RLIM_INFINITY else free
+    if room < needed:
+        what = "free space" if room == free else "the file-size limit (ulimit -f)"
+        raise CLIError(f"--output {output}: about {needed >> 20} MiB needed, {room >> 20} MiB allowed by {what}.",
+                       "Free some space, write to another disk, or raise the limit.")  # fmt: skip
 
 
 def _write_table(adata, columns: list[str], output: str) -> None:
@@ -95,8 +125,9 @@ def _write_table(adata, columns: list[str], output: str) -> None:
 def _cell_pipeline(task: str, args):
     from transformers import pipeline
 
-    model, processor = _load(args.model, gene_id_column=args.gene_id_column, layer=args.layer,
-                             use_raw=True if args.use_raw else None)  # fmt: skip
+    use_raw = False if args.layer and args.use_raw is None else args.use_raw  # a layer named is the matrix to read
+    model, processor = _load(args.model, gene_id_column=args.gene_id_column, layer=args.layer, use_raw=use_raw,
+                             min_vocab_coverage=args.min_vocab_coverage)  # fmt: skip
     return pipeline(task, model=model, processor=processor)
 
 
@@ -299,10 +330,21 @@ def _add_cell_io(sub, output_help: str):
     sub.add_argument("--output", required=True, help=output_help)
     sub.add_argument("--batch-size", type=int, default=64)
     sub.add_argument("--gene-id-column", help="var column with gene symbols or Ensembl IDs (default: var_names)")
-    sub.add_argument("--layer", help="read this layer instead of X")
-    sub.add_argument("--use-raw", action="store_true", help="read adata.raw")
+    sub.add_argument("--layer", help="read this layer instead of X (and not adata.raw, unless --use-raw)")
+    sub.add_argument("--use-raw", action=argparse.BooleanOptionalAction, default=None,
+                     help="read adata.raw, or not (default: as the model was saved)")
+    sub.add_argument("--min-vocab-coverage", type=_fraction, default=None,
+                     help="refuse inputs that measure less of the model's genes (or whose genes the model knows "
+                     "less of, for a model with more genes than the input); default: as saved, usually 0.5")
     sub.add_argument("--overwrite", action="store_true",
                      help="allow --output to be the --input file (replaced only once the result is complete)")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, 1]")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -400,23 +442,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hint(message: str) -> str:
-    if "not in the vocabulary" in message:
+    if "not in the vocabulary" in message or re.search(r"measures \d+ of the model's \d+ genes", message):
         return ("--gene-id-column names the var column with gene symbols (or Ensembl IDs the model knows); "
-                "--use-raw or --layer pick the matrix.")  # fmt: skip
+                "--use-raw or --layer pick the matrix; --min-vocab-coverage accepts less.")  # fmt: skip
+    if "connect" in message.lower() or "resolve" in message.lower() or "name or service" in message.lower():
+        return "the Hub could not be reached: check the network, HF_ENDPOINT and your token (huggingface-cli login)."
     if "adata.raw is empty" in message:
-        return "this model reads adata.raw; store log-normalised values there, or save the model with use_raw=False."
+        return "this model reads adata.raw; store log-normalised values there, or read X (--no-use-raw) or a layer (--layer)."
     return "run again with --debug for the full traceback."
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """Errors of the libraries underneath that are about the user's files or network, not our code: a pickle that
+    `torch.load(weights_only=True)` refuses, a safetensors file that does not deserialise, and the Hub's HTTP client
+    failing to connect (huggingface_hub's own errors are OSErrors; its client's, `httpx2`, are not)."""
+    import pickle
+
+    import httpx2
+    from safetensors import SafetensorError
+
+    return pickle.UnpicklingError, SafetensorError, httpx2.HTTPError
+
+
+@contextlib.contextmanager
+def _quiet(debug: bool):
+    """Without --debug, our own progress bars and warnings stay; library loading chatter, deprecation notices and
+    the datasets' "Generating train split" bars go. Restored afterwards, for callers of `main()` from Python."""
+    if debug:
+        yield
+        return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity, hf_bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    datasets = sys.modules.get("datasets")  # already imported (main() called from Python): the variable came late
+    bars = datasets is not None and datasets.is_progress_bar_enabled()
+    if bars:
+        datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.debug:  # our own progress bars stay; library loading chatter goes
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
     try:
-        args.func(args)
+        with _quiet(args.debug):
+            args.func(args)
     except CLIError as error:
         if args.debug:
             raise
@@ -424,7 +508,7 @@ def main(argv=None) -> int:
         if error.hint:
             print(f"hint: {error.hint}", file=sys.stderr)
         return 2
-    except (ValueError, KeyError, FileNotFoundError, OSError) as error:
+    except (ValueError, KeyError, OSError, *_library_errors()) as error:  # Hub and network errors are OSErrors
         if args.debug:
             raise
         message = str(error).strip("'\"").splitlines()[0] if str(error) else type(error).__name__

@@ -131,7 +131,7 @@ def test_errors_are_one_line_with_a_hint(demo_dir, cells_h5ad, tmp_path, pbmc):
                      "--output", str(tmp_path / "x.h5ad"))  # fmt: skip
     error, hint = wrong_ids.stderr.strip().splitlines()[-2:]  # after any progress bar
     assert wrong_ids.returncode == 2 and "Traceback" not in wrong_ids.stderr
-    assert error.startswith("scmmgpt embed: error:") and "not in the vocabulary" in error
+    assert error.startswith("scmmgpt embed: error:") and "measures 0 of the model's 705 genes" in error
     assert hint.startswith("hint:") and "--gene-id-column" in hint
 
     debug = _run("--debug", "embed", "--model", str(demo_dir / "instruction"), "--input", "nope.h5ad", "--output", "x")
