@@ -106,27 +106,43 @@ def pbmc_batch(real, genes: int, vocab_size: int, cls_id: int, pad_value: float)
 
 
 def vs_scgpt(args) -> None:
+    import os
+    import sys
+
     from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel
-    from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict, scgpt_model_module
+    from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from scgpt_reference import load_scgpt_model_module  # the tests' loader of scGPT's own model code
 
     device = torch.device(args.device)
-    module = scgpt_model_module()
+    module = load_scgpt_model_module()
     config = ScMMGPTCellConfig()
     vocab = {f"g{i}": i for i in range(config.vocab_size - 3)}
     vocab.update({"<pad>": config.pad_token_id, "<cls>": config.cls_token_id, "<eoc>": config.vocab_size - 1})
     torch.manual_seed(0)
     scgpt = module.TransformerModel(
-        ntoken=config.vocab_size, d_model=512, nhead=8, d_hid=512, nlayers=12, vocab=vocab, dropout=0.2,
-        pad_token="<pad>", pad_value=-2, do_mvc=True,
-    ).eval()  # fmt: skip
+        ntoken=config.vocab_size,
+        d_model=512,
+        nhead=8,
+        d_hid=512,
+        nlayers=12,
+        vocab=vocab,
+        dropout=0.2,
+        pad_token="<pad>",
+        pad_value=-2,
+        do_mvc=True,
+    ).eval()
     ours = ScMMGPTCellModel(config).eval()
     ours.load_state_dict(convert_scgpt_state_dict(scgpt.state_dict(), list(ours.state_dict()))[0])
     scgpt, ours = scgpt.to(device), ours.to(device)
     real = pbmc_cells(args.batch_size, args.genes)
     full = pbmc_batch(real, args.genes, config.vocab_size, config.cls_token_id, config.pad_value)
     fast_dtype = "bf16 autocast" if device.type == "cuda" or cpu_has_native_bf16() else "fp32 (no native bf16 here)"
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"{torch.get_num_threads()} CPU threads; batch {args.batch_size}; fast mode = {fast_dtype}")  # fmt: skip
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+        f"{torch.get_num_threads()} CPU threads; batch {args.batch_size}; fast mode = {fast_dtype}"
+    )
 
     def timed(fn):
         def sync():
@@ -144,9 +160,12 @@ def vs_scgpt(args) -> None:
 
     for title, batch in (
         (f"{args.genes} genes per cell (real PBMC genes, then census genes)", full),
-        (f"expressed genes only (real PBMC cells, {int(real[2].sum(1).min())}-{int(real[2].sum(1).max())} genes, "
-         f"padded to the longest)", real),
-    ):  # fmt: skip
+        (
+            f"expressed genes only (real PBMC cells, {int(real[2].sum(1).min())}-{int(real[2].sum(1).max())} genes, "
+            f"padded to the longest)",
+            real,
+        ),
+    ):
         gene_ids, values, mask = (t.to(device) for t in batch)
         pad_mask = gene_ids.eq(config.pad_token_id)
 
@@ -168,10 +187,14 @@ def vs_scgpt(args) -> None:
         if device.type == "cuda":
             _, scgpt_bf16_rate = timed(lambda: run_scgpt(autocast=True))
             print(f"  scGPT under bf16 autocast:     {scgpt_bf16_rate:9.2f} cells/s  (for reference)")
-        print(f"  ours fp32:                     {fp32_rate:9.2f} cells/s  ({fp32_rate / scgpt_rate:.2f}x scGPT), "
-              f"max |diff| vs scGPT {float((fp32[keep] - reference[keep]).abs().max()):.2e}")  # fmt: skip
-        print(f"  ours fast mode:                {fast_rate:9.2f} cells/s  ({fast_rate / scgpt_rate:.2f}x scGPT; "
-              f"target 3x), min cosine to fp32 cell embeddings {float(cosine):.5f}")  # fmt: skip
+        print(
+            f"  ours fp32:                     {fp32_rate:9.2f} cells/s  ({fp32_rate / scgpt_rate:.2f}x scGPT), "
+            f"max |diff| vs scGPT {float((fp32[keep] - reference[keep]).abs().max()):.2e}"
+        )
+        print(
+            f"  ours fast mode:                {fast_rate:9.2f} cells/s  ({fast_rate / scgpt_rate:.2f}x scGPT; "
+            f"target 3x), min cosine to fp32 cell embeddings {float(cosine):.5f}"
+        )
 
 
 def main():
@@ -200,11 +223,15 @@ def main():
 
     peak = {"fp32": gemm_flops_per_second(False), "bf16": gemm_flops_per_second(True)}
     print(f"threads: {torch.get_num_threads()}  batch {args.batch_size} x {args.genes} genes")
-    print(f"CPU has native bf16 (AVX512-BF16/AMX): {cpu_has_native_bf16()}; fast_autocast() uses "
-          f"{'bf16' if cpu_has_native_bf16() else 'fp32'} here")
+    print(
+        f"CPU has native bf16 (AVX512-BF16/AMX): {cpu_has_native_bf16()}; fast_autocast() uses "
+        f"{'bf16' if cpu_has_native_bf16() else 'fp32'} here"
+    )
     print(f"GEMM peak measured now: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
-    print(f"FLOPs per cell: encoder {encoder_flops / args.batch_size / 1e9:.1f} G, "
-          f"encoder + Q-Former {total_flops / args.batch_size / 1e9:.1f} G")  # fmt: skip
+    print(
+        f"FLOPs per cell: encoder {encoder_flops / args.batch_size / 1e9:.1f} G, "
+        f"encoder + Q-Former {total_flops / args.batch_size / 1e9:.1f} G"
+    )
     results = {}
     for mode, autocast in (("fp32", False), ("bf16", True)):
         seconds = time_forward(tower, batch, autocast, args.repeats)
@@ -214,9 +241,13 @@ def main():
             f"{mode}: {args.batch_size / seconds:.2f} cells/s (encoder + Q-Former); encoder alone "
             f"{args.batch_size / enc_seconds:.2f} cells/s = {encoder_flops / enc_seconds / peak[mode]:.0%} of {mode} GEMM peak"
         )
-    print(f"bf16 / fp32 speed: {results['bf16'] / results['fp32']:.2f}x; GEMM bf16 / fp32: {peak['bf16'] / peak['fp32']:.2f}x")
-    print(f"fp32 vs scGPT's own implementation (1.07 cells/s quoted for this CPU class, not measured in this run): "
-          f"{results['fp32'] / 1.07:.2f}x")
+    print(
+        f"bf16 / fp32 speed: {results['bf16'] / results['fp32']:.2f}x; GEMM bf16 / fp32: {peak['bf16'] / peak['fp32']:.2f}x"
+    )
+    print(
+        f"fp32 vs scGPT's own implementation (1.07 cells/s quoted for this CPU class, not measured in this run): "
+        f"{results['fp32'] / 1.07:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+
 _RENAMES = [
     (r"^encoder\.", "gene_encoder."),
     (r"^value_encoder\.", "value_encoder."),
@@ -59,9 +60,6 @@ def convert_scgpt_state_dict(
     return converted, report
 
 
-
-
-
 def convert_scgpt_checkpoint(
     checkpoint: str,
     args_json: str | None = None,
@@ -98,7 +96,9 @@ def convert_scgpt_checkpoint(
     vocab_json = vocab_json or os.path.join(folder, "vocab.json")
     for path in (checkpoint, args_json, vocab_json):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: a scGPT checkpoint folder holds best_model.pt, args.json, vocab.json.")
+            raise FileNotFoundError(
+                f"{path} not found: a scGPT checkpoint folder holds best_model.pt, args.json, vocab.json."
+            )
     with open(args_json, encoding="utf-8") as f:
         args = json.load(f)
     vocab = GeneVocab.from_scgpt_json(vocab_json, special_tokens=(args.get("pad_token", "<pad>"), "<cls>", "<eoc>"))
@@ -107,9 +107,11 @@ def convert_scgpt_checkpoint(
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            raise ValueError(f"{checkpoint}: refused: its pickle holds more than tensors (torch.load with "
-                             f"weights_only=True: {str(error).splitlines()[-1][:160]}). Convert only checkpoints from a "
-                             "source you trust, re-saved as plain state dicts.") from error  # fmt: skip
+            raise ValueError(
+                f"{checkpoint}: refused: its pickle holds more than tensors (torch.load with "
+                f"weights_only=True: {str(error).splitlines()[-1][:160]}). Convert only checkpoints from a "
+                "source you trust, re-saved as plain state dicts."
+            ) from error
     state = state.get("model_state_dict", state) if isinstance(state, dict) else state
 
     binned = args.get("input_emb_style", "continuous") == "category"
@@ -145,34 +147,16 @@ def convert_scgpt_checkpoint(
     if report.unused:
         logging.getLogger(__name__).info("Unused scGPT keys (task heads): %s", report.unused)
     processor = ScMMGPTCellProcessor(
-        vocab, max_genes=config.max_genes, n_bins=args.get("n_bins", 51), pad_value=config.pad_value,
+        vocab,
+        max_genes=config.max_genes,
+        n_bins=args.get("n_bins", 51),
+        pad_value=config.pad_value,
         cls_value=config.pad_value,
-    )  # fmt: skip
+    )
     if output_dir is not None:
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
     return model, processor, report
 
-def scgpt_model_module():
-    """scGPT's own `scgpt/model/model.py` (with `TransformerModel`), imported from the installed `scgpt` package
-    without running the package's `__init__`, which needs torchtext (whose binary no longer loads on current
-    torch). The model module itself needs only torch, numpy and tqdm. For side-by-side checks and benchmarks.
 
-    Raises `ImportError` when `scgpt` is not installed (`pip install --no-deps scgpt`)."""
-    import importlib
-    import importlib.util
-    import os
-    import sys
-    import types
-
-    spec = importlib.util.find_spec("scgpt")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("scgpt is not installed: pip install --no-deps scgpt")
-    if "_scgpt_model" not in sys.modules:
-        package = types.ModuleType("_scgpt_model")
-        package.__path__ = [os.path.join(list(spec.submodule_search_locations)[0], "model")]
-        sys.modules["_scgpt_model"] = package
-    return importlib.import_module("_scgpt_model.model")
-
-
-__all__ = ["ScGPTConversionReport", "convert_scgpt_checkpoint", "convert_scgpt_state_dict", "scgpt_model_module"]
+__all__ = ["ScGPTConversionReport", "convert_scgpt_checkpoint", "convert_scgpt_state_dict"]

@@ -5,14 +5,34 @@ torch, numpy and tqdm."""
 import pytest
 import torch
 
-from modeling_scmmgpt.convert_scgpt import scgpt_model_module as _module
+
+def load_scgpt_model_module():
+    """scGPT's own `scgpt/model/model.py` (with `TransformerModel`), for the side-by-side tests and
+    `benchmarks/encode_cells.py` (test code, so not in the library). Raises `ImportError` when `scgpt` is not installed (`pip install --no-deps scgpt`)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("scgpt is not installed: pip install --no-deps scgpt")
+    if "_scgpt_model" not in sys.modules:
+        package = types.ModuleType("_scgpt_model")
+        package.__path__ = [os.path.join(list(spec.submodule_search_locations)[0], "model")]
+        sys.modules["_scgpt_model"] = package
+    return importlib.import_module("_scgpt_model.model")
 
 
 def scgpt_model_module():
+    """[`load_scgpt_model_module`], or a skip where scGPT's module does not import."""
     try:
-        return _module()
+        return load_scgpt_model_module()
     except Exception as err:  # not installed, or a future scgpt release that imports more
-        pytest.skip(f"scGPT's model module does not import here ({type(err).__name__}: {err}); the fixture comparisons still run")
+        pytest.skip(
+            f"scGPT's model module does not import here ({type(err).__name__}: {err}); the fixture comparisons still run"
+        )
 
 
 def random_scgpt(d_model, nhead, nlayers, d_hid, vocab, seed, input_emb_style="continuous", n_bins=51, pad_value=-2):
@@ -20,17 +40,32 @@ def random_scgpt(d_model, nhead, nlayers, d_hid, vocab, seed, input_emb_style="c
     module = scgpt_model_module()
     torch.manual_seed(seed)
     model = module.TransformerModel(
-        ntoken=len(vocab), d_model=d_model, nhead=nhead, d_hid=d_hid, nlayers=nlayers, vocab=vocab, dropout=0.2,
-        pad_token="<pad>", pad_value=pad_value, input_emb_style=input_emb_style,
-        n_input_bins=n_bins + 2 if input_emb_style == "category" else None, do_mvc=True,
-    )  # fmt: skip
+        ntoken=len(vocab),
+        d_model=d_model,
+        nhead=nhead,
+        d_hid=d_hid,
+        nlayers=nlayers,
+        vocab=vocab,
+        dropout=0.2,
+        pad_token="<pad>",
+        pad_value=pad_value,
+        input_emb_style=input_emb_style,
+        n_input_bins=n_bins + 2 if input_emb_style == "category" else None,
+        do_mvc=True,
+    )
     with torch.no_grad():
         for param in model.parameters():
-            param.copy_(torch.randn_like(param) * 0.3 + (1.0 if param.dim() == 1 and param.shape[0] == d_model else 0.0))
+            param.copy_(
+                torch.randn_like(param) * 0.3 + (1.0 if param.dim() == 1 and param.shape[0] == d_model else 0.0)
+            )
     return model.eval()
 
 
 def flash_layout(state: dict) -> dict:
     """The released checkpoints' layout: flash-attn `Wqkv` names for the packed projection."""
-    return {k.replace("self_attn.in_proj_weight", "self_attn.Wqkv.weight").replace("self_attn.in_proj_bias", "self_attn.Wqkv.bias"): v
-            for k, v in state.items()}  # fmt: skip
+    return {
+        k.replace("self_attn.in_proj_weight", "self_attn.Wqkv.weight").replace(
+            "self_attn.in_proj_bias", "self_attn.Wqkv.bias"
+        ): v
+        for k, v in state.items()
+    }
