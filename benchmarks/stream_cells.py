@@ -17,6 +17,7 @@ import tempfile
 import time
 import warnings
 
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -87,18 +88,25 @@ def main():
             write_tiled(path, n)
             out = subprocess.run(
                 [sys.executable, __file__, "--child", path, "--batch-size", str(args.batch_size)],
-                check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO},
-            )  # fmt: skip
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": REPO},
+            )
             result = json.loads(out.stdout.strip().splitlines()[-1])
             assert result["cells"] == n, f"streamed {result['cells']} of {n} cells"
             results.append((n, result))
             os.remove(path)
-            print(f"{n:>8} cells: {n / result['seconds']:8.0f} cells/s, peak RSS {result['peak_rss_mb']:.0f} MB",
-                  flush=True)  # fmt: skip
+            print(
+                f"{n:>8} cells: {n / result['seconds']:8.0f} cells/s, peak RSS {result['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     first, last = results[0][1], results[-1][1]
-    print(f"peak RSS {results[-1][0]:,} / {results[0][0]:,} cells: {last['peak_rss_mb'] / first['peak_rss_mb']:.2f}x "
-          f"(flat memory is 1.0x); slowest rate {min(n / r['seconds'] for n, r in results):.0f} cells/s "
-          "(target >= 5,000)")  # fmt: skip
+    print(
+        f"peak RSS {results[-1][0]:,} / {results[0][0]:,} cells: {last['peak_rss_mb'] / first['peak_rss_mb']:.2f}x "
+        f"(flat memory is 1.0x); slowest rate {min(n / r['seconds'] for n, r in results):.0f} cells/s "
+        "(target >= 5,000)"
+    )
 
 
 if __name__ == "__main__":

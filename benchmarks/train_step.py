@@ -20,15 +20,42 @@ import subprocess
 import sys
 import time
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = {"contrastive": 16, "reconstruction": 32, "instruction": 2}  # cells per step, as the demo trains
 
 
 def _stage_args(stage: str, steps: int, lm: str, cache: str) -> list[str]:
-    return ["--output_dir", os.path.join(cache, "runs", stage), "--use_cpu", "true", "--seed", "0", "--report_to",
-            "none", "--save_strategy", "no", "--eval_strategy", "no", "--logging_steps", "5", "--max_steps", str(steps),
-            "--per_device_train_batch_size", str(BATCH[stage]), "--learning_rate", "1e-4", "--num_cell_tokens", "8",
-            "--data_cache_dir", cache, "--demo_language_model", lm, "--disable_tqdm", "true"]  # fmt: skip
+    return [
+        "--output_dir",
+        os.path.join(cache, "runs", stage),
+        "--use_cpu",
+        "true",
+        "--seed",
+        "0",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--logging_steps",
+        "5",
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        str(BATCH[stage]),
+        "--learning_rate",
+        "1e-4",
+        "--num_cell_tokens",
+        "8",
+        "--data_cache_dir",
+        cache,
+        "--demo_language_model",
+        lm,
+        "--disable_tqdm",
+        "true",
+    ]
 
 
 def _bare_trainer(stage: str, model, processor, args, data, callbacks):
@@ -66,8 +93,9 @@ def _bare_trainer(stage: str, model, processor, args, data, callbacks):
         if helper in ours.__dict__:
             setattr(BareTrainer, helper, ours.__dict__[helper])
     if stage == "contrastive":
-        collator = ScMMGPTContrastiveCollator(processor, max_text_length=args.max_text_length,
-                                              text_field=args.text_field, label_field=args.label_field)  # fmt: skip
+        collator = ScMMGPTContrastiveCollator(
+            processor, max_text_length=args.max_text_length, text_field=args.text_field, label_field=args.label_field
+        )
     else:
         collator = ScMMGPTReconstructionCollator(processor)
     return BareTrainer(model=model, data_collator=collator, **common)
@@ -116,8 +144,23 @@ def run_one(stage: str, modes: list[str], steps: int, warmup: int, lm: str, cach
 
 
 def _child(stage: str, modes: list[str], repeats: int, args) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--run", stage, ",".join(modes), "--repeats", str(repeats),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--lm", args.lm, "--cache", args.cache]  # fmt: skip
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--run",
+        stage,
+        ",".join(modes),
+        "--repeats",
+        str(repeats),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--lm",
+        args.lm,
+        "--cache",
+        args.cache,
+    ]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(f"{stage} ({modes}) failed:\n{out.stderr[-3000:]}")
@@ -139,15 +182,20 @@ def main():
         print(json.dumps(run_one(stage, modes, args.steps, args.warmup, args.lm, args.cache, args.repeats)))
         return
 
-    print(f"LM: {args.lm}; samples/s at the median of {args.steps} step times after {args.warmup} warm-up steps, "
-          f"median of {args.repeats} alternating runs in one process; peak RSS from one process per mode")
+    print(
+        f"LM: {args.lm}; samples/s at the median of {args.steps} step times after {args.warmup} warm-up steps, "
+        f"median of {args.repeats} alternating runs in one process; peak RSS from one process per mode"
+    )
     print(f"{'stage':<15}{'bare samples/s':>16}{'ours samples/s':>16}{'overhead':>10}{'bare MB':>10}{'ours MB':>10}")
     for stage in args.stages:
         speed = _child(stage, ["bare", "ours"], args.repeats, args)
         memory = {mode: _child(stage, [mode], 1, args)["peak_rss_mb"] for mode in ("bare", "ours")}
         overhead = speed["bare"] / speed["ours"] - 1
-        print(f"{stage:<15}{speed['bare']:>16.2f}{speed['ours']:>16.2f}{overhead:>+10.1%}"
-              f"{memory['bare']:>10.0f}{memory['ours']:>10.0f}", flush=True)  # fmt: skip
+        print(
+            f"{stage:<15}{speed['bare']:>16.2f}{speed['ours']:>16.2f}{overhead:>+10.1%}"
+            f"{memory['bare']:>10.0f}{memory['ours']:>10.0f}",
+            flush=True,
+        )
     print("overhead = bare samples/s / ours - 1; target <= +10%")
 
 

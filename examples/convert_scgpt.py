@@ -22,7 +22,9 @@ def main(argv=None):
         args.checkpoint, args.args_json, args.vocab_json, output_dir=args.output_dir
     )
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"Converted {n_params / 1e6:.1f}M encoder parameters, {len(processor.gene_vocab)} gene tokens -> {args.output_dir}")
+    print(
+        f"Converted {n_params / 1e6:.1f}M encoder parameters, {len(processor.gene_vocab)} gene tokens -> {args.output_dir}"
+    )
     if report.unused:
         print(f"Not part of the encoder (scGPT task heads), left out: {', '.join(report.unused)}")
 

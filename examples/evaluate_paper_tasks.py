@@ -11,5 +11,6 @@ Without `--model` it evaluates an untrained tiny model: a floor to compare train
 
 from scmmgpt.evaluation import main
 
+
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ import os
 
 from trainers.run import STAGES, pretrain_all
 
+
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
@@ -26,7 +27,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-report", action="store_true", help="skip the test-split report after training")
     parser.add_argument("--override", nargs=argparse.REMAINDER, default=[], help="flags passed to every stage")
     args = parser.parse_args(argv)
-    stage_argv = {stage: [os.path.join(CONFIGS, f"{stage}_{args.config_suffix}.yaml"), *args.override] for stage in STAGES}
+    stage_argv = {
+        stage: [os.path.join(CONFIGS, f"{stage}_{args.config_suffix}.yaml"), *args.override] for stage in STAGES
+    }
     results = pretrain_all(stage_argv, args.output_dir, model=args.model)
     if not args.no_report:
         results["report"] = report(args.output_dir)
@@ -49,8 +52,10 @@ def report(output_dir: str, seed: int = 0, cache_dir: str | None = None) -> dict
     splits = load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, seed=seed, cache_dir=cache_dir)
     out = {name: evaluate_annotation(m, p, splits["train"], splits["test"]) for name, (m, p) in models.items()}
     chance = 1 / len(set(splits["train"]["cell_type"]))
-    print(f"Cell type annotation on {len(splits['test'])} test cells (chance {chance:.3f}; logistic regression on "
-          f"expression {out['after stage 3']['baseline_logistic_regression']['accuracy']:.3f}):")
+    print(
+        f"Cell type annotation on {len(splits['test'])} test cells (chance {chance:.3f}; logistic regression on "
+        f"expression {out['after stage 3']['baseline_logistic_regression']['accuracy']:.3f}):"
+    )
     for name, result in out.items():
         for mode in ("zero-shot", "generative"):
             scores = result[f"model_{mode}"]
@@ -61,8 +66,10 @@ def report(output_dir: str, seed: int = 0, cache_dir: str | None = None) -> dict
         print(f"  described: {example['generated'][:100]!r}\n      truth: {example['reference'][:100]!r}")
     generation = evaluate_generation(model, processor, splits["train"], splits["test"], cells_per_type=2, seed=seed)
     out["generation"] = {k: generation[k]["knn_accuracy"] for k in ("model", "baseline_class_mean_plus_noise")}
-    print(f"Generated cells (2 per type), 5-NN accuracy {out['generation']['model']:.3f} "
-          f"(class mean + noise baseline {out['generation']['baseline_class_mean_plus_noise']:.3f}; chance {chance:.3f})")
+    print(
+        f"Generated cells (2 per type), 5-NN accuracy {out['generation']['model']:.3f} "
+        f"(class mean + noise baseline {out['generation']['baseline_class_mean_plus_noise']:.3f}; chance {chance:.3f})"
+    )
     return out
 
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 
+
 VARIANTS = {
     "recipe": {},
     "no cell summary": {"contrastive": ["--cell_summary", "false", "--gene_embedding_init", "random"]},
@@ -24,11 +25,21 @@ VARIANTS = {
     "text path at the base rate": {"contrastive": ["--text_path_learning_rate", "null"]},
     "stage 2 trains the cell path": {"reconstruction": ["--cell_path_learning_rate", "null"]},
     "none (the previous recipe)": {
-        "contrastive": ["--cell_summary", "false", "--gene_embedding_init", "random", "--contrastive_batch_norm",
-                        "false", "--itm_weight", "1", "--text_path_learning_rate", "null"],
+        "contrastive": [
+            "--cell_summary",
+            "false",
+            "--gene_embedding_init",
+            "random",
+            "--contrastive_batch_norm",
+            "false",
+            "--itm_weight",
+            "1",
+            "--text_path_learning_rate",
+            "null",
+        ],
         "reconstruction": ["--cell_path_learning_rate", "null", "--unexpressed_genes", "0"],
     },
-}  # fmt: skip
+}
 
 
 def _without_nulls(argv: list[str]) -> list[str]:
@@ -48,10 +59,28 @@ def run(variant: str, seed: int, root: str, smollm2: bool) -> dict:
     from scmmgpt.demo import PRETRAINED_TEXT_FLAGS, STAGE_FLAGS
     from trainers.run import run_stage
 
-    common = ["--use_cpu", "true", "--seed", str(seed), "--report_to", "none", "--save_strategy", "no",
-              "--eval_strategy", "no", "--num_cell_tokens", "8", "--max_eval_samples", "64", "--disable_tqdm", "true",
-              "--data_cache_dir", os.path.join(root, "hf_cache"),
-              "--demo_language_model", "smollm2" if smollm2 else "tiny"]  # fmt: skip
+    common = [
+        "--use_cpu",
+        "true",
+        "--seed",
+        str(seed),
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--num_cell_tokens",
+        "8",
+        "--max_eval_samples",
+        "64",
+        "--disable_tqdm",
+        "true",
+        "--data_cache_dir",
+        os.path.join(root, "hf_cache"),
+        "--demo_language_model",
+        "smollm2" if smollm2 else "tiny",
+    ]
     out, previous = {}, None
     for stage in ("contrastive", "reconstruction"):
         flags, steps = STAGE_FLAGS[stage]
@@ -76,7 +105,9 @@ def zero_shot(folder: str, seed: int, root: str) -> dict:
 
     model = ScMMGPTForConditionalGeneration.from_pretrained(folder).eval()
     processor = ScMMGPTProcessor.from_pretrained(folder)
-    splits = load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, seed=seed, cache_dir=os.path.join(root, "hf_cache"))
+    splits = load_pbmc_demo(
+        gene_vocab=processor.cell_processor.gene_vocab, seed=seed, cache_dir=os.path.join(root, "hf_cache")
+    )
     scores = evaluate_annotation(model, processor, splits["train"], splits["test"], modes=("zero-shot",))
     return {k: scores["model_zero-shot"][k] for k in ("accuracy", "macro_f1")}
 
@@ -86,15 +117,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--language-model", choices=("tiny", "smollm2"), default="tiny")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
-                        help=f"default: all of {list(VARIANTS)} (the text-path one with SmolLM2 only, whose MiniLM "
-                             "text path is pretrained)")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        metavar="VARIANT",
+        help=f"default: all of {list(VARIANTS)} (the text-path one with SmolLM2 only, whose MiniLM "
+        "text path is pretrained)",
+    )
     args = parser.parse_args(argv)
     if not args.variants:
         args.variants = [v for v in VARIANTS if args.language_model == "smollm2" or v != "text path at the base rate"]
-    results = {v: [run(v, s, args.output_dir, args.language_model == "smollm2") for s in args.seeds] for v in args.variants}
+    results = {
+        v: [run(v, s, args.output_dir, args.language_model == "smollm2") for s in args.seeds] for v in args.variants
+    }
     print(f"\nzero-shot annotation, PBMC test split, {args.language_model} LM, seeds {args.seeds}: mean [min, max]")
-    print("| variant | after stage 1: accuracy | macro-F1 | after stage 2: accuracy | macro-F1 |\n|---|---|---|---|---|")
+    print(
+        "| variant | after stage 1: accuracy | macro-F1 | after stage 2: accuracy | macro-F1 |\n|---|---|---|---|---|"
+    )
     for variant, runs in results.items():
         cells = []
         for stage in ("contrastive", "reconstruction"):

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("scmmgpt_model_card.md")
 
 __all__ = ["MODEL_CARD_TEMPLATE"]

@@ -22,6 +22,7 @@ from .modeling_scmmgpt import (
 from .pipelines import register_pipelines
 from .processing_scmmgpt import GeneCoverage, ScMMGPTCellProcessor, ScMMGPTProcessor
 
+
 AutoConfig.register(ScMMGPTCellConfig.model_type, ScMMGPTCellConfig, exist_ok=True)
 AutoConfig.register(ScMMGPTConfig.model_type, ScMMGPTConfig, exist_ok=True)
 AutoModel.register(ScMMGPTCellConfig, ScMMGPTCellModel, exist_ok=True)

@@ -15,6 +15,7 @@ from .configuration_scmmgpt import ScMMGPTConfig
 from .modeling_cell_encoder import ScMMGPTCellModel
 from .processing_scmmgpt import ScMMGPTCellProcessor, ScMMGPTProcessor
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,7 +52,9 @@ def bert_to_qformer_state_dict(bert_state: dict[str, torch.Tensor]) -> tuple[dic
     token_type = state.get("embeddings.token_type_embeddings.weight")
     for key, tensor in state.items():
         if key == "embeddings.word_embeddings.weight":
-            mapped["text_embeddings.word_embeddings.weight"] = tensor + (token_type[0] if token_type is not None else 0)
+            mapped["text_embeddings.word_embeddings.weight"] = tensor + (
+                token_type[0] if token_type is not None else 0
+            )
         elif key == "embeddings.position_embeddings.weight":
             mapped["text_embeddings.position_embeddings.weight"] = tensor
         elif key.startswith("embeddings.LayerNorm."):
@@ -70,7 +73,9 @@ def bert_to_qformer_state_dict(bert_state: dict[str, torch.Tensor]) -> tuple[dic
 def _load_bert_state(bert_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.path.join(bert_dir, "model.safetensors")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: the Q-Former is initialised from a BERT folder with safetensors weights.")
+        raise FileNotFoundError(
+            f"{path} not found: the Q-Former is initialised from a BERT folder with safetensors weights."
+        )
     return load_file(path)
 
 
@@ -111,7 +116,11 @@ def build_from_parts(
     if qformer is None:  # sized after the processor added the cell tokens to the shared tokenizer
         if isinstance(qformer_config, Blip2QFormerConfig):
             qformer_config = qformer_config.to_dict()
-        qformer_config = {**(qformer_config or {}), "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+        qformer_config = {
+            **(qformer_config or {}),
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+        }
     text_config = lm.config
     if getattr(text_config, "quantization_config", None) is not None:
         # GGUF weights are de-quantised to fp32 on load; a saved quantization_config would make later loads treat

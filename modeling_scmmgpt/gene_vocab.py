@@ -14,6 +14,7 @@ import numpy as np
 
 from .utils import atomic_write_text
 
+
 GENE_VOCAB_NAME = "gene_vocab.json"
 SCGPT_SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
@@ -119,7 +120,9 @@ class GeneVocab:
             raise ValueError("GeneVocab ids must be unique; two genes share an id.")
         for token in (pad_token, cls_token):
             if token not in self.gene_to_id:
-                raise ValueError(f"Special token {token!r} is not in the vocabulary; add it before building GeneVocab.")
+                raise ValueError(
+                    f"Special token {token!r} is not in the vocabulary; add it before building GeneVocab."
+                )
         self.pad_token, self.cls_token = pad_token, cls_token
         self.ensembl_to_symbol: dict[str, str] = {}
         if ensembl_to_symbol:
@@ -203,7 +206,9 @@ class GeneVocab:
                 duplicated.append(gene_names[col])
                 ids[col] = -1
             seen.add(int(token_id))
-        n_model_genes = len(self.gene_to_id) - len({self.pad_token, self.cls_token, *SCGPT_SPECIAL_TOKENS} & set(self.gene_to_id))
+        n_model_genes = len(self.gene_to_id) - len(
+            {self.pad_token, self.cls_token, *SCGPT_SPECIAL_TOKENS} & set(self.gene_to_id)
+        )
         return ids, GeneCoverage(len(gene_names), len(seen), unknown, duplicated, n_model_genes)
 
     @property
@@ -264,7 +269,9 @@ class GeneVocab:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: not valid JSON ({error}); re-save the processor or re-download the model.") from error
+                raise ValueError(
+                    f"{path}: not valid JSON ({error}); re-save the processor or re-download the model."
+                ) from error
         if "gene_to_id" not in data:
             return cls.from_scgpt_json(path)
         return cls(

@@ -8,6 +8,7 @@ import tempfile
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
+
 WEIGHT_SUFFIXES_REFUSED = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
@@ -22,9 +23,13 @@ def eval_results_from_json(results: dict | str) -> list[EvalResult]:
     dataset = results["dataset"]
     return [
         EvalResult(
-            task_type=task, dataset_type=dataset["type"], dataset_name=dataset["name"],
-            dataset_split=dataset.get("split"), metric_type=metric, metric_value=float(value),
-        )  # fmt: skip
+            task_type=task,
+            dataset_type=dataset["type"],
+            dataset_name=dataset["name"],
+            dataset_split=dataset.get("split"),
+            metric_type=metric,
+            metric_value=float(value),
+        )
         for task, metrics in results["results"].items()
         for metric, value in metrics.items()
         if value is not None
@@ -60,8 +65,10 @@ def render_model_card(
     cell = config.cell_config
     text = config.text_config
     evaluation = (
-        "\n".join(f"- {r.task_type}, {r.metric_type}: {r.metric_value:.4g} ({r.dataset_name}, {r.dataset_split})"
-                  for r in results)  # fmt: skip
+        "\n".join(
+            f"- {r.task_type}, {r.metric_type}: {r.metric_value:.4g} ({r.dataset_name}, {r.dataset_split})"
+            for r in results
+        )
         if results
         else "Not evaluated yet."
     )

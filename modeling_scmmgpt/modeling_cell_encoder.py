@@ -268,7 +268,9 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
             return self._forward_packed(hidden_states, attention_mask, output_hidden_states)
         mask = None
         if padded:
-            mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask)
+            mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:

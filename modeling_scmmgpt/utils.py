@@ -84,21 +84,32 @@ class StrictLoadingMixin:
         source = str(pretrained_model_name_or_path)
         if os.path.isdir(source) and not any(n.endswith(".safetensors") for n in os.listdir(source)):
             found = ", ".join(n for n in sorted(os.listdir(source)) if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
-            raise OSError(f"{source}: no model.safetensors" + (f" (only pickled weights: {found})" if found else "")
-                          + "; scMMGPT loads safetensors only. Re-save the model with save_pretrained, or convert "
-                          "a scGPT checkpoint with `scmmgpt convert-scgpt`.")  # fmt: skip
+            raise OSError(
+                f"{source}: no model.safetensors"
+                + (f" (only pickled weights: {found})" if found else "")
+                + "; scMMGPT loads safetensors only. Re-save the model with save_pretrained, or convert "
+                "a scGPT checkpoint with `scmmgpt convert-scgpt`."
+            )
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("use_safetensors", True)
         kwargs.setdefault("ignore_mismatched_sizes", True)  # reported below, by name, instead of a RuntimeError
         try:
             model, info = super().from_pretrained(source, *args, output_loading_info=True, **kwargs)
         except SafetensorError as error:
-            raise OSError(f"{source}: the safetensors weights are truncated or corrupt ({error}); re-download or "
-                          "re-save the model.") from error  # fmt: skip
-        problems = {kind: sorted(info.get(kind) or ()) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+            raise OSError(
+                f"{source}: the safetensors weights are truncated or corrupt ({error}); re-download or "
+                "re-save the model."
+            ) from error
+        problems = {
+            kind: sorted(info.get(kind) or ()) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        }
         problems = {kind: keys for kind, keys in problems.items() if keys}
         if problems:
-            text = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {keys[0]})" for kind, keys in problems.items())
-            raise ValueError(f"{source}: the weights do not fit {cls.__name__}: {text}. The folder holds another "
-                             "architecture or an incomplete save; load it with the class that saved it.")  # fmt: skip
+            text = "; ".join(
+                f"{len(keys)} {kind.replace('_', ' ')} (e.g. {keys[0]})" for kind, keys in problems.items()
+            )
+            raise ValueError(
+                f"{source}: the weights do not fit {cls.__name__}: {text}. The folder holds another "
+                "architecture or an incomplete save; load it with the class that saved it."
+            )
         return (model, info) if want_info else model

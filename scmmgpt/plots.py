@@ -5,9 +5,24 @@ from __future__ import annotations
 
 import numpy as np
 
+
 # Canonical PBMC markers (those measured in the demo data): monocytes, B, NK, T, dendritic cells.
-PBMC_MARKERS = ["LYZ", "CST3", "FCGR3A", "MS4A1", "CD79A", "GNLY", "NKG7", "GZMB", "CD3E", "CD8A", "CD4", "IL7R",
-                "CCR7", "FCER1A"]  # fmt: skip
+PBMC_MARKERS = [
+    "LYZ",
+    "CST3",
+    "FCGR3A",
+    "MS4A1",
+    "CD79A",
+    "GNLY",
+    "NKG7",
+    "GZMB",
+    "CD3E",
+    "CD8A",
+    "CD4",
+    "IL7R",
+    "CCR7",
+    "FCER1A",
+]
 
 
 def _figure_backend():
@@ -23,7 +38,11 @@ def annotate_test_cells(model, processor, adata, splits, descriptions: dict[str,
     """The test split's cells as an AnnData with scMMGPT's embeddings (`obsm["X_scmmgpt"]`), zero-shot cell type
     (among the training types' Cell Ontology ids, shown as labels) and generated description in `obs`.
     `descriptions` (cell id to text, e.g. the evaluation's) are used where they cover every test cell."""
-    from modeling_scmmgpt.pipelines import CellDescriptionPipeline, CellFeatureExtractionPipeline, CellTypeAnnotationPipeline
+    from modeling_scmmgpt.pipelines import (
+        CellDescriptionPipeline,
+        CellFeatureExtractionPipeline,
+        CellTypeAnnotationPipeline,
+    )
 
     test = splits["test"]
     cells = adata[list(test["cell_id"])].copy()
@@ -52,8 +71,13 @@ def plot_embeddings(cells, path: str) -> None:
     sc.pp.neighbors(cells, use_rep="X_scmmgpt", n_neighbors=10, random_state=0)
     sc.tl.umap(cells, random_state=0)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    for ax, column, title in ((axes[0], "true_cell_type", "true type"), (axes[1], "scmmgpt_cell_type", "scMMGPT zero-shot")):
-        sc.pl.umap(cells, color=column, ax=ax, show=False, title=f"scMMGPT cell embeddings: {title}", legend_fontsize=7)
+    for ax, column, title in (
+        (axes[0], "true_cell_type", "true type"),
+        (axes[1], "scmmgpt_cell_type", "scMMGPT zero-shot"),
+    ):
+        sc.pl.umap(
+            cells, color=column, ax=ax, show=False, title=f"scMMGPT cell embeddings: {title}", legend_fontsize=7
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -79,8 +103,10 @@ def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per
     types = sorted(set(test["cell_type"]))
     generated = []
     for cell_type in types:
-        prompts = [GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(cell_type=cell_type, tissue=" from blood")
-                   for k in range(cells_per_type)]  # fmt: skip
+        prompts = [
+            GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(cell_type=cell_type, tissue=" from blood")
+            for k in range(cells_per_type)
+        ]
         part = generator(prompts, n_cells=1, max_text_tokens=0, genes=genes)
         part.obs["cell_type"] = cell_type
         generated.append(part)
@@ -97,9 +123,16 @@ def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per
     palette = dict(zip(types, plt.cm.tab10(np.linspace(0, 1, len(types)))))
     for source, marker, size in (("real", "o", 12), ("generated", "*", 120)):
         rows = (both.obs["source"] == source).to_numpy()
-        axes[0].scatter(coords[rows, 0], coords[rows, 1], c=[palette[t] for t in both.obs["cell_type"][rows]],
-                        marker=marker, s=size, edgecolors="k" if source == "generated" else "none",
-                        linewidths=0.4, label=source)  # fmt: skip
+        axes[0].scatter(
+            coords[rows, 0],
+            coords[rows, 1],
+            c=[palette[t] for t in both.obs["cell_type"][rows]],
+            marker=marker,
+            s=size,
+            edgecolors="k" if source == "generated" else "none",
+            linewidths=0.4,
+            label=source,
+        )
     handles = [plt.Line2D([], [], marker="o", ls="", color=palette[t], label=t) for t in types]
     axes[0].legend(handles=handles, fontsize=6, loc="best", title="o real, * generated", title_fontsize=7)
     axes[0].set_title("Generated (stars) and real (dots) test cells, UMAP of shared genes")
@@ -107,8 +140,10 @@ def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per
     markers = [g for g in PBMC_MARKERS if g in genes]
     means = {}
     for source, data in (("real", real), ("generated", fake)):
-        frame = pd.DataFrame(np.asarray(data[:, markers].X.todense() if hasattr(data.X, "todense") else data[:, markers].X),
-                             columns=markers)  # fmt: skip
+        frame = pd.DataFrame(
+            np.asarray(data[:, markers].X.todense() if hasattr(data.X, "todense") else data[:, markers].X),
+            columns=markers,
+        )
         frame["cell_type"] = data.obs["cell_type"].to_numpy()
         means[source] = frame.groupby("cell_type").mean().reindex(types)
     grid = np.concatenate([means["real"].to_numpy(), means["generated"].to_numpy()], axis=1)
@@ -137,9 +172,18 @@ _ARCHITECTURE_BOXES = {
     "cell_head": ("cell_head (MLP)\nat <cell_i> outputs", 9.9, 0.8, 2.0, "#fce5cd"),
     "decoder": ("expression decoder\n(cell tokens, any genes)", 12.4, 0.8, 2.2, "#cfe2f3"),
 }
-_ARCHITECTURE_ARROWS = [("cell", "encoder"), ("encoder", "qformer"), ("qformer", "mlp"), ("mlp", "lm"),
-                        ("lm", "text_out"), ("text_in", "text_path"), ("text_path", "itc"), ("qformer", "itc"),
-                        ("lm", "cell_head"), ("cell_head", "decoder")]  # fmt: skip
+_ARCHITECTURE_ARROWS = [
+    ("cell", "encoder"),
+    ("encoder", "qformer"),
+    ("qformer", "mlp"),
+    ("mlp", "lm"),
+    ("lm", "text_out"),
+    ("text_in", "text_path"),
+    ("text_path", "itc"),
+    ("qformer", "itc"),
+    ("lm", "cell_head"),
+    ("cell_head", "decoder"),
+]
 
 
 def plot_architecture(path: str) -> None:
@@ -164,9 +208,14 @@ def plot_architecture(path: str) -> None:
     ax.text(15.3, 1.4, "expression\nprofile", ha="center", va="center", fontsize=8.5)
     ax.add_patch(FancyArrowPatch((14.65, 1.4), (14.85, 1.4), arrowstyle="-|>", mutation_scale=12, color="#333"))
     ax.text(0.2, 4.75, "scMMGPT reads a cell (top row) and writes one (bottom right)", fontsize=9, style="italic")
-    ax.text(0.2, 0.2, "stage 1 aligns cells with text; stage 2 reconstructs expression; stage 3 tunes the LM on "
-            "instructions and to write cells (<cell_i> hidden states regressed onto the Q-Former outputs)",
-            fontsize=9, style="italic")  # fmt: skip
+    ax.text(
+        0.2,
+        0.2,
+        "stage 1 aligns cells with text; stage 2 reconstructs expression; stage 3 tunes the LM on "
+        "instructions and to write cells (<cell_i> hidden states regressed onto the Q-Former outputs)",
+        fontsize=9,
+        style="italic",
+    )
     ax.set_xlim(0, 16)
     ax.set_ylim(0, 5)
     ax.axis("off")

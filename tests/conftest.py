@@ -13,6 +13,7 @@ from modeling_scmmgpt import GeneVocab, ScMMGPTCellProcessor
 from modeling_scmmgpt.resources import census_vocab_path, pbmc68k_reduced_path
 from trainers.default_model import train_word_tokenizer
 
+
 SENTENCES = [
     "cell type: CD14-positive monocyte. A monocyte that expresses CD14 and is found in blood.",
     "cell type: B cell. A lymphocyte of B lineage capable of B cell mediated immunity.",

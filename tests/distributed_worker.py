@@ -28,9 +28,16 @@ class RecordingCollator(ScMMGPTContrastiveCollator):
 
 def arguments(out_dir, **kwargs):
     return ScMMGPTContrastiveArguments(
-        output_dir=out_dir, use_cpu=True, ddp_backend="gloo", report_to="none", max_text_length=64, seed=0,
-        save_strategy="no", dataloader_num_workers=0, **kwargs,
-    )  # fmt: skip
+        output_dir=out_dir,
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to="none",
+        max_text_length=64,
+        seed=0,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        **kwargs,
+    )
 
 
 def loss_and_grads(model_dir, out_dir):
@@ -56,7 +63,15 @@ def loss_and_grads(model_dir, out_dir):
             dist.all_reduce(param.grad)
             grads[name] = param.grad / world_size
     if rank == 0:
-        torch.save({"loss": float(mean_loss) / world_size, "itc": float(parts["itc_loss"]), "itm": float(itm) / world_size, "grads": grads}, os.path.join(out_dir, "distributed_loss.pt"))
+        torch.save(
+            {
+                "loss": float(mean_loss) / world_size,
+                "itc": float(parts["itc_loss"]),
+                "itm": float(itm) / world_size,
+                "grads": grads,
+            },
+            os.path.join(out_dir, "distributed_loss.pt"),
+        )
 
 
 def ddp_training(model_dir, data_dir, out_dir):
@@ -66,9 +81,12 @@ def ddp_training(model_dir, data_dir, out_dir):
     collator = RecordingCollator(processor, max_text_length=64)
     collator.seen = []
     trainer = ScMMGPTContrastiveTrainer(
-        model=model, args=args, processor=processor, data_collator=collator,
+        model=model,
+        args=args,
+        processor=processor,
+        data_collator=collator,
         train_dataset=datasets.load_from_disk(data_dir),
-    )  # fmt: skip
+    )
     trainer.train()
     rank = dist.get_rank()
     torch.save(model.state_dict(), os.path.join(out_dir, f"weights_rank{rank}.pt"))

@@ -13,6 +13,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
+
 REPO = r"(?P<repo>[^/]+/[^/]+)"
 
 
@@ -76,8 +77,14 @@ class HubHandler(BaseHTTPRequestHandler):
         return repo
 
     def _info(self, repo_id, repo):
-        return {"id": repo_id, "modelId": repo_id, "sha": repo.sha, "private": False, "tags": [],
-                "siblings": [{"rfilename": p, "size": len(c)} for p, c in sorted(repo.files.items())]}  # fmt: skip
+        return {
+            "id": repo_id,
+            "modelId": repo_id,
+            "sha": repo.sha,
+            "private": False,
+            "tags": [],
+            "siblings": [{"rfilename": p, "size": len(c)} for p, c in sorted(repo.files.items())],
+        }
 
     # --- routes ---------------------------------------------------------------------------------------------------
     def do_HEAD(self):
@@ -86,7 +93,9 @@ class HubHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         path = unquote(urlparse(self.path).path)
         if path == "/api/whoami-v2":
-            return self._send(200, {"name": "tester", "type": "user", "orgs": [], "auth": {"accessToken": {"role": "write"}}})
+            return self._send(
+                200, {"name": "tester", "type": "user", "orgs": [], "auth": {"accessToken": {"role": "write"}}}
+            )
         if m := re.fullmatch(rf"/api/models/{REPO}(?:/revision/[^/]+)?", path):
             if repo := self._repo(m["repo"]):
                 self._send(200, self._info(m["repo"], repo))
@@ -94,8 +103,11 @@ class HubHandler(BaseHTTPRequestHandler):
         if m := re.fullmatch(rf"/api/models/{REPO}/tree/[^/]+(?:/(?P<dir>.*))?", path):
             if repo := self._repo(m["repo"]):
                 prefix = (m["dir"] or "").strip("/")
-                entries = [{"type": "file", "path": p, "size": len(c), "oid": hashlib.sha1(c).hexdigest()}
-                           for p, c in sorted(repo.files.items()) if not prefix or p.startswith(prefix + "/")]  # fmt: skip
+                entries = [
+                    {"type": "file", "path": p, "size": len(c), "oid": hashlib.sha1(c).hexdigest()}
+                    for p, c in sorted(repo.files.items())
+                    if not prefix or p.startswith(prefix + "/")
+                ]
                 self._send(200, entries)
             return None
         if m := re.fullmatch(rf"/{REPO}/resolve/[^/]+/(?P<file>.+)", path):
@@ -125,14 +137,18 @@ class HubHandler(BaseHTTPRequestHandler):
         if m := re.fullmatch(rf"/api/models/{REPO}/preupload/[^/]+", path):
             if self._repo(m["repo"]):
                 files = json.loads(body)["files"]
-                self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                           for f in files]})  # fmt: skip
+                self._send(
+                    200,
+                    {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                )
             return None
         if m := re.fullmatch(rf"/api/models/{REPO}/paths-info/[^/]+", path):
             if repo := self._repo(m["repo"]):
                 wanted = re.findall(r"paths=([^&]+)", body.decode()) or json.loads(body or b"{}").get("paths", [])
                 wanted = [unquote(p) for p in wanted]
-                self._send(200, [{"type": "file", "path": p, "size": len(repo.files[p])} for p in wanted if p in repo.files])
+                self._send(
+                    200, [{"type": "file", "path": p, "size": len(repo.files[p])} for p in wanted if p in repo.files]
+                )
             return None
         if m := re.fullmatch(rf"/api/models/{REPO}/commit/[^/]+", path):
             repo = self._repo(m["repo"])
@@ -146,7 +162,9 @@ class HubHandler(BaseHTTPRequestHandler):
                     repo.files.pop(item["value"]["path"], None)
                 elif item["key"] != "header":
                     return self._error(400, "Unsupported", f"commit operation {item['key']} is not supported")
-            repo.sha = hashlib.sha1(repr(sorted((p, hashlib.sha1(c).hexdigest()) for p, c in repo.files.items())).encode()).hexdigest()
+            repo.sha = hashlib.sha1(
+                repr(sorted((p, hashlib.sha1(c).hexdigest()) for p, c in repo.files.items())).encode()
+            ).hexdigest()
             url = f"http://{self.headers['Host']}/{m['repo']}/commit/{repo.sha}"
             return self._send(200, {"commitUrl": url, "commitOid": repo.sha, "pullRequestUrl": None})
         return self._error(404, "NotFound", f"POST {path} is not implemented by the test hub")

@@ -30,22 +30,42 @@ def recording(collator, seen: list):
 
 
 def main(stage, model_dir, data_dir, out_dir):
-    common = dict(output_dir=os.path.join(out_dir, stage), use_cpu=True, ddp_backend="gloo", report_to="none", seed=0,
-                  save_strategy="no", dataloader_num_workers=0, max_steps=3, per_device_train_batch_size=2,
-                  learning_rate=1e-3, disable_tqdm=True, logging_steps=1)  # fmt: skip
+    common = dict(
+        output_dir=os.path.join(out_dir, stage),
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to="none",
+        seed=0,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+        logging_steps=1,
+    )
     model = ScMMGPTForConditionalGeneration.from_pretrained(model_dir)
     processor = ScMMGPTProcessor.from_pretrained(model_dir)
     data, seen = datasets.load_from_disk(data_dir), []
     if stage == "reconstruction":
         args = ScMMGPTReconstructionArguments(**common)
-        trainer = ScMMGPTReconstructionTrainer(model=model, args=args, processor=processor, train_dataset=data,
-                                               data_collator=recording(ScMMGPTReconstructionCollator(processor), seen))  # fmt: skip
+        trainer = ScMMGPTReconstructionTrainer(
+            model=model,
+            args=args,
+            processor=processor,
+            train_dataset=data,
+            data_collator=recording(ScMMGPTReconstructionCollator(processor), seen),
+        )
     else:
         args = ScMMGPTInstructionArguments(**common, lora_r=4)
         collator = recording(ScMMGPTInstructionCollator(processor), seen)
         trainer = ScMMGPTInstructionTrainer(model, args, processor, train_dataset=data, data_collator=collator)
     # Each rank's own value of one loss part per step, read where the trainer collects them for logging.
-    part, collected = ("masked_value_loss", trainer._metrics["train"]) if stage == "reconstruction" else ("lm_loss", trainer._loss_parts)
+    part, collected = (
+        ("masked_value_loss", trainer._metrics["train"])
+        if stage == "reconstruction"
+        else ("lm_loss", trainer._loss_parts)
+    )
     local, compute_loss = [], trainer.compute_loss
 
     def recorded(*args, **kwargs):

@@ -28,6 +28,7 @@ from conftest import pbmc_cells
 
 from scmmgpt.cli import main
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,7 +49,9 @@ def model_dir(tmp_path_factory):
 def loaded(model_dir):
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 
-    return ScMMGPTForConditionalGeneration.from_pretrained(model_dir).eval(), ScMMGPTProcessor.from_pretrained(model_dir)
+    return ScMMGPTForConditionalGeneration.from_pretrained(model_dir).eval(), ScMMGPTProcessor.from_pretrained(
+        model_dir
+    )
 
 
 @pytest.fixture
@@ -188,11 +191,20 @@ DATA_CASES = [
     ("no gene the model knows", _unknown_genes, [], r"not in the vocabulary|measures 0 of the model"),
     ("Ensembl ids without aliases", _ensembl_genes, [], r"measures 0 of the model|not in the vocabulary"),
     ("few of the model's genes", _few_model_genes, [], r"measures \d+ of the model's \d+ genes"),
-    ("missing gene id column", lambda a: None, ["--gene-id-column", "feature_name"], r"feature_name.*not a var column"),
+    (
+        "missing gene id column",
+        lambda a: None,
+        ["--gene-id-column", "feature_name"],
+        r"feature_name.*not a var column",
+    ),
     ("missing layer", lambda a: None, ["--layer", "counts"], r"counts.*not in adata\.layers"),
-    ("layer and raw both asked for", lambda a: a.layers.__setitem__("lognorm", a.X.copy()),
-     ["--layer", "lognorm", "--use-raw"], r"use_raw.*layer|layer.*use_raw"),
-]  # fmt: skip
+    (
+        "layer and raw both asked for",
+        lambda a: a.layers.__setitem__("lognorm", a.X.copy()),
+        ["--layer", "lognorm", "--use-raw"],
+        r"use_raw.*layer|layer.*use_raw",
+    ),
+]
 
 
 @pytest.mark.parametrize("name, change, extra, pattern", DATA_CASES, ids=[c[0] for c in DATA_CASES])
@@ -208,8 +220,13 @@ def test_not_an_h5ad_file(model_dir, tmp_path, capsys):
         source = tmp_path / name
         source.write_bytes(content)
         output = str(tmp_path / "out.h5ad")
-        _check_cli_case(["embed", "--model", model_dir, "--input", str(source), "--output", output],
-                        r"not a readable \.h5ad file", capsys, inputs=[str(source)], outputs=[output])  # fmt: skip
+        _check_cli_case(
+            ["embed", "--model", model_dir, "--input", str(source), "--output", output],
+            r"not a readable \.h5ad file",
+            capsys,
+            inputs=[str(source)],
+            outputs=[output],
+        )
 
 
 def test_truncated_h5ad_file(model_dir, cells, tmp_path, capsys):
@@ -217,22 +234,32 @@ def test_truncated_h5ad_file(model_dir, cells, tmp_path, capsys):
     data = open(cells, "rb").read()
     source.write_bytes(data[: len(data) // 2])
     output = str(tmp_path / "out.h5ad")
-    _check_cli_case(["embed", "--model", model_dir, "--input", str(source), "--output", output],
-                    r"not a readable \.h5ad file", capsys, inputs=[str(source)], outputs=[output])  # fmt: skip
+    _check_cli_case(
+        ["embed", "--model", model_dir, "--input", str(source), "--output", output],
+        r"not a readable \.h5ad file",
+        capsys,
+        inputs=[str(source)],
+        outputs=[output],
+    )
 
 
 def test_missing_input_file(model_dir, tmp_path, capsys):
     output = str(tmp_path / "out.h5ad")
-    _check_cli_case(["embed", "--model", model_dir, "--input", str(tmp_path / "nope.h5ad"), "--output", output],
-                    r"nope\.h5ad: no such file", capsys, outputs=[output])  # fmt: skip
+    _check_cli_case(
+        ["embed", "--model", model_dir, "--input", str(tmp_path / "nope.h5ad"), "--output", output],
+        r"nope\.h5ad: no such file",
+        capsys,
+        outputs=[output],
+    )
 
 
 def test_low_coverage_passes_with_a_lower_threshold(model_dir, tmp_path, capsys):
     """The coverage refusal names the fix, and the fix works: --min-vocab-coverage."""
     source = _cells_where(tmp_path, _few_model_genes)
     output = str(tmp_path / "out.h5ad")
-    code, err = _cli(["embed", "--model", model_dir, "--input", source, "--output", output,
-                      "--min-vocab-coverage", "0.2"], capsys)  # fmt: skip
+    code, err = _cli(
+        ["embed", "--model", model_dir, "--input", source, "--output", output, "--min-vocab-coverage", "0.2"], capsys
+    )
     assert code == 0, err
     assert ad.read_h5ad(output).obsm["X_scmmgpt"].shape[0] == 12
 
@@ -245,7 +272,9 @@ def test_layer_overrides_a_saved_use_raw(model_dir, tmp_path, capsys):
     adata.X = sp.csr_matrix(adata.X.shape, dtype=np.float32)  # X itself holds nothing useful
     source = _write(adata, tmp_path / "layered.h5ad")
     output = str(tmp_path / "out.h5ad")
-    code, err = _cli(["embed", "--model", model_dir, "--input", source, "--output", output, "--layer", "lognorm"], capsys)
+    code, err = _cli(
+        ["embed", "--model", model_dir, "--input", source, "--output", output, "--layer", "lognorm"], capsys
+    )
     assert code == 0, err
     assert np.isfinite(ad.read_h5ad(output).obsm["X_scmmgpt"]).all()
 
@@ -316,13 +345,29 @@ def _grow_vocab(folder):
 MODEL_CASES = [
     ("folder does not exist", lambda f: shutil.rmtree(f), r"not a saved scMMGPT model folder"),
     ("no config.json", lambda f: os.remove(os.path.join(f, "config.json")), r"not a saved scMMGPT model folder"),
-    ("config.json of a Llama", lambda f: _edit_json(os.path.join(f, "config.json"), lambda c: (c.clear(), c.update(
-        model_type="llama", hidden_size=4096, num_hidden_layers=32))), r"model_type 'llama', not 'scmmgpt'"),
-    ("config.json without model_type", lambda f: _edit_json(os.path.join(f, "config.json"), lambda c: c.pop("model_type")),
-     r"model_type None, not 'scmmgpt'"),
-    ("config.json not JSON", lambda f: open(os.path.join(f, "config.json"), "w").write("{oops"), r"config.json.*not a valid JSON"),
-    ("config.json with an unknown field type", lambda f: _edit_json(os.path.join(f, "config.json"),
-     lambda c: c.update(num_cell_tokens="eight")), r"num_cell_tokens"),
+    (
+        "config.json of a Llama",
+        lambda f: _edit_json(
+            os.path.join(f, "config.json"),
+            lambda c: (c.clear(), c.update(model_type="llama", hidden_size=4096, num_hidden_layers=32)),
+        ),
+        r"model_type 'llama', not 'scmmgpt'",
+    ),
+    (
+        "config.json without model_type",
+        lambda f: _edit_json(os.path.join(f, "config.json"), lambda c: c.pop("model_type")),
+        r"model_type None, not 'scmmgpt'",
+    ),
+    (
+        "config.json not JSON",
+        lambda f: open(os.path.join(f, "config.json"), "w").write("{oops"),
+        r"config.json.*not a valid JSON",
+    ),
+    (
+        "config.json with an unknown field type",
+        lambda f: _edit_json(os.path.join(f, "config.json"), lambda c: c.update(num_cell_tokens="eight")),
+        r"num_cell_tokens",
+    ),
     ("truncated safetensors", _truncate, r"model: the safetensors weights are truncated or corrupt"),
     ("pickle-only weights", _pickle_only, r"only pickled weights: pytorch_model\.bin.*safetensors only"),
     ("no weights", lambda f: os.remove(os.path.join(f, "model.safetensors")), r"no model\.safetensors"),
@@ -332,17 +377,39 @@ MODEL_CASES = [
     ("gene vocabulary permuted", _swap_two_genes, r"gene vocabulary \(fingerprint [0-9a-f]+\) is not the one"),
     ("gene vocabulary past the embeddings", _grow_vocab, r"ids up to \d+, but the model has \d+ gene embeddings"),
     ("gene vocabulary missing", lambda f: os.remove(os.path.join(f, "gene_vocab.json")), r"No gene vocabulary"),
-    ("gene vocabulary not JSON", lambda f: open(os.path.join(f, "gene_vocab.json"), "w").write("[1,"), r"gene_vocab\.json"),
-    ("processor's cell tokens differ", lambda f: _edit_json(os.path.join(f, "processor_config.json"),
-     lambda c: c.update(num_cell_tokens=4)), r"num_cell_tokens is 8 but the processor's is 4"),
-    ("processor config missing", lambda f: os.remove(os.path.join(f, "processor_config.json")), r"processor_config\.json"),
-    ("unknown cell-processor option", lambda f: _edit_json(os.path.join(f, "cell_processor_config.json"),
-     lambda c: c.update(max_gene=10)), r"unknown option 'max_gene' \(did you mean 'max_genes'\?\)"),
-    ("cell-processor config missing", lambda f: os.remove(os.path.join(f, "cell_processor_config.json")),
-     r"cell_processor_config\.json not found"),
-    ("cell token ids moved", lambda f: _edit_json(os.path.join(f, "config.json"),
-     lambda c: c.update(cell_token_index=c["cell_token_index"] + 1)), r"cell_token_index is \d+ but the processor's is"),
-]  # fmt: skip
+    (
+        "gene vocabulary not JSON",
+        lambda f: open(os.path.join(f, "gene_vocab.json"), "w").write("[1,"),
+        r"gene_vocab\.json",
+    ),
+    (
+        "processor's cell tokens differ",
+        lambda f: _edit_json(os.path.join(f, "processor_config.json"), lambda c: c.update(num_cell_tokens=4)),
+        r"num_cell_tokens is 8 but the processor's is 4",
+    ),
+    (
+        "processor config missing",
+        lambda f: os.remove(os.path.join(f, "processor_config.json")),
+        r"processor_config\.json",
+    ),
+    (
+        "unknown cell-processor option",
+        lambda f: _edit_json(os.path.join(f, "cell_processor_config.json"), lambda c: c.update(max_gene=10)),
+        r"unknown option 'max_gene' \(did you mean 'max_genes'\?\)",
+    ),
+    (
+        "cell-processor config missing",
+        lambda f: os.remove(os.path.join(f, "cell_processor_config.json")),
+        r"cell_processor_config\.json not found",
+    ),
+    (
+        "cell token ids moved",
+        lambda f: _edit_json(
+            os.path.join(f, "config.json"), lambda c: c.update(cell_token_index=c["cell_token_index"] + 1)
+        ),
+        r"cell_token_index is \d+ but the processor's is",
+    ),
+]
 
 
 @pytest.mark.parametrize("name, break_folder, pattern", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
@@ -351,8 +418,13 @@ def test_bad_model_folder(name, break_folder, pattern, model_dir, cells, tmp_pat
     shutil.copytree(model_dir, folder)
     break_folder(folder)
     output = str(tmp_path / "out.csv")
-    _check_cli_case(["embed", "--model", folder, "--input", cells, "--output", output.replace(".csv", ".h5ad")],
-                    pattern, capsys, inputs=[cells], outputs=[output.replace(".csv", ".h5ad")])  # fmt: skip
+    _check_cli_case(
+        ["embed", "--model", folder, "--input", cells, "--output", output.replace(".csv", ".h5ad")],
+        pattern,
+        capsys,
+        inputs=[cells],
+        outputs=[output.replace(".csv", ".h5ad")],
+    )
 
 
 def test_library_refuses_mismatched_parts_before_reading_cells(loaded, model_dir, tmp_path):
@@ -385,24 +457,71 @@ CELLS = pbmc_cells()[:4].copy()
 PIPELINE_ERRORS = [
     ("batch_size 0", "CellFeatureExtractionPipeline", dict(batch_size=0), ValueError, r"batch_size=0"),
     ("batch_size negative", "CellFeatureExtractionPipeline", dict(batch_size=-1), ValueError, r"batch_size=-1"),
-    ("top_k 0", "CellTypeAnnotationPipeline", dict(candidate_labels=["B cell", "T cell"], top_k=0), ValueError, r"top_k=0"),
-    ("top_k negative", "CellTypeAnnotationPipeline", dict(candidate_labels=["B cell"], top_k=-2), ValueError, r"top_k=-2"),
-    ("top_k not whole", "CellTypeAnnotationPipeline", dict(candidate_labels=["B cell"], top_k=1.5), ValueError, r"top_k=1\.5"),
+    (
+        "top_k 0",
+        "CellTypeAnnotationPipeline",
+        dict(candidate_labels=["B cell", "T cell"], top_k=0),
+        ValueError,
+        r"top_k=0",
+    ),
+    (
+        "top_k negative",
+        "CellTypeAnnotationPipeline",
+        dict(candidate_labels=["B cell"], top_k=-2),
+        ValueError,
+        r"top_k=-2",
+    ),
+    (
+        "top_k not whole",
+        "CellTypeAnnotationPipeline",
+        dict(candidate_labels=["B cell"], top_k=1.5),
+        ValueError,
+        r"top_k=1\.5",
+    ),
     ("no candidate labels", "CellTypeAnnotationPipeline", dict(candidate_labels=[]), ValueError, r"candidate"),
-    ("empty candidate label", "CellTypeAnnotationPipeline", dict(candidate_labels=["B cell", ""]), ValueError, r"empty"),
-    ("unknown CL id", "CellTypeAnnotationPipeline", dict(candidate_labels=["CL:9999999", "B cell"]), ValueError,
-     r"CL:9999999"),
-    ("unknown annotation mode", "CellTypeAnnotationPipeline", dict(candidate_labels=["B cell"], mode="semi"), ValueError,
-     r"semi"),
+    (
+        "empty candidate label",
+        "CellTypeAnnotationPipeline",
+        dict(candidate_labels=["B cell", ""]),
+        ValueError,
+        r"empty",
+    ),
+    (
+        "unknown CL id",
+        "CellTypeAnnotationPipeline",
+        dict(candidate_labels=["CL:9999999", "B cell"]),
+        ValueError,
+        r"CL:9999999",
+    ),
+    (
+        "unknown annotation mode",
+        "CellTypeAnnotationPipeline",
+        dict(candidate_labels=["B cell"], mode="semi"),
+        ValueError,
+        r"semi",
+    ),
     ("max_new_tokens 0", "CellDescriptionPipeline", dict(max_new_tokens=0), ValueError, r"max_new_tokens=0"),
-    ("max_new_tokens not whole", "CellDescriptionPipeline", dict(max_new_tokens=2.5), ValueError, r"max_new_tokens=2\.5"),
-    ("write_to_adata and output_file", "CellFeatureExtractionPipeline", dict(write_to_adata=True, output_file="x.npy"),
-     ValueError, r"either write_to_adata or output_file"),
+    (
+        "max_new_tokens not whole",
+        "CellDescriptionPipeline",
+        dict(max_new_tokens=2.5),
+        ValueError,
+        r"max_new_tokens=2\.5",
+    ),
+    (
+        "write_to_adata and output_file",
+        "CellFeatureExtractionPipeline",
+        dict(write_to_adata=True, output_file="x.npy"),
+        ValueError,
+        r"either write_to_adata or output_file",
+    ),
     ("embeddings to a CSV", "CellFeatureExtractionPipeline", dict(output_file="{tmp}/x.csv"), ValueError, r"\.npy"),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize("name, cls_name, options, error, pattern", PIPELINE_ERRORS, ids=[c[0] for c in PIPELINE_ERRORS])
+@pytest.mark.parametrize(
+    "name, cls_name, options, error, pattern", PIPELINE_ERRORS, ids=[c[0] for c in PIPELINE_ERRORS]
+)
 def test_bad_pipeline_option(name, cls_name, options, error, pattern, loaded, tmp_path):
     options = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in options.items()}
     with pytest.raises(error, match=pattern):
@@ -432,27 +551,60 @@ def test_n_cells_below_one(loaded):
 
 PIPELINE_WARNINGS = [
     # (name, call, warning pattern, check of the result)
-    ("repeated labels are merged", lambda p: p["annotate"](CELLS.copy(), candidate_labels=["B cell", "B cell", "T cell"],
-     top_k=3, progress=False), r"repeat|merged", lambda r: all(len(x) == 2 for x in r)),
-    ("top_k beyond the labels is cut", lambda p: p["annotate"](CELLS.copy(), candidate_labels=["B cell", "T cell"],
-     top_k=5, progress=False), r"top_k=5", lambda r: all(len(x) == 2 for x in r)),
-    ("CL ids in any case and separator", lambda p: p["annotate"](CELLS.copy(), candidate_labels=["cl_0000236", "CL:0000236"],
-     progress=False), r"repeat|merged", lambda r: all(x[0]["label"] == "CL:0000236" for x in r)),
-    ("an empty description prompt", lambda p: p["describe"](CELLS.copy()[:2], prompt="", max_new_tokens=2, progress=False),
-     r"prompt is empty", lambda r: len(r) == 2),
-    ("an empty generation prompt", lambda p: p["generate"]("", max_text_tokens=0), r"prompt is empty",
-     lambda r: r.n_obs == 1),
-    ("a prompt longer than the LM's context", lambda p: p["generate"]("a B cell " * 2000, max_text_tokens=0),
-     r"past the LM's context of 2048: its last \d+ tokens are cut", lambda r: r.n_obs == 1),
-    ("a description prompt longer than the context", lambda p: p["describe"](CELLS.copy()[:1], prompt="describe " * 3000,
-     max_new_tokens=2, progress=False), r"past the LM's context", lambda r: len(r) == 1),
-]  # fmt: skip
+    (
+        "repeated labels are merged",
+        lambda p: p["annotate"](
+            CELLS.copy(), candidate_labels=["B cell", "B cell", "T cell"], top_k=3, progress=False
+        ),
+        r"repeat|merged",
+        lambda r: all(len(x) == 2 for x in r),
+    ),
+    (
+        "top_k beyond the labels is cut",
+        lambda p: p["annotate"](CELLS.copy(), candidate_labels=["B cell", "T cell"], top_k=5, progress=False),
+        r"top_k=5",
+        lambda r: all(len(x) == 2 for x in r),
+    ),
+    (
+        "CL ids in any case and separator",
+        lambda p: p["annotate"](CELLS.copy(), candidate_labels=["cl_0000236", "CL:0000236"], progress=False),
+        r"repeat|merged",
+        lambda r: all(x[0]["label"] == "CL:0000236" for x in r),
+    ),
+    (
+        "an empty description prompt",
+        lambda p: p["describe"](CELLS.copy()[:2], prompt="", max_new_tokens=2, progress=False),
+        r"prompt is empty",
+        lambda r: len(r) == 2,
+    ),
+    (
+        "an empty generation prompt",
+        lambda p: p["generate"]("", max_text_tokens=0),
+        r"prompt is empty",
+        lambda r: r.n_obs == 1,
+    ),
+    (
+        "a prompt longer than the LM's context",
+        lambda p: p["generate"]("a B cell " * 2000, max_text_tokens=0),
+        r"past the LM's context of 2048: its last \d+ tokens are cut",
+        lambda r: r.n_obs == 1,
+    ),
+    (
+        "a description prompt longer than the context",
+        lambda p: p["describe"](CELLS.copy()[:1], prompt="describe " * 3000, max_new_tokens=2, progress=False),
+        r"past the LM's context",
+        lambda r: len(r) == 1,
+    ),
+]
 
 
 @pytest.mark.parametrize("name, call, pattern, check", PIPELINE_WARNINGS, ids=[c[0] for c in PIPELINE_WARNINGS])
 def test_pipeline_warns_and_handles(name, call, pattern, check, loaded):
-    pipes = {"annotate": _pipe(loaded, "CellTypeAnnotationPipeline"), "describe": _pipe(loaded, "CellDescriptionPipeline"),
-             "generate": _pipe(loaded, "TextToCellPipeline")}  # fmt: skip
+    pipes = {
+        "annotate": _pipe(loaded, "CellTypeAnnotationPipeline"),
+        "describe": _pipe(loaded, "CellDescriptionPipeline"),
+        "generate": _pipe(loaded, "TextToCellPipeline"),
+    }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = call(pipes)
@@ -461,7 +613,9 @@ def test_pipeline_warns_and_handles(name, call, pattern, check, loaded):
 
 
 def test_a_bare_string_is_one_label(loaded):
-    ranked = _pipe(loaded, "CellTypeAnnotationPipeline")(CELLS.copy(), candidate_labels="B cell", top_k=1, progress=False)
+    ranked = _pipe(loaded, "CellTypeAnnotationPipeline")(
+        CELLS.copy(), candidate_labels="B cell", top_k=1, progress=False
+    )
     assert [r[0]["label"] for r in ranked] == ["B cell"] * CELLS.n_obs  # not the characters 'B', ' ', 'c', ...
 
 
@@ -472,43 +626,120 @@ def test_prompt_with_no_room_left_is_refused(loaded):
 
 # --- 4. CLI calls ----------------------------------------------------------------------------------------------------
 def test_output_is_the_input(model_dir, cells, capsys):
-    _check_cli_case(["annotate", "--model", model_dir, "--input", cells, "--output", cells, "--labels", "B cell"],
-                    r"is the --input file", capsys, inputs=[cells])  # fmt: skip
+    _check_cli_case(
+        ["annotate", "--model", model_dir, "--input", cells, "--output", cells, "--labels", "B cell"],
+        r"is the --input file",
+        capsys,
+        inputs=[cells],
+    )
 
 
 @pytest.mark.parametrize("output, pattern", [("out.txt", r"unknown format"), ("missing/out.csv", r"does not exist")])
 def test_bad_output_path(output, pattern, model_dir, cells, tmp_path, capsys):
     target = str(tmp_path / output)
-    _check_cli_case(["describe", "--model", model_dir, "--input", cells, "--output", target], pattern, capsys,
-                    inputs=[cells], outputs=[target])  # fmt: skip
+    _check_cli_case(
+        ["describe", "--model", model_dir, "--input", cells, "--output", target],
+        pattern,
+        capsys,
+        inputs=[cells],
+        outputs=[target],
+    )
 
 
 CLI_ERRORS = [
     ("unknown command", ["frobnicate"], r"invalid choice"),
     ("missing required option", ["embed", "--model", "m"], r"required"),
-    ("top-k 0", ["annotate", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.csv", "--labels", "B cell",
-                 "--top-k", "0"], r"top_k=0"),
-    ("top-k negative", ["annotate", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.csv", "--labels",
-                        "B cell", "--top-k", "-1"], r"top_k=-1"),
-    ("batch size 0", ["embed", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.h5ad", "--batch-size", "0"],
-     r"batch_size=0"),
-    ("coverage above 1", ["embed", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.h5ad",
-                          "--min-vocab-coverage", "1.5"], r"not a fraction"),
-    ("n-cells 0", ["generate", "--model", "{model}", "--prompt", "a B cell", "--n-cells", "0", "--output", "{tmp}/o.h5ad"],
-     r"n_cells=0|n-cells"),
-    ("max-new-tokens 0", ["describe", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.csv",
-                          "--max-new-tokens", "0"], r"max_new_tokens=0"),
-    ("unknown CL id", ["annotate", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.csv", "--labels",
-                       "CL:9999999"], r"CL:9999999"),
-    ("model path is a file", ["embed", "--model", "{cells}", "--input", "{cells}", "--output", "{tmp}/o.h5ad"],
-     r"not a saved scMMGPT model folder"),
+    (
+        "top-k 0",
+        [
+            "annotate",
+            "--model",
+            "{model}",
+            "--input",
+            "{cells}",
+            "--output",
+            "{tmp}/o.csv",
+            "--labels",
+            "B cell",
+            "--top-k",
+            "0",
+        ],
+        r"top_k=0",
+    ),
+    (
+        "top-k negative",
+        [
+            "annotate",
+            "--model",
+            "{model}",
+            "--input",
+            "{cells}",
+            "--output",
+            "{tmp}/o.csv",
+            "--labels",
+            "B cell",
+            "--top-k",
+            "-1",
+        ],
+        r"top_k=-1",
+    ),
+    (
+        "batch size 0",
+        ["embed", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.h5ad", "--batch-size", "0"],
+        r"batch_size=0",
+    ),
+    (
+        "coverage above 1",
+        [
+            "embed",
+            "--model",
+            "{model}",
+            "--input",
+            "{cells}",
+            "--output",
+            "{tmp}/o.h5ad",
+            "--min-vocab-coverage",
+            "1.5",
+        ],
+        r"not a fraction",
+    ),
+    (
+        "n-cells 0",
+        ["generate", "--model", "{model}", "--prompt", "a B cell", "--n-cells", "0", "--output", "{tmp}/o.h5ad"],
+        r"n_cells=0|n-cells",
+    ),
+    (
+        "max-new-tokens 0",
+        ["describe", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.csv", "--max-new-tokens", "0"],
+        r"max_new_tokens=0",
+    ),
+    (
+        "unknown CL id",
+        ["annotate", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.csv", "--labels", "CL:9999999"],
+        r"CL:9999999",
+    ),
+    (
+        "model path is a file",
+        ["embed", "--model", "{cells}", "--input", "{cells}", "--output", "{tmp}/o.h5ad"],
+        r"not a saved scMMGPT model folder",
+    ),
     ("convert a missing scGPT folder", ["convert-scgpt", "{tmp}/no_scgpt", "{tmp}/out"], r"no such scGPT checkpoint"),
-    ("init into a non-empty folder", ["init", "--cell-encoder", "{model}", "--language-model", "{model}",
-                                      "--output-dir", "{model}"], r"exists and is not empty"),
-    ("push a missing model", ["push", "--model", "{tmp}/nothing", "--repo-id", "me/x"], r"not a saved scMMGPT model folder"),
-    ("evaluate without test cells", ["evaluate", "--model", "{model}", "--train-data", "{tmp}/none.h5ad",
-                                     "--output-json", "{tmp}/m.json"], r"none\.h5ad"),
-]  # fmt: skip
+    (
+        "init into a non-empty folder",
+        ["init", "--cell-encoder", "{model}", "--language-model", "{model}", "--output-dir", "{model}"],
+        r"exists and is not empty",
+    ),
+    (
+        "push a missing model",
+        ["push", "--model", "{tmp}/nothing", "--repo-id", "me/x"],
+        r"not a saved scMMGPT model folder",
+    ),
+    (
+        "evaluate without test cells",
+        ["evaluate", "--model", "{model}", "--train-data", "{tmp}/none.h5ad", "--output-json", "{tmp}/m.json"],
+        r"none\.h5ad",
+    ),
+]
 
 
 @pytest.mark.parametrize("name, argv, pattern", CLI_ERRORS, ids=[c[0] for c in CLI_ERRORS])
@@ -532,8 +763,13 @@ def test_convert_refuses_a_pickle_that_runs_code(tmp_path, capsys):
     (folder / "best_model.pt").write_bytes(pickle.dumps(Payload()))
     (folder / "args.json").write_text(json.dumps({"embsize": 8, "nheads": 2, "d_hid": 8, "nlayers": 1}))
     (folder / "vocab.json").write_text(json.dumps({"A": 0, "<pad>": 1, "<cls>": 2, "<eoc>": 3}))
-    _check_cli_case(["convert-scgpt", str(folder), str(tmp_path / "out")], r"Weights only load failed|weights_only",
-                    capsys, inputs=[str(folder / "best_model.pt")], outputs=[str(tmp_path / "out")])  # fmt: skip
+    _check_cli_case(
+        ["convert-scgpt", str(folder), str(tmp_path / "out")],
+        r"Weights only load failed|weights_only",
+        capsys,
+        inputs=[str(folder / "best_model.pt")],
+        outputs=[str(tmp_path / "out")],
+    )
     assert not (tmp_path / "pwned").exists()
 
 
@@ -551,13 +787,27 @@ def test_debug_keeps_the_traceback(model_dir, tmp_path, capsys):
     from scmmgpt.cli import CLIError
 
     with pytest.raises(CLIError, match="no such file"):
-        main(["--debug", "embed", "--model", model_dir, "--input", str(tmp_path / "nope.h5ad"), "--output",
-              str(tmp_path / "o.h5ad")])  # fmt: skip
+        main(
+            [
+                "--debug",
+                "embed",
+                "--model",
+                model_dir,
+                "--input",
+                str(tmp_path / "nope.h5ad"),
+                "--output",
+                str(tmp_path / "o.h5ad"),
+            ]
+        )
 
 
 # --- 5. training configs -------------------------------------------------------------------------------------------
 CONFIG_CASES = [
-    ("misspelled key", "output_dir: {tmp}/run\nlearning_rat: 0.01\n", r"unknown option 'learning_rat'; did you mean 'learning_rate'"),
+    (
+        "misspelled key",
+        "output_dir: {tmp}/run\nlearning_rat: 0.01\n",
+        r"unknown option 'learning_rat'; did you mean 'learning_rate'",
+    ),
     ("list instead of a mapping", "- output_dir\n- x\n", r"expected a mapping"),
     ("YAML syntax error", "output_dir: {tmp}/run\nlearning_rate: [0.01\n", r"cfg\.yaml:\d+"),
     ("wrong type", "output_dir: {tmp}/run\nlearning_rate: fast\n", r"learning_rate"),
@@ -565,21 +815,29 @@ CONFIG_CASES = [
     ("balance beyond 1", "output_dir: {tmp}/run\nbalance_cell_types: 2\n", r"balance_cell_types"),
     ("unknown bridge init", "output_dir: {tmp}/run\nbridge_init: magic\n", r"bridge_init"),
     ("unknown cell encoder mode", "output_dir: {tmp}/run\ncell_encoder_mode: half\n", r"cell_encoder_mode"),
-    ("split fractions that do not sum to 1", "output_dir: {tmp}/run\ntrain_data: [x.h5ad]\nsplit_fractions: [0.5, 0.2, 0.1]\n",
-     r"split_fractions"),
+    (
+        "split fractions that do not sum to 1",
+        "output_dir: {tmp}/run\ntrain_data: [x.h5ad]\nsplit_fractions: [0.5, 0.2, 0.1]\n",
+        r"split_fractions",
+    ),
     ("use_raw and layer together", "output_dir: {tmp}/run\nuse_raw: true\nlayer: counts\n", r"use_raw and layer"),
     ("coverage beyond 1", "output_dir: {tmp}/run\nmin_vocab_coverage: 2\n", r"min_vocab_coverage"),
     ("missing training file", "output_dir: {tmp}/run\ntrain_data: [{tmp}/nope.h5ad]\n", r"nope\.h5ad"),
     ("empty config", "", r"expected a mapping|output_dir|empty"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("name, text, pattern", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_bad_training_config(name, text, pattern, tmp_path, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text(text.format(tmp=tmp_path))
-    _check_cli_case(["train", "--stage", "instruction", str(config)], pattern, capsys, inputs=[str(config)],
-                    outputs=[str(tmp_path / "run" / "model.safetensors")])  # fmt: skip
+    _check_cli_case(
+        ["train", "--stage", "instruction", str(config)],
+        pattern,
+        capsys,
+        inputs=[str(config)],
+        outputs=[str(tmp_path / "run" / "model.safetensors")],
+    )
 
 
 def test_missing_config_file(tmp_path, capsys):
@@ -601,17 +859,23 @@ def test_bad_data_options_are_named_before_training(tmp_path, capsys, pbmc):
     source = _write(data, tmp_path / "mine.h5ad")
     cases = [
         ("obs_filter: \"bulk_labels == 'nothing'\"\nlabel_column: bulk_labels\n", r"selects no cells|no cells"),
-        ("obs_filter: \"bulk_labels ==\"\nlabel_column: bulk_labels\n", r"obs_filter"),
+        ('obs_filter: "bulk_labels =="\nlabel_column: bulk_labels\n', r"obs_filter"),
         ("label_column: celltype\n", r"celltype"),
         ("label_column: empty\n", r"empty.*no labels|no labels"),
         ("label_column: bulk_labels\nholdout_cell_types: [Martian cell]\n", r"Martian cell"),
     ]
     for extra, pattern in cases:
         config = tmp_path / "cfg.yaml"
-        config.write_text(f"output_dir: {tmp_path}/run\ntrain_data: [{source}]\ndemo_language_model: tiny\nmax_steps: 1\n"
-                          + extra)  # fmt: skip
-        _check_cli_case(["train", "--stage", "contrastive", str(config)], pattern, capsys, inputs=[source],
-                        outputs=[str(tmp_path / "run" / "model.safetensors")])  # fmt: skip
+        config.write_text(
+            f"output_dir: {tmp_path}/run\ntrain_data: [{source}]\ndemo_language_model: tiny\nmax_steps: 1\n" + extra
+        )
+        _check_cli_case(
+            ["train", "--stage", "contrastive", str(config)],
+            pattern,
+            capsys,
+            inputs=[source],
+            outputs=[str(tmp_path / "run" / "model.safetensors")],
+        )
 
 
 def test_crashed_stage_resumes_or_refuses_and_says_which(tmp_path, caplog):
@@ -628,7 +892,10 @@ def test_crashed_stage_resumes_or_refuses_and_says_which(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert _resume_point("contrastive", parse()).endswith("checkpoint-10")
     assert "resuming the contrastive stage from" in caplog.text
-    with pytest.raises(ValueError, match=r"holds 2 checkpoint\(s\) of an unfinished run \(the last: checkpoint-10\).*overwrite_output_dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds 2 checkpoint\(s\) of an unfinished run \(the last: checkpoint-10\).*overwrite_output_dir",
+    ):
         _resume_point("contrastive", parse("--resume_from_checkpoint", "false"))
     assert (out / "checkpoint-10").exists()  # refused: nothing deleted
     caplog.clear()
@@ -648,8 +915,14 @@ def _limited_run(argv, max_bytes):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
 
-    return subprocess.run([sys.executable, "-m", "scmmgpt.cli", *argv], capture_output=True, text=True, cwd=ROOT,
-                          preexec_fn=limit, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "scmmgpt.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=limit,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("command, output", [("embed", "out.h5ad"), ("embed", "in_place"), ("describe", "out.csv")])
@@ -682,8 +955,13 @@ def test_full_disk_while_streaming_embeddings(loaded, tmp_path):
     )
     cells = _write(pbmc_cells()[:40].copy(), tmp_path / "cells.h5ad")
     target = str(tmp_path / "emb.npy")
-    result = subprocess.run([sys.executable, "-c", code, str(_model_dir_of(loaded, tmp_path)), cells, target],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(_model_dir_of(loaded, tmp_path)), cells, target],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert "OSError 27" in result.stdout or "OSError 28" in result.stdout, result.stdout + result.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "model") == ["cells.h5ad"]
 
@@ -702,9 +980,27 @@ def test_kill_9_never_corrupts_the_input(delay, model_dir, cells, tmp_path):
     """Annotations written back into the input file with --overwrite, and the process killed (SIGKILL) at some
     point: the input is either untouched or the complete result, never a broken file; nothing else is at its path."""
     before = _digest(cells)
-    process = subprocess.Popen([sys.executable, "-m", "scmmgpt.cli", "annotate", "--model", model_dir, "--input", cells,
-                                "--output", cells, "--overwrite", "--labels", "B cell", "T cell"], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scmmgpt.cli",
+            "annotate",
+            "--model",
+            model_dir,
+            "--input",
+            cells,
+            "--output",
+            cells,
+            "--overwrite",
+            "--labels",
+            "B cell",
+            "T cell",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -11,9 +11,15 @@ def _model(oracle, layout="state", attn="sdpa"):
     meta = oracle["io"]["meta"]
     args = meta["model_ctor"]
     config = ScMMGPTCellConfig(
-        vocab_size=args["ntoken"], d_model=args["d_model"], nhead=args["nhead"], nlayers=args["nlayers"],
-        d_hid=args["d_hid"], dropout=args["dropout"], pad_token_id=meta["pad_id"], cls_token_id=meta["cls_id"],
-    )  # fmt: skip
+        vocab_size=args["ntoken"],
+        d_model=args["d_model"],
+        nhead=args["nhead"],
+        nlayers=args["nlayers"],
+        d_hid=args["d_hid"],
+        dropout=args["dropout"],
+        pad_token_id=meta["pad_id"],
+        cls_token_id=meta["cls_id"],
+    )
     model = ScMMGPTCellModel(config).eval()
     model.set_attn_implementation(attn)
     state, report = convert_scgpt_state_dict(oracle[layout], list(model.state_dict()))
@@ -63,8 +69,17 @@ def test_padding_does_not_change_a_cell(oracle):
 
 
 def test_binned_value_embedding_and_save_load(tmp_path):
-    config = ScMMGPTCellConfig(vocab_size=20, d_model=16, nhead=2, nlayers=1, d_hid=16, pad_token_id=18,
-                               cls_token_id=19, value_embedding="binned", n_bins=5)  # fmt: skip
+    config = ScMMGPTCellConfig(
+        vocab_size=20,
+        d_model=16,
+        nhead=2,
+        nlayers=1,
+        d_hid=16,
+        pad_token_id=18,
+        cls_token_id=19,
+        value_embedding="binned",
+        n_bins=5,
+    )
     model = ScMMGPTCellModel(config).eval()
     genes = torch.tensor([[19, 3, 4, 18]])
     values = torch.tensor([[-2.0, 1.0, 4.0, -2.0]])
@@ -83,8 +98,9 @@ def test_packed_padding_matches_masked_batch_and_each_cell_alone(checkpointing):
     """Padded batches go through the layers packed (no compute on padding). Outputs and gradients equal the masked
     padded batch and each cell run alone, and are zero at padding."""
     torch.manual_seed(0)
-    config = ScMMGPTCellConfig(vocab_size=30, d_model=16, nhead=2, nlayers=2, d_hid=24, pad_token_id=28,
-                               cls_token_id=29, dropout=0.0)  # fmt: skip
+    config = ScMMGPTCellConfig(
+        vocab_size=30, d_model=16, nhead=2, nlayers=2, d_hid=24, pad_token_id=28, cls_token_id=29, dropout=0.0
+    )
     model = ScMMGPTCellModel(config).train()
     if checkpointing:
         model.gradient_checkpointing_enable()
@@ -112,14 +128,18 @@ def test_packed_padding_matches_masked_batch_and_each_cell_alone(checkpointing):
     assert packed_grads.keys() == masked_grads.keys()
     for name in packed_grads:
         torch.testing.assert_close(packed_grads[name], masked_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    alone = [run(genes[row : row + 1, :n], values[row : row + 1, :n])[0].pooler_output for row, n in enumerate(lengths)]
+    alone = [
+        run(genes[row : row + 1, :n], values[row : row + 1, :n])[0].pooler_output for row, n in enumerate(lengths)
+    ]
     torch.testing.assert_close(packed.pooler_output, torch.cat(alone), atol=1e-5, rtol=1e-5)
 
 
 def test_packing_is_automatic_on_gpus_only():
     """`pack_padded_cells=None` keeps CPU batches padded (per-cell attention calls cost small encoders more than the
     padding); `True` packs anywhere, which shows as zeros at padding."""
-    config = ScMMGPTCellConfig(vocab_size=30, d_model=16, nhead=2, nlayers=1, d_hid=16, pad_token_id=28, cls_token_id=29)
+    config = ScMMGPTCellConfig(
+        vocab_size=30, d_model=16, nhead=2, nlayers=1, d_hid=16, pad_token_id=28, cls_token_id=29
+    )
     model = ScMMGPTCellModel(config).eval()
     genes = torch.tensor([[29, 3, 4, 5], [29, 6, 28, 28]])
     values = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 4.0, -2.0, -2.0]])

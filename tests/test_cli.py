@@ -11,6 +11,7 @@ import pytest
 
 from scmmgpt.cli import EXAMPLES, main
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -70,7 +71,9 @@ def test_architecture_figure_matches_the_readme(tmp_path):
     from scmmgpt.plots import plot_architecture
 
     plot_architecture(str(tmp_path / "architecture.png"))
-    drawn, committed = (Image.open(p) for p in (tmp_path / "architecture.png", os.path.join(ROOT, "docs", "architecture.png")))
+    drawn, committed = (
+        Image.open(p) for p in (tmp_path / "architecture.png", os.path.join(ROOT, "docs", "architecture.png"))
+    )
     assert drawn.size == committed.size == (1705, 462) and np.asarray(drawn).std() > 10
     assert "docs/architecture.png" in open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 
@@ -87,20 +90,100 @@ def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, tmp_path):
     assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_scmmgpt"].shape[0] == 12
     assert main(["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "e.npy")]) == 0
     assert np.load(tmp_path / "e.npy").shape[0] == 12
-    assert main(["annotate", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "a.csv"),
-                 "--labels", "CL:0000236", "natural killer cell", "CD14-positive monocyte", "--top-k", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "annotate",
+                "--model",
+                model,
+                "--input",
+                cells_h5ad,
+                "--output",
+                str(tmp_path / "a.csv"),
+                "--labels",
+                "CL:0000236",
+                "natural killer cell",
+                "CD14-positive monocyte",
+                "--top-k",
+                "2",
+            ]
+        )
+        == 0
+    )
     table = (tmp_path / "a.csv").read_text().splitlines()
     assert len(table) == 13 and "scmmgpt_cell_type_2" in table[0]
-    assert main(["annotate", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "a3.csv"),
-                 "--labels", "B cell", "T cell", "--top-k", "5"]) == 0  # more than the labels: cut to 2, with a warning  # fmt: skip
+    assert (
+        main(
+            [
+                "annotate",
+                "--model",
+                model,
+                "--input",
+                cells_h5ad,
+                "--output",
+                str(tmp_path / "a3.csv"),
+                "--labels",
+                "B cell",
+                "T cell",
+                "--top-k",
+                "5",
+            ]
+        )
+        == 0
+    )  # more than the labels: cut to 2, with a warning
     assert "scmmgpt_cell_type_2" in (tmp_path / "a3.csv").read_text().splitlines()[0]
-    assert main(["annotate", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "a0.csv"),
-                 "--labels", "B cell", "--top-k", "0"]) == 2 and not (tmp_path / "a0.csv").exists()  # fmt: skip
-    assert main(["describe", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "d.csv"),
-                 "--max-new-tokens", "4"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "annotate",
+                "--model",
+                model,
+                "--input",
+                cells_h5ad,
+                "--output",
+                str(tmp_path / "a0.csv"),
+                "--labels",
+                "B cell",
+                "--top-k",
+                "0",
+            ]
+        )
+        == 2
+        and not (tmp_path / "a0.csv").exists()
+    )
+    assert (
+        main(
+            [
+                "describe",
+                "--model",
+                model,
+                "--input",
+                cells_h5ad,
+                "--output",
+                str(tmp_path / "d.csv"),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert len((tmp_path / "d.csv").read_text().splitlines()) >= 13
-    assert main(["generate", "--model", model, "--prompt", "a B cell from blood", "--n-cells", "2",
-                 "--output", str(tmp_path / "g.h5ad")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                model,
+                "--prompt",
+                "a B cell from blood",
+                "--n-cells",
+                "2",
+                "--output",
+                str(tmp_path / "g.h5ad"),
+            ]
+        )
+        == 0
+    )
     assert ad.read_h5ad(tmp_path / "g.h5ad").n_obs == 2
 
 
@@ -120,15 +203,24 @@ def test_errors_are_one_line_with_a_hint(demo_dir, cells_h5ad, tmp_path, pbmc):
     assert unknown.stderr.splitlines()[0].startswith("scmmgpt: error:") and "hint:" in unknown.stderr
 
     missing = _run("embed", "--model", str(demo_dir / "instruction"), "--input", "nope.h5ad", "--output", "x.h5ad")
-    assert missing.returncode == 2 and "nope.h5ad: no such file" in missing.stderr and "Traceback" not in missing.stderr
+    assert (
+        missing.returncode == 2 and "nope.h5ad: no such file" in missing.stderr and "Traceback" not in missing.stderr
+    )
 
     ensembl = pbmc[:4].copy()
     raw = ensembl.raw.to_adata()
     raw.var_names = [f"ENSG{i:011d}" for i in range(raw.n_vars)]
     ensembl.raw = raw
     ensembl.write_h5ad(tmp_path / "ensembl.h5ad")
-    wrong_ids = _run("embed", "--model", str(demo_dir / "instruction"), "--input", str(tmp_path / "ensembl.h5ad"),
-                     "--output", str(tmp_path / "x.h5ad"))  # fmt: skip
+    wrong_ids = _run(
+        "embed",
+        "--model",
+        str(demo_dir / "instruction"),
+        "--input",
+        str(tmp_path / "ensembl.h5ad"),
+        "--output",
+        str(tmp_path / "x.h5ad"),
+    )
     error, hint = wrong_ids.stderr.strip().splitlines()[-2:]  # after any progress bar
     assert wrong_ids.returncode == 2 and "Traceback" not in wrong_ids.stderr
     assert error.startswith("scmmgpt embed: error:") and "measures 0 of the model's 705 genes" in error
@@ -141,14 +233,54 @@ def test_errors_are_one_line_with_a_hint(demo_dir, cells_h5ad, tmp_path, pbmc):
 def test_train_subcommand_runs_a_stage_from_a_config(tmp_path):
     config = os.path.join(ROOT, "examples", "configs", "reconstruction_tiny.yaml")
     out = tmp_path / "stage"
-    assert main(["train", "--stage", "reconstruction", config, "--max_steps", "2", "--output_dir", str(out),
-                 "--max_train_samples", "16", "--max_eval_samples", "8", "--save_strategy", "no",
-                 "--data_cache_dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "reconstruction",
+                config,
+                "--max_steps",
+                "2",
+                "--output_dir",
+                str(out),
+                "--max_train_samples",
+                "16",
+                "--max_eval_samples",
+                "8",
+                "--save_strategy",
+                "no",
+                "--data_cache_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     assert (out / "model.safetensors").exists() and (out / "stage_complete.json").exists()
     configs, chained = os.path.join(ROOT, "examples", "configs"), tmp_path / "all"
-    assert main(["train", "--stage", "all", "--output-dir", str(chained), configs, "--max_steps", "1",
-                 "--max_train_samples", "8", "--max_eval_samples", "4", "--save_strategy", "no",
-                 "--data_cache_dir", str(tmp_path / "cache")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "all",
+                "--output-dir",
+                str(chained),
+                configs,
+                "--max_steps",
+                "1",
+                "--max_train_samples",
+                "8",
+                "--max_eval_samples",
+                "4",
+                "--save_strategy",
+                "no",
+                "--data_cache_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     for stage in ("contrastive", "reconstruction", "instruction"):
         assert (chained / stage / "stage_complete.json").exists()
     assert not (chained / "instruction" / "adapter").exists()  # the tiny config trains without LoRA: no adapters
@@ -160,7 +292,10 @@ def test_train_subcommand_runs_a_stage_from_a_config(tmp_path):
 
 def test_evaluate_subcommand_writes_metrics(demo_dir, tmp_path):
     out = tmp_path / "metrics.json"
-    assert main(["evaluate", "--model", str(demo_dir / "instruction"), "--output-json", str(out), "--test-cells", "12"]) == 0
+    assert (
+        main(["evaluate", "--model", str(demo_dir / "instruction"), "--output-json", str(out), "--test-cells", "12"])
+        == 0
+    )
     assert "cell_description" in out.read_text()
 
 
@@ -174,8 +309,9 @@ def test_convert_scgpt_subcommand(tmp_path, pbmc, capsys):
     import torch
 
     torch.save(flash_layout(random_scgpt(16, 2, 1, 16, vocab, 0).state_dict()), tmp_path / "best_model.pt")
-    (tmp_path / "args.json").write_text(json.dumps({"embsize": 16, "nheads": 2, "nlayers": 1, "d_hid": 16,
-                                                    "pad_token": "<pad>", "n_bins": 51}))  # fmt: skip
+    (tmp_path / "args.json").write_text(
+        json.dumps({"embsize": 16, "nheads": 2, "nlayers": 1, "d_hid": 16, "pad_token": "<pad>", "n_bins": 51})
+    )
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     assert main(["convert-scgpt", str(tmp_path), str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "model.safetensors").exists()
@@ -187,11 +323,32 @@ def test_push_subcommand_publishes_to_a_hub(demo_dir, tmp_path):
     from hub_server import LocalHub
 
     with LocalHub() as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
-               "HF_TOKEN": "hf_dummy_test_token", "HF_HOME": str(tmp_path / "hf_home")}  # fmt: skip
-        result = subprocess.run([sys.executable, "-m", "scmmgpt.cli", "push", "--model",
-                                 str(demo_dir / "instruction"), "--repo-id", "tester/demo", "--eval-results",
-                                 str(demo_dir / "metrics.json")], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0",
+            "HF_TOKEN": "hf_dummy_test_token",
+            "HF_HOME": str(tmp_path / "hf_home"),
+        }
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scmmgpt.cli",
+                "push",
+                "--model",
+                str(demo_dir / "instruction"),
+                "--repo-id",
+                "tester/demo",
+                "--eval-results",
+                str(demo_dir / "metrics.json"),
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         files = set(hub.repos["tester/demo"].files)
     assert {"model.safetensors", "config.json", "README.md", "processor_config.json"} <= files
@@ -231,6 +388,9 @@ def test_output_never_destroys_the_input(demo_dir, cells_h5ad, tmp_path, monkeyp
     assert main([*describe, "--output", str(source), "--overwrite"]) == 0
     described = ad.read_h5ad(source)
     assert "scmmgpt_description" in described.obs and described.n_obs == 12
-    assert main(["describe", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "missing" / "d.csv")]) == 2
+    assert (
+        main(["describe", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "missing" / "d.csv")])
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert main(["describe", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "d.txt")]) == 2

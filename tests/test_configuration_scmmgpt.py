@@ -3,22 +3,35 @@ from transformers import AutoConfig, Blip2QFormerConfig, GPT2Config, LlamaConfig
 
 from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
 
+
 TINY_CELL = dict(vocab_size=100, d_model=32, nhead=4, nlayers=2, d_hid=48, pad_token_id=97, cls_token_id=98)
 
 
 def test_cell_config_defaults_are_scgpt_whole_human():
     config = ScMMGPTCellConfig()
-    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (60697, 512, 12, 8)
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (
+        60697,
+        512,
+        12,
+        8,
+    )
     assert (config.intermediate_size, config.n_bins, config.pad_value, config.max_genes) == (512, 51, -2.0, 1200)
 
 
 def test_cell_config_accepts_scgpt_names():
     config = ScMMGPTCellConfig(**TINY_CELL)
-    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.intermediate_size) == (32, 4, 2, 48)
+    assert (config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.intermediate_size) == (
+        32,
+        4,
+        2,
+        48,
+    )
     assert config.d_model == 32 and config.d_hid == 48
 
 
-@pytest.mark.parametrize("bad, message", [(dict(nhead=5), "multiple of num_attention_heads"), (dict(pad_token_id=100), "pad_token_id")])
+@pytest.mark.parametrize(
+    "bad, message", [(dict(nhead=5), "multiple of num_attention_heads"), (dict(pad_token_id=100), "pad_token_id")]
+)
 def test_cell_config_rejects_bad_sizes(bad, message):
     with pytest.raises(Exception, match=message):
         ScMMGPTCellConfig(**{**TINY_CELL, **bad})
@@ -26,7 +39,12 @@ def test_cell_config_rejects_bad_sizes(bad, message):
 
 @pytest.mark.parametrize(
     "text_config, cls",
-    [({"model_type": "llama"}, LlamaConfig), ({"model_type": "qwen2"}, Qwen2Config), ({"model_type": "gpt2"}, GPT2Config), (None, LlamaConfig)],
+    [
+        ({"model_type": "llama"}, LlamaConfig),
+        ({"model_type": "qwen2"}, Qwen2Config),
+        ({"model_type": "gpt2"}, GPT2Config),
+        (None, LlamaConfig),
+    ],
 )
 def test_sub_configs_and_roundtrip(text_config, cls, tmp_path):
     config = ScMMGPTConfig(cell_config=TINY_CELL, text_config=text_config, num_cell_tokens=8, cell_token_index=40)
@@ -39,6 +57,7 @@ def test_sub_configs_and_roundtrip(text_config, cls, tmp_path):
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, ScMMGPTConfig) and isinstance(loaded.text_config, cls)
+
     def strip(d):
         return {k: v for k, v in d.items() if k != "_name_or_path"}
 

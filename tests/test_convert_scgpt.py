@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from scgpt_reference import flash_layout, random_scgpt
 
 from modeling_scmmgpt import GeneVocab, ScMMGPTCellModel, ScMMGPTCellProcessor
 from modeling_scmmgpt.convert_scgpt import convert_scgpt_checkpoint
-from scgpt_reference import flash_layout, random_scgpt
 
 
 def _write_checkpoint(directory, model, args, vocab, layout):
@@ -30,13 +30,28 @@ def test_converted_checkpoint_matches_scgpt(tmp_path, pbmc, layout, sizes, seed,
     n_bins = 51
     pad_value = n_bins if style == "category" else -2
     scgpt = random_scgpt(d_model, nhead, nlayers, d_hid, vocab, seed, style, n_bins, pad_value)
-    args = {"embsize": d_model, "nheads": nhead, "nlayers": nlayers, "d_hid": d_hid, "dropout": 0.2, "n_bins": n_bins,
-            "pad_value": pad_value, "pad_token": "<pad>", "input_emb_style": style, "max_seq_len": 1200}  # fmt: skip
+    args = {
+        "embsize": d_model,
+        "nheads": nhead,
+        "nlayers": nlayers,
+        "d_hid": d_hid,
+        "dropout": 0.2,
+        "n_bins": n_bins,
+        "pad_value": pad_value,
+        "pad_token": "<pad>",
+        "input_emb_style": style,
+        "max_seq_len": 1200,
+    }
     _write_checkpoint(tmp_path, scgpt, args, vocab, layout)
     out = tmp_path / "converted"
     ours, processor, report = convert_scgpt_checkpoint(str(tmp_path), output_dir=str(out))
     assert report.missing == [] and all(k.startswith(("decoder", "mvc_decoder", "cls_decoder")) for k in report.unused)
-    assert sorted(p.name for p in out.iterdir()) == ["cell_processor_config.json", "config.json", "gene_vocab.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cell_processor_config.json",
+        "config.json",
+        "gene_vocab.json",
+        "model.safetensors",
+    ]
     reloaded = ScMMGPTCellModel.from_pretrained(out).eval()
     processor = ScMMGPTCellProcessor.from_pretrained(out, use_raw=True)
     inputs = processor(pbmc[:6])
@@ -94,16 +109,37 @@ def test_random_initialisation_follows_scgpt(pbmc):
     """A new encoder is initialised as scGPT's own model is (torch's defaults, MultiheadAttention's xavier in-projection,
     gene embeddings uniform in +-0.1), not BERT-style std 0.02, under which attention barely moves a new encoder's
     residual stream and every cell embeds almost alike."""
-    from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict
     from scgpt_reference import scgpt_model_module
 
+    from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict
+
     genes = list(pbmc.raw.var_names)
-    vocab = {g: i for i, g in enumerate(genes)} | {"<pad>": len(genes), "<cls>": len(genes) + 1, "<eoc>": len(genes) + 2}
+    vocab = {g: i for i, g in enumerate(genes)} | {
+        "<pad>": len(genes),
+        "<cls>": len(genes) + 1,
+        "<eoc>": len(genes) + 2,
+    }
     torch.manual_seed(0)
-    theirs = scgpt_model_module().TransformerModel(ntoken=len(vocab), d_model=64, nhead=4, d_hid=128, nlayers=2,
-                                                    vocab=vocab, dropout=0.2, pad_token="<pad>", pad_value=-2)  # fmt: skip
-    config = ScMMGPTCellModel.config_class(vocab_size=len(vocab), d_model=64, nhead=4, nlayers=2, d_hid=128,
-                                           pad_token_id=vocab["<pad>"], cls_token_id=vocab["<cls>"])  # fmt: skip
+    theirs = scgpt_model_module().TransformerModel(
+        ntoken=len(vocab),
+        d_model=64,
+        nhead=4,
+        d_hid=128,
+        nlayers=2,
+        vocab=vocab,
+        dropout=0.2,
+        pad_token="<pad>",
+        pad_value=-2,
+    )
+    config = ScMMGPTCellModel.config_class(
+        vocab_size=len(vocab),
+        d_model=64,
+        nhead=4,
+        nlayers=2,
+        d_hid=128,
+        pad_token_id=vocab["<pad>"],
+        cls_token_id=vocab["<cls>"],
+    )
     ours = ScMMGPTCellModel(config).state_dict()
     reference, _ = convert_scgpt_state_dict(theirs.state_dict(), list(ours))
     assert reference.keys() == ours.keys()

@@ -62,8 +62,12 @@ def _h5ad_builder(tmp_path, files, **kwargs):
 
 def test_h5ad_and_soma_yield_the_same_cells_and_texts(census_like, tmp_path):
     h5ad = _rows(_h5ad_builder(tmp_path, [census_like["h5ad"]]).as_streaming_dataset("train"))
-    soma_builder = ScMMGPTSomaBuilder(cache_dir=str(tmp_path / "cache_soma"), experiment_uris=[census_like["soma"]],
-                                      rows_per_shard=128, rows_per_chunk=50)  # fmt: skip
+    soma_builder = ScMMGPTSomaBuilder(
+        cache_dir=str(tmp_path / "cache_soma"),
+        experiment_uris=[census_like["soma"]],
+        rows_per_shard=128,
+        rows_per_chunk=50,
+    )
     soma = _rows(soma_builder.as_streaming_dataset("train"))
     soma_builder.download_and_prepare()
     assert _rows(soma_builder.as_dataset("train")) == soma
@@ -100,7 +104,9 @@ def test_streaming_and_prepared_agree(census_like, tmp_path):
 
 @pytest.mark.parametrize("rows_per_shard", [128, 100])  # 6 and 7 shards: even and uneven splits over 2 nodes
 def test_two_node_split_is_disjoint_and_complete(census_like, tmp_path, rows_per_shard):
-    stream = _h5ad_builder(tmp_path, [census_like["h5ad"]], rows_per_shard=rows_per_shard).as_streaming_dataset("train")
+    stream = _h5ad_builder(tmp_path, [census_like["h5ad"]], rows_per_shard=rows_per_shard).as_streaming_dataset(
+        "train"
+    )
     ranks = [[e["cell_id"] for e in split_dataset_by_node(stream, rank=r, world_size=2)] for r in range(2)]
     assert set(ranks[0]).isdisjoint(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == sorted(census_like["adata"].obs_names)
@@ -162,8 +168,14 @@ def test_pbmc_demo_splits(tmp_path):
 def test_ontology_text_templates_and_matching():
     ontology = CellOntology.load()
     assert len(ontology.terms) > 3000
-    record = {"cell_type": "CD14+ Monocyte", "cell_type_ontology_term_id": "CL:0001054", "tissue": "blood",
-              "disease": "normal", "sex": "female", "development_stage": "adult stage"}  # fmt: skip
+    record = {
+        "cell_type": "CD14+ Monocyte",
+        "cell_type_ontology_term_id": "CL:0001054",
+        "tissue": "blood",
+        "disease": "normal",
+        "sex": "female",
+        "development_stage": "adult stage",
+    }
     paper = ontology.describe(record)
     assert paper == "cell type: CD14-positive monocyte. " + ontology.definition("CL:0001054")
     rich = ontology.describe(record, template="rich")
@@ -199,8 +211,10 @@ def test_unmatched_labels_are_counted_not_dropped(census_like, tmp_path, caplog)
 
 
 def test_instruction_examples_are_seeded_and_varied():
-    records = [{"cell_id": f"c{i}", "cell_type": "B cell", "description": "cell type: B cell.", "tissue": "blood"}
-               for i in range(20)]  # fmt: skip
+    records = [
+        {"cell_id": f"c{i}", "cell_type": "B cell", "description": "cell type: B cell.", "tissue": "blood"}
+        for i in range(20)
+    ]
     examples = [instruction_examples(r, seed=0) for r in records]
     assert [e["task"] for e in examples[0]] == ["describe", "annotate", "generate"]
     describe, annotate, generate = examples[0]

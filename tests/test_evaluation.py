@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from conftest import tiny_demo
 
 from scmmgpt.evaluation import evaluate_paper_tasks, evaluate_zero_shot_holdout, expression_matrix, format_table
@@ -25,8 +24,8 @@ def test_expression_matrix_matches_the_examples(setup):
 
 
 def test_harness_reports_model_and_baselines(setup, tmp_path):
-    from scmmgpt.evaluation import write_results
     from modeling_scmmgpt.hub import eval_results_from_json, render_model_card
+    from scmmgpt.evaluation import write_results
 
     model, processor, splits = setup
     test = splits["test"].shuffle(seed=0).select(range(30))
@@ -69,17 +68,32 @@ def test_example_script_writes_json(setup, tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     out = tmp_path / "metrics.json"
-    script.main(["--model", str(tmp_path / "model"), "--output-json", str(out), "--test-cells", "30",
-                 "--description-cells", "2", "--cells-per-type", "1", "--holdout-types", "Dendritic"])  # fmt: skip
+    script.main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--output-json",
+            str(out),
+            "--test-cells",
+            "30",
+            "--description-cells",
+            "2",
+            "--cells-per-type",
+            "1",
+            "--holdout-types",
+            "Dendritic",
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["zero_shot_holdout"]["holdout_types"] == ["Dendritic"] and saved["n_test_cells"] == 30
     assert saved["n_train_cells"] < 489  # Dendritic cells were kept out of the training split
 
 
 def test_annotated_test_cells_reuse_the_evaluation_descriptions(setup, monkeypatch):
+    from conftest import pbmc_cells
+
     from modeling_scmmgpt import pipelines
     from scmmgpt.plots import annotate_test_cells
-    from conftest import pbmc_cells
 
     model, processor, splits = setup
     small = {"train": splits["train"], "test": splits["test"].select(range(4))}

@@ -5,10 +5,11 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BertModel
+from transformers import AutoModelForCausalLM, BertModel
 
 from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel, ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 from modeling_scmmgpt.resources import minilm_dir, smollm2_gguf_path
+
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +18,15 @@ pytestmark = pytest.mark.slow
 def cell_encoder_dir(tmp_path_factory, pbmc_cell_processor):
     directory = tmp_path_factory.mktemp("cell_encoder")
     vocab = pbmc_cell_processor.gene_vocab
-    config = ScMMGPTCellConfig(vocab_size=len(vocab), d_model=64, nhead=4, nlayers=2, d_hid=64,
-                               pad_token_id=vocab.pad_token_id, cls_token_id=vocab.cls_token_id)  # fmt: skip
+    config = ScMMGPTCellConfig(
+        vocab_size=len(vocab),
+        d_model=64,
+        nhead=4,
+        nlayers=2,
+        d_hid=64,
+        pad_token_id=vocab.pad_token_id,
+        cls_token_id=vocab.cls_token_id,
+    )
     torch.manual_seed(0)
     ScMMGPTCellModel(config).save_pretrained(directory)
     pbmc_cell_processor.save_pretrained(directory)
@@ -30,9 +38,12 @@ def built(cell_encoder_dir):
     gguf = smollm2_gguf_path()
     torch.manual_seed(0)
     return ScMMGPTForConditionalGeneration.from_pretrained_parts(
-        os.path.dirname(gguf), cell_encoder_dir, qformer=minilm_dir(), gguf_file=os.path.basename(gguf),
+        os.path.dirname(gguf),
+        cell_encoder_dir,
+        qformer=minilm_dir(),
+        gguf_file=os.path.basename(gguf),
         num_cell_tokens=4,
-    )  # fmt: skip
+    )
 
 
 def test_language_model_is_the_real_smollm2(built):
@@ -52,7 +63,9 @@ def test_language_model_is_the_real_smollm2(built):
 def test_qformer_text_path_reproduces_minilm(built):
     model, processor = built
     bert = BertModel.from_pretrained(minilm_dir(), add_pooling_layer=False).eval()
-    batch = processor.qformer_tokenizer(["a CD14-positive monocyte", "a B cell from blood"], padding=True, return_tensors="pt")
+    batch = processor.qformer_tokenizer(
+        ["a CD14-positive monocyte", "a B cell from blood"], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         ours = model.model.cell_tower.encode_text(batch["input_ids"], batch["attention_mask"])
         theirs = bert(**batch).last_hidden_state[:, 0]
@@ -92,18 +105,28 @@ def test_generate_on_real_cells_and_save_load_gives_same_generations(built, pbmc
 def test_padded_lm_vocabulary_is_not_shrunk(cell_encoder_dir, tmp_path):
     """Qwen2-style checkpoints have more embedding rows than tokens; those rows must survive, and the LM's
     generation defaults must carry over."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
     from conftest import make_tokenizer
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = make_tokenizer()
     padded = len(tokenizer) + 64  # room for the 6 cell tokens and more
-    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=padded, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True))  # fmt: skip
+    lm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=padded,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+        )
+    )
     lm.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, repetition_penalty=1.3)
     lm.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    model, processor = ScMMGPTForConditionalGeneration.from_pretrained_parts(tmp_path, cell_encoder_dir, num_cell_tokens=4)
+    model, processor = ScMMGPTForConditionalGeneration.from_pretrained_parts(
+        tmp_path, cell_encoder_dir, num_cell_tokens=4
+    )
     embeddings = model.get_input_embeddings().weight
     assert embeddings.shape[0] == padded and model.config.text_config.vocab_size == padded
     torch.testing.assert_close(embeddings[-1], lm.get_input_embeddings().weight[-1])

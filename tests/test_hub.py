@@ -8,8 +8,8 @@ import sys
 import textwrap
 
 import pytest
-
 from hub_server import LocalHub
+
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS)
@@ -72,8 +72,15 @@ print(json.dumps({"refused_without_trust": refused, "max_diff": float((got - sav
 
 
 def _run(script, env, *args):
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], env=env, cwd=TESTS,
-                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        env=env,
+        cwd=TESTS,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # transformers' trust_remote_code prompt may share the line with our JSON result
     lines = [line[line.index('{"') :] for line in out.stdout.splitlines() if '{"' in line]
@@ -104,8 +111,15 @@ def test_publish_then_load_gives_identical_outputs(hub_env, tmp_path):
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
     shards = [f for f in files if f.endswith(".safetensors")]
     assert len(shards) > 1 and "model.safetensors.index.json" in files  # sharded above max_shard_size
-    for name in ("processor_config.json", "cell_processor_config.json", "gene_vocab.json", "tokenizer.json",
-                 "modeling_scmmgpt.py", "configuration_scmmgpt.py", "README.md"):  # fmt: skip
+    for name in (
+        "processor_config.json",
+        "cell_processor_config.json",
+        "gene_vocab.json",
+        "tokenizer.json",
+        "modeling_scmmgpt.py",
+        "configuration_scmmgpt.py",
+        "README.md",
+    ):
         assert name in files, name
     config = json.loads(hub.repos["tester/tiny-scmmgpt"].files["config.json"])
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_scmmgpt.ScMMGPTForConditionalGeneration"
@@ -120,7 +134,7 @@ def test_publish_then_load_gives_identical_outputs(hub_env, tmp_path):
     assert data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct"] and data.datasets == ["scanpy/pbmc68k_reduced"]
     metrics = {(r.task_type, r.metric_type): r.metric_value for r in data.eval_results}
     assert metrics == {("cell-type-annotation", "accuracy"): 0.5, ("cell-type-annotation", "macro_f1"): 0.25}
-    assert "from_pretrained(\"tester/tiny-scmmgpt\")" in card.text and "## Limitations" in card.text
+    assert 'from_pretrained("tester/tiny-scmmgpt")' in card.text and "## Limitations" in card.text
 
     remote = _run(REMOTE_CODE, env, str(tmp_path / "io.safetensors"))
     assert remote["refused_without_trust"] is True

@@ -18,8 +18,17 @@ def demo(tmp_path_factory):
 
 
 def _args(tmp_path, **overrides):
-    defaults = dict(per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=5, save_strategy="no",
-                    use_cpu=True, lora_r=8, seed=0, max_steps=12, eval_strategy="no")  # fmt: skip
+    defaults = dict(
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=5,
+        save_strategy="no",
+        use_cpu=True,
+        lora_r=8,
+        seed=0,
+        max_steps=12,
+        eval_strategy="no",
+    )
     return ScMMGPTInstructionArguments(str(tmp_path), **{**defaults, **overrides})
 
 
@@ -106,8 +115,9 @@ def test_cell_encoder_lora_and_full_modes(demo, tmp_path):
 
     _, processor, splits = demo
     model, _ = build_model(__import__("trainers.data", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
-    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, cell_encoder_mode="lora", qformer_mode="lora"),
-                                        processor, splits["train"])  # fmt: skip
+    trainer = ScMMGPTInstructionTrainer(
+        model, _args(tmp_path, cell_encoder_mode="lora", qformer_mode="lora"), processor, splits["train"]
+    )
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert any("cell_model" in n and "lora_A" in n and "o_proj" in n for n in names)
     assert any("qformer" in n and "lora_A" in n and "crossattention" in n for n in names)
@@ -116,8 +126,9 @@ def test_cell_encoder_lora_and_full_modes(demo, tmp_path):
     trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, qformer_mode="full"), processor, splits["train"])
     assert any("qformer" in n and "lora_" not in n for n, p in trainer.model.named_parameters() if p.requires_grad)
     model, _ = build_model(__import__("trainers.data", fromlist=["load_pbmc"]).load_pbmc(), tiny_lm=True)
-    trainer = ScMMGPTInstructionTrainer(model, _args(tmp_path, use_lora=False, cell_encoder_mode="full"),
-                                        processor, splits["train"])  # fmt: skip
+    trainer = ScMMGPTInstructionTrainer(
+        model, _args(tmp_path, use_lora=False, cell_encoder_mode="full"), processor, splits["train"]
+    )
     assert all(p.requires_grad for p in trainer.model.model.cell_tower.cell_model.parameters())
     assert not any(p.requires_grad for p in trainer.model.model.cell_tower.qformer.parameters())
 
@@ -138,7 +149,6 @@ def test_balanced_cell_types_are_drawn_equally_often(demo, tmp_path):
     from collections import Counter
 
     from trainers.data import load_pbmc
-
     from trainers.default_model import build_model
 
     _, processor, splits = demo
@@ -155,7 +165,9 @@ def test_balanced_cell_types_are_drawn_equally_often(demo, tmp_path):
     with pytest.raises(ValueError, match="balance_cell_types"):
         ScMMGPTInstructionArguments(str(tmp_path), use_cpu=True, balance_cell_types=2.0)
     with pytest.raises(ValueError, match="map-style"):
-        ScMMGPTInstructionTrainer(model, _args(tmp_path, balance_cell_types=1.0), processor, train.to_iterable_dataset())
+        ScMMGPTInstructionTrainer(
+            model, _args(tmp_path, balance_cell_types=1.0), processor, train.to_iterable_dataset()
+        )
 
 
 def test_generation_length_fits_the_longest_training_response(demo, tmp_path):
@@ -168,7 +180,9 @@ def test_generation_length_fits_the_longest_training_response(demo, tmp_path):
 
     _, processor, splits = demo
     train = splits["train"]
-    longest = max(len(processor.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in set(train["description"]))
+    longest = max(
+        len(processor.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in set(train["description"])
+    )
     assert response_token_budget(processor, train) == longest + 16
     assert response_token_budget(processor, train.to_iterable_dataset(), max_streamed_cells=len(train)) == longest + 16
     model, _ = build_model(load_pbmc(), tiny_lm=True)

@@ -19,6 +19,7 @@ from modeling_scmmgpt.metrics import (
 from modeling_scmmgpt.metrics.cell_description import cell_description, wordnet_data
 from modeling_scmmgpt.metrics.pseudo_cell_generation.pseudo_cell_generation import mmd_unbiased
 
+
 # Two pairs small enough to score by hand (see the tests below).
 PREDICTIONS = ["the cell is active", "b cells make b cells"]
 REFERENCES = ["the t cell is active", "b cells make antibodies"]

@@ -3,10 +3,11 @@ import os
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tester import TEXT_CONFIGS, ScMMGPTModelTester, grad_norms
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTForConditionalGeneration, ScMMGPTModel, ScMMGPTProcessor
-from tester import TEXT_CONFIGS, ScMMGPTModelTester, grad_norms
+
 
 PARTS = {
     "cell encoder": "model.cell_tower.cell_model.",
@@ -35,7 +36,9 @@ def _joint_batch(tester, pbmc):
         return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
 
     batch = {
-        "input_ids": torch.cat([pad(describe["input_ids"], tok.pad_token_id), pad(write["input_ids"], tok.pad_token_id)]),
+        "input_ids": torch.cat(
+            [pad(describe["input_ids"], tok.pad_token_id), pad(write["input_ids"], tok.pad_token_id)]
+        ),
         "attention_mask": torch.cat([pad(describe["attention_mask"], 0), pad(write["attention_mask"], 0)]),
         "labels": torch.cat([pad(describe_labels, -100), pad(write_labels, -100)]),
     }
@@ -116,7 +119,9 @@ def test_save_load_roundtrip_with_auto_classes(pbmc, tester, tmp_path):
     base = AutoModel.from_pretrained(tmp_path).eval()
     assert isinstance(base, ScMMGPTModel)
     with torch.no_grad():
-        torch.testing.assert_close(base(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state, rtol=0, atol=0)
+        torch.testing.assert_close(
+            base(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state, rtol=0, atol=0
+        )
 
 
 def test_tied_lm_head_survives_save_load(pbmc_cell_processor, tokenizer, tmp_path):
@@ -143,8 +148,16 @@ def test_generate_text_from_real_cells_uses_cells_once(pbmc, tester):
     assert len(calls) == 1, "cells must be encoded at prefill only"
     # Cached generation equals a full forward pass over the generated sequence.
     with torch.no_grad():
-        full = model(input_ids=out[:, :-1], attention_mask=torch.ones_like(out[:, :-1]) * 0 + (out[:, :-1] != tester.processor.tokenizer.pad_token_id),
-                     **{k: v for k, v in inputs.items() if k.startswith("cell_")}).logits[:, -1].argmax(-1)  # fmt: skip
+        full = (
+            model(
+                input_ids=out[:, :-1],
+                attention_mask=torch.ones_like(out[:, :-1]) * 0
+                + (out[:, :-1] != tester.processor.tokenizer.pad_token_id),
+                **{k: v for k, v in inputs.items() if k.startswith("cell_")},
+            )
+            .logits[:, -1]
+            .argmax(-1)
+        )
     assert torch.equal(full, out[:, -1])
 
 
@@ -223,8 +236,10 @@ def test_model_matches_trl_layout(tester):
 def test_generate_cells_accepts_either_padding_side(tester):
     model = ScMMGPTForConditionalGeneration(tester.get_config()).eval()
     processor = tester.processor
-    prompts = [processor.build_prompt("Generate a cell of type monocyte.", with_cell=False),
-               processor.build_prompt("Generate a cell.", with_cell=False)]  # fmt: skip
+    prompts = [
+        processor.build_prompt("Generate a cell of type monocyte.", with_cell=False),
+        processor.build_prompt("Generate a cell.", with_cell=False),
+    ]
     genes = torch.arange(5, 25)
     left = processor(text=prompts, padding_side="left")
     right = processor(text=prompts, padding_side="right")
@@ -245,7 +260,9 @@ def test_half_precision_load_runs_every_path(pbmc, tester, tmp_path):
         out = loaded(**_joint_batch(tester, pbmc))
         assert torch.isfinite(out.loss)
         inputs, _ = tester.describe_inputs(pbmc[:2])
-        features = loaded.get_cell_features(inputs["cell_gene_ids"], inputs["cell_values"], inputs["cell_attention_mask"])
+        features = loaded.get_cell_features(
+            inputs["cell_gene_ids"], inputs["cell_values"], inputs["cell_attention_mask"]
+        )
         assert features.dtype == dtype
 
 
@@ -283,8 +300,12 @@ def test_cell_regression_target_is_fixed(pbmc, pbmc_cell_processor, tokenizer):
     model = ScMMGPTForConditionalGeneration(config).train()
     inputs, labels = tester.generate_inputs(pbmc[:2])
     inputs = {k: v for k, v in inputs.items() if k.startswith("target_cell_")}
-    targets = [model._target_cell_queries(inputs["target_cell_gene_ids"], inputs["target_cell_values"],
-                                          inputs["target_cell_attention_mask"]) for _ in range(2)]  # fmt: skip
+    targets = [
+        model._target_cell_queries(
+            inputs["target_cell_gene_ids"], inputs["target_cell_values"], inputs["target_cell_attention_mask"]
+        )
+        for _ in range(2)
+    ]
     torch.testing.assert_close(targets[0], targets[1])
     assert not targets[0].requires_grad
     assert model.model.cell_tower.cell_model.training  # modes restored
@@ -302,10 +323,18 @@ def test_gradient_accumulation_matches_the_full_batch(pbmc, tester, tmp_path):
         torch.manual_seed(0)
         model = ScMMGPTForConditionalGeneration(tester.get_config())
         args = TrainingArguments(
-            tmp_path / f"b{batch}", per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-            max_steps=1, learning_rate=1e-2, optim="sgd", lr_scheduler_type="constant", report_to=[],
-            save_strategy="no", use_cpu=True, max_grad_norm=0.0,  # no clipping, which would hide the scale
-        )  # fmt: skip
+            tmp_path / f"b{batch}",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=1e-2,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            max_grad_norm=0.0,  # no clipping, which would hide the scale
+        )
         Trainer(model=model, args=args, train_dataset=rows).train()
         weights.append(model.lm_head.weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=1e-5)

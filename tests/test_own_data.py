@@ -19,6 +19,7 @@ from trainers.arguments import ScMMGPTDataArguments, ScMMGPTModelDataArguments
 from trainers.common import load_model_and_data
 from trainers.data import expand_sources, load_cell_text_splits
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TYPES = ["CD14+ Monocyte", "CD19+ B", "CD56+ NK", "CD8+ Cytotoxic T", "CD4+/CD45RO+ Memory"]
 
@@ -33,10 +34,17 @@ def lab_files(pbmc, tmp_path_factory):
     genes = [g for g in raw.var_names if g in symbol_to_ensembl]
     cells = raw[pbmc.obs["bulk_labels"].isin(TYPES).to_numpy(), genes].copy()
     rng = np.random.default_rng(0)
-    cells.obs = pd.DataFrame({"celltype": pbmc.obs["bulk_labels"][cells.obs_names].astype(str).to_numpy(),
-                              "organ": "blood", "donor": [f"donor{d}" for d in rng.integers(0, 6, cells.n_obs)]},
-                             index=cells.obs_names)  # fmt: skip
-    cells.var = pd.DataFrame({"ensembl": [symbol_to_ensembl[g] + ".7" for g in genes]}, index=[f"feature_{i}" for i in range(len(genes))])
+    cells.obs = pd.DataFrame(
+        {
+            "celltype": pbmc.obs["bulk_labels"][cells.obs_names].astype(str).to_numpy(),
+            "organ": "blood",
+            "donor": [f"donor{d}" for d in rng.integers(0, 6, cells.n_obs)],
+        },
+        index=cells.obs_names,
+    )
+    cells.var = pd.DataFrame(
+        {"ensembl": [symbol_to_ensembl[g] + ".7" for g in genes]}, index=[f"feature_{i}" for i in range(len(genes))]
+    )
     order = rng.permutation(cells.n_obs)
     cut = int(0.7 * cells.n_obs)
     directory = tmp_path_factory.mktemp("lab")
@@ -55,8 +63,9 @@ def _data_args(**kwargs):
 
 
 def test_own_h5ad_split_by_donor_keeps_donors_apart(lab_files, pbmc_vocab, tmp_path):
-    args = _data_args(train_data=[lab_files["train"]], donor_column="donor", tissue_column="organ",
-                      data_cache_dir=str(tmp_path))  # fmt: skip
+    args = _data_args(
+        train_data=[lab_files["train"]], donor_column="donor", tissue_column="organ", data_cache_dir=str(tmp_path)
+    )
     splits = load_cell_text_splits(args, pbmc_vocab, seed=0)
     obs = ad.read_h5ad(lab_files["train"], backed="r").obs
     donors = {name: set(obs.loc[list(split["cell_id"]), "donor"]) for name, split in splits.items()}
@@ -78,19 +87,29 @@ def test_obs_filter_selects_exactly_the_matching_cells(lab_files, pbmc_vocab, tm
     got = [cell for split in splits.values() for cell in split["cell_id"]]
     assert sorted(got) == sorted(expected.index)
     with pytest.raises(ValueError, match="selects no cells"):
-        load_cell_text_splits(_data_args(train_data=[lab_files["train"]], obs_filter="celltype == 'neuron'",
-                                         data_cache_dir=str(tmp_path)), pbmc_vocab)  # fmt: skip
+        load_cell_text_splits(
+            _data_args(
+                train_data=[lab_files["train"]], obs_filter="celltype == 'neuron'", data_cache_dir=str(tmp_path)
+            ),
+            pbmc_vocab,
+        )
     with pytest.raises(ValueError, match="obs_filter .* does not evaluate on obs.*celltype"):
-        load_cell_text_splits(_data_args(train_data=[lab_files["train"]], obs_filter="cell_kind == 'B'",
-                                         data_cache_dir=str(tmp_path)), pbmc_vocab)  # fmt: skip
+        load_cell_text_splits(
+            _data_args(train_data=[lab_files["train"]], obs_filter="cell_kind == 'B'", data_cache_dir=str(tmp_path)),
+            pbmc_vocab,
+        )
 
 
 def test_bad_data_is_one_clear_error_before_training(lab_files, pbmc_vocab, tmp_path):
     cache = str(tmp_path)
     with pytest.raises(KeyError, match="no 'cell_kind' column"):
-        load_cell_text_splits(_data_args(train_data=[lab_files["train"]], label_column="cell_kind", data_cache_dir=cache), pbmc_vocab)
+        load_cell_text_splits(
+            _data_args(train_data=[lab_files["train"]], label_column="cell_kind", data_cache_dir=cache), pbmc_vocab
+        )
     with pytest.raises(ValueError, match="are not in the vocabulary"):  # var_names are feature_0, ...: no overlap
-        load_cell_text_splits(_data_args(train_data=[lab_files["train"]], gene_column=None, data_cache_dir=cache), pbmc_vocab)
+        load_cell_text_splits(
+            _data_args(train_data=[lab_files["train"]], gene_column=None, data_cache_dir=cache), pbmc_vocab
+        )
     no_labels = lab_files["adata"][:40].copy()
     no_labels.obs["celltype"] = np.nan
     path = str(tmp_path / "nolabels.h5ad")
@@ -98,7 +117,9 @@ def test_bad_data_is_one_clear_error_before_training(lab_files, pbmc_vocab, tmp_
     with pytest.raises(ValueError, match="holds no labels"):
         load_cell_text_splits(_data_args(train_data=[path], data_cache_dir=cache), pbmc_vocab)
     with pytest.raises(ValueError, match="has 1 distinct value"):
-        load_cell_text_splits(_data_args(train_data=[lab_files["train"]], donor_column="organ", data_cache_dir=cache), pbmc_vocab)
+        load_cell_text_splits(
+            _data_args(train_data=[lab_files["train"]], donor_column="organ", data_cache_dir=cache), pbmc_vocab
+        )
     with pytest.raises(FileNotFoundError, match="no file matches"):
         expand_sources([str(tmp_path / "missing_*.h5ad")])
     with pytest.raises(ValueError, match="use_raw and layer"):
@@ -110,8 +131,12 @@ def test_bad_data_is_one_clear_error_before_training(lab_files, pbmc_vocab, tmp_
 def test_globs_and_files_per_split(lab_files, pbmc_vocab, tmp_path):
     folder = os.path.dirname(lab_files["train"])
     assert expand_sources([os.path.join(folder, "*.h5ad")]) == sorted([lab_files["heldout"], lab_files["train"]])
-    args = _data_args(train_data=[lab_files["train"]], validation_data=[lab_files["heldout"]],
-                      test_data=[os.path.join(folder, "held*.h5ad")], data_cache_dir=str(tmp_path))  # fmt: skip
+    args = _data_args(
+        train_data=[lab_files["train"]],
+        validation_data=[lab_files["heldout"]],
+        test_data=[os.path.join(folder, "held*.h5ad")],
+        data_cache_dir=str(tmp_path),
+    )
     splits = load_cell_text_splits(args, pbmc_vocab)
     assert set(splits) == {"train", "validation", "test"}
     assert list(splits["test"]["cell_id"]) == list(ad.read_h5ad(lab_files["heldout"], backed="r").obs_names)
@@ -134,15 +159,23 @@ def test_soma_experiment_with_a_value_filter(lab_files, pbmc_vocab, tmp_path):
     soma = str(tmp_path / "soma")
     adata = _to_soma(lab_files["train"], soma)
     query = "celltype in ['CD14+ Monocyte', 'CD56+ NK']"
-    args = ScMMGPTDataArguments(train_data=[soma], obs_filter=query, label_column="celltype", layer="data",
-                                data_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    args = ScMMGPTDataArguments(
+        train_data=[soma],
+        obs_filter=query,
+        label_column="celltype",
+        layer="data",
+        data_cache_dir=str(tmp_path / "cache"),
+    )
     splits = load_cell_text_splits(args, pbmc_vocab, seed=0)
     expected = adata.obs.query(query)
     assert sum(len(s) for s in splits.values()) == len(expected)
     assert sorted(c for s in splits.values() for c in s["cell_id"]) == sorted(expected.index)
     # The same cells through the h5ad path, value for value.
-    h5ad = load_cell_text_splits(_data_args(train_data=[lab_files["train"]], obs_filter=query,
-                                            data_cache_dir=str(tmp_path / "cache_h5ad")), pbmc_vocab, seed=0)  # fmt: skip
+    h5ad = load_cell_text_splits(
+        _data_args(train_data=[lab_files["train"]], obs_filter=query, data_cache_dir=str(tmp_path / "cache_h5ad")),
+        pbmc_vocab,
+        seed=0,
+    )
     for split in ("train", "test"):
         assert [r.pop("source") and r for r in h5ad[split]] == [r.pop("source") and r for r in splits[split]]
 
@@ -158,57 +191,157 @@ def _tiny_parts(tmp_path, pbmc_vocab):
 
     torch.manual_seed(0)
     encoder = tmp_path / "encoder"
-    config = ScMMGPTCellConfig(vocab_size=len(pbmc_vocab), d_model=32, nhead=2, nlayers=1, d_hid=64, max_genes=128,
-                               pad_token_id=pbmc_vocab.pad_token_id, cls_token_id=pbmc_vocab.cls_token_id)  # fmt: skip
+    config = ScMMGPTCellConfig(
+        vocab_size=len(pbmc_vocab),
+        d_model=32,
+        nhead=2,
+        nlayers=1,
+        d_hid=64,
+        max_genes=128,
+        pad_token_id=pbmc_vocab.pad_token_id,
+        cls_token_id=pbmc_vocab.cls_token_id,
+    )
     ScMMGPTCellModel(config).save_pretrained(encoder)
     ScMMGPTCellProcessor(pbmc_vocab, max_genes=128).save_pretrained(encoder)
-    words = [*TYPES, *DESCRIBE, *ANNOTATE, *(g.format(cell_type=t, tissue=" from blood") for g in GENERATE for t in TYPES),
-             "cell type: CD14-positive monocyte B cell natural killer cell CD8-positive, alpha-beta cytotoxic T cell "
-             "CD4-positive, alpha-beta memory T cell tissue: blood. disease: normal."]  # fmt: skip
+    words = [
+        *TYPES,
+        *DESCRIBE,
+        *ANNOTATE,
+        *(g.format(cell_type=t, tissue=" from blood") for g in GENERATE for t in TYPES),
+        "cell type: CD14-positive monocyte B cell natural killer cell CD8-positive, alpha-beta cytotoxic T cell "
+        "CD4-positive, alpha-beta memory T cell tissue: blood. disease: normal.",
+    ]
     tokenizer = train_word_tokenizer(words)
     lm = tmp_path / "lm"
-    LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                 vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(lm)  # fmt: skip
+    LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).save_pretrained(lm)
     tokenizer.save_pretrained(lm)
     return str(encoder), str(lm)
 
 
-TINY_STEPS = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--max_eval_samples", "8",
-              "--eval_strategy", "no", "--save_strategy", "no"]  # fmt: skip
+TINY_STEPS = [
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_eval_samples",
+    "8",
+    "--eval_strategy",
+    "no",
+    "--save_strategy",
+    "no",
+]
 
 
 def _init_tiny_model(tmp_path, pbmc_vocab) -> str:
     """`scmmgpt init` from the tiny parts, with a small random Q-Former; returns the model folder."""
     encoder, lm = _tiny_parts(tmp_path, pbmc_vocab)
     model = str(tmp_path / "model")
-    qformer = json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64})
-    assert main(["init", "--cell-encoder", encoder, "--language-model", lm, "--num-cell-tokens", "4",
-                 "--option", f"qformer_config={qformer}", "--option", "cell_summary=true", "--output-dir", model]) == 0  # fmt: skip
+    qformer = json.dumps(
+        {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    )
+    assert (
+        main(
+            [
+                "init",
+                "--cell-encoder",
+                encoder,
+                "--language-model",
+                lm,
+                "--num-cell-tokens",
+                "4",
+                "--option",
+                f"qformer_config={qformer}",
+                "--option",
+                "cell_summary=true",
+                "--output-dir",
+                model,
+            ]
+        )
+        == 0
+    )
     return model
 
 
 def test_init_train_all_and_evaluate_on_own_files(lab_files, pbmc_vocab, tmp_path, capsys):
     model = _init_tiny_model(tmp_path, pbmc_vocab)
     encoder, lm = str(tmp_path / "encoder"), str(tmp_path / "lm")
-    assert os.path.isfile(os.path.join(model, "model.safetensors")) and os.path.isfile(os.path.join(model, "config.json"))
+    assert os.path.isfile(os.path.join(model, "model.safetensors")) and os.path.isfile(
+        os.path.join(model, "config.json")
+    )
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".init-")]  # no staging folder left
     assert main(["init", "--cell-encoder", encoder, "--language-model", lm, "--output-dir", model]) == 2  # exists
 
-    data = ["--train_data", lab_files["train"], "--label_column", "celltype", "--gene_column", "ensembl",
-            "--donor_column", "donor", "--data_cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    data = [
+        "--train_data",
+        lab_files["train"],
+        "--label_column",
+        "celltype",
+        "--gene_column",
+        "ensembl",
+        "--donor_column",
+        "donor",
+        "--data_cache_dir",
+        str(tmp_path / "cache"),
+    ]
     runs = str(tmp_path / "runs")
-    assert main(["train", "--stage", "all", "--output-dir", runs, os.path.join(ROOT, "examples/configs"),
-                 "--model_name_or_path", model, *data, *TINY_STEPS]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "all",
+                "--output-dir",
+                runs,
+                os.path.join(ROOT, "examples/configs"),
+                "--model_name_or_path",
+                model,
+                *data,
+                *TINY_STEPS,
+            ]
+        )
+        == 0
+    )
     for stage in ("contrastive", "reconstruction", "instruction"):
         assert os.path.isfile(os.path.join(runs, stage, "stage_complete.json"))
 
     metrics = tmp_path / "metrics.json"
     capsys.readouterr()
-    assert main(["evaluate", "--model", os.path.join(runs, "instruction"), "--train_data", lab_files["train"],
-                 "--test_data", lab_files["heldout"], "--label_column", "celltype", "--gene_column", "ensembl",
-                 "--data_cache_dir", str(tmp_path / "cache"), "--description_cells", "4", "--cells_per_type", "2",
-                 "--output_json", str(metrics)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                os.path.join(runs, "instruction"),
+                "--train_data",
+                lab_files["train"],
+                "--test_data",
+                lab_files["heldout"],
+                "--label_column",
+                "celltype",
+                "--gene_column",
+                "ensembl",
+                "--data_cache_dir",
+                str(tmp_path / "cache"),
+                "--description_cells",
+                "4",
+                "--cells_per_type",
+                "2",
+                "--output_json",
+                str(metrics),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "heldout.h5ad test cells" in printed and "baseline" in printed
     results = json.loads(metrics.read_text())
@@ -226,19 +359,74 @@ def test_init_train_all_and_evaluate_on_filtered_soma_experiments(lab_files, pbm
     train_cells = _to_soma(lab_files["train"], train_soma)
     _to_soma(lab_files["heldout"], test_soma)
     query = "celltype != 'CD19+ B' and donor != 'donor5'"
-    data = ["--label_column", "celltype", "--layer", "data", "--obs_filter", query, "--data_cache_dir", str(tmp_path / "cache")]
+    data = [
+        "--label_column",
+        "celltype",
+        "--layer",
+        "data",
+        "--obs_filter",
+        query,
+        "--data_cache_dir",
+        str(tmp_path / "cache"),
+    ]
     model = _init_tiny_model(tmp_path, pbmc_vocab)
-    _, _, splits = load_model_and_data(ScMMGPTModelDataArguments(
-        train_data=[train_soma], validation_data=[test_soma], obs_filter=query, label_column="celltype",
-        layer="data", data_cache_dir=str(tmp_path / "cache"), model_name_or_path=model), seed=0)  # fmt: skip
+    _, _, splits = load_model_and_data(
+        ScMMGPTModelDataArguments(
+            train_data=[train_soma],
+            validation_data=[test_soma],
+            obs_filter=query,
+            label_column="celltype",
+            layer="data",
+            data_cache_dir=str(tmp_path / "cache"),
+            model_name_or_path=model,
+        ),
+        seed=0,
+    )
     assert len(splits["train"]) == len(train_cells.obs.query(query))  # all of the filter's cells, none other
     runs = str(tmp_path / "runs")
-    assert main(["train", "--stage", "all", "--output-dir", runs, os.path.join(ROOT, "examples/configs"),
-                 "--model_name_or_path", model, "--train_data", train_soma, "--validation_data", test_soma, *data,
-                 *TINY_STEPS]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "all",
+                "--output-dir",
+                runs,
+                os.path.join(ROOT, "examples/configs"),
+                "--model_name_or_path",
+                model,
+                "--train_data",
+                train_soma,
+                "--validation_data",
+                test_soma,
+                *data,
+                *TINY_STEPS,
+            ]
+        )
+        == 0
+    )
     metrics = tmp_path / "metrics.json"
-    assert main(["evaluate", "--model", os.path.join(runs, "instruction"), "--train_data", train_soma, "--test_data",
-                 test_soma, *data, "--description_cells", "2", "--cells_per_type", "1", "--output_json", str(metrics)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                os.path.join(runs, "instruction"),
+                "--train_data",
+                train_soma,
+                "--test_data",
+                test_soma,
+                *data,
+                "--description_cells",
+                "2",
+                "--cells_per_type",
+                "1",
+                "--output_json",
+                str(metrics),
+            ]
+        )
+        == 0
+    )
     results = json.loads(metrics.read_text())
     assert results["n_train_cells"] == len(train_cells.obs.query(query))
     assert results["n_test_cells"] == len(ad.read_h5ad(lab_files["heldout"], backed="r").obs.query(query))
@@ -248,8 +436,13 @@ def test_every_evaluation_option_changes_the_result(lab_files, tmp_path):
     """`scmmgpt evaluate`'s options each change what is measured (an untrained model: the numbers are a floor)."""
     from scmmgpt.evaluation import ScMMGPTEvaluationArguments, run_evaluation
 
-    data = ScMMGPTDataArguments(train_data=[lab_files["train"]], test_data=[lab_files["heldout"]],
-                                label_column="celltype", gene_column="ensembl", data_cache_dir=str(tmp_path))  # fmt: skip
+    data = ScMMGPTDataArguments(
+        train_data=[lab_files["train"]],
+        test_data=[lab_files["heldout"]],
+        label_column="celltype",
+        gene_column="ensembl",
+        data_cache_dir=str(tmp_path),
+    )
 
     def run(**options):
         options.setdefault("description_cells", 2)
@@ -261,7 +454,10 @@ def test_every_evaluation_option_changes_the_result(lab_files, tmp_path):
     assert base["n_test_cells"] == 30 and len(base["cell_description"]["generated"]) == 2
     assert run(test_cells=20)["n_test_cells"] == 20
     assert len(run(description_cells=3)["cell_description"]["generated"]) == 3
-    assert run(cells_per_type=2)["pseudo_cell_generation"]["n_generated"] == 2 * base["pseudo_cell_generation"]["n_generated"]
+    assert (
+        run(cells_per_type=2)["pseudo_cell_generation"]["n_generated"]
+        == 2 * base["pseudo_cell_generation"]["n_generated"]
+    )
     held = run(holdout_types=["CD19+ B"])
     assert held["n_train_cells"] < base["n_train_cells"] and held["zero_shot_holdout"]["holdout_types"] == ["CD19+ B"]
     other_seed = run(seed=1)
@@ -273,8 +469,22 @@ def test_every_evaluation_option_changes_the_result(lab_files, tmp_path):
 def test_paper_configs_dry_run_resolves_the_census_plan(tmp_path, capsys):
     """The paper-scale configs name a real data source; --dry-run prints the plan without loading or reading."""
     out = str(tmp_path / "paper")
-    assert main(["train", "--stage", "all", "--suffix", "paper", "--dry-run", "--output-dir", out,
-                 os.path.join(ROOT, "examples/configs")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--stage",
+                "all",
+                "--suffix",
+                "paper",
+                "--dry-run",
+                "--output-dir",
+                out,
+                os.path.join(ROOT, "examples/configs"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert printed.count("census/2025-01-30/soma/census_data/homo_sapiens") == 3
     assert "is_primary_data == True" in printed and '"donor": "donor_id"' in printed and "streaming: True" in printed
@@ -289,8 +499,15 @@ def test_streamed_training_data_keeps_limits_and_a_seeded_shuffle(lab_files, tmp
     import datasets
 
     def train_ids(seed, **options):
-        args = ScMMGPTModelDataArguments(train_data=[lab_files["train"]], label_column="celltype", gene_column="ensembl",
-                                         streaming=True, shuffle_buffer_size=64, data_cache_dir=str(tmp_path), **options)  # fmt: skip
+        args = ScMMGPTModelDataArguments(
+            train_data=[lab_files["train"]],
+            label_column="celltype",
+            gene_column="ensembl",
+            streaming=True,
+            shuffle_buffer_size=64,
+            data_cache_dir=str(tmp_path),
+            **options,
+        )
         _, _, data = load_model_and_data(args, seed)
         assert isinstance(data["train"], datasets.IterableDataset)
         return [r["cell_id"] for r in data["train"]], [r["cell_id"] for r in data["validation"]]

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from tester import ScMMGPTModelTester
 from transformers import pipeline
 
 from modeling_scmmgpt import ScMMGPTForConditionalGeneration
-from tester import ScMMGPTModelTester
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +108,9 @@ def test_results_stream_to_files(saved_model, pbmc, tmp_path):
     annotator = pipeline("cell-type-annotation", model=saved_model)
     labels = ["B cell", "natural killer cell", "CL:0001054"]
     ranked = annotator(pbmc[:10], candidate_labels=labels, top_k=2, batch_size=4, progress=False)
-    path = annotator(pbmc[:10], candidate_labels=labels, top_k=2, batch_size=4, progress=False,
-                     output_file=tmp_path / "labels.csv")  # fmt: skip
+    path = annotator(
+        pbmc[:10], candidate_labels=labels, top_k=2, batch_size=4, progress=False, output_file=tmp_path / "labels.csv"
+    )
     table = pd.read_csv(path)
     assert list(table["cell"]) == list(range(10))
     assert list(table["label_1"]) == [r[0]["label"] for r in ranked]
@@ -122,8 +123,13 @@ def test_interrupted_stream_leaves_no_output_file(saved_model, pbmc, tmp_path):
     cells = pbmc.raw.X[:10].toarray()
     cells[7, 0] = np.nan  # fails mid-way, in the second chunk
     with pytest.raises(ValueError, match="NaN"):
-        extractor(cells, gene_names=list(pbmc.raw.var_names), batch_size=4, progress=False,
-                  output_file=tmp_path / "features.npy")  # fmt: skip
+        extractor(
+            cells,
+            gene_names=list(pbmc.raw.var_names),
+            batch_size=4,
+            progress=False,
+            output_file=tmp_path / "features.npy",
+        )
     assert not list(tmp_path.iterdir())
 
 

@@ -17,8 +17,12 @@ def test_the_switch_decides_the_path(monkeypatch, tmp_path, value, expected):
     assert cpu_has_native_bf16() is expected
     args = ScMMGPTInstructionArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     assert args.bf16 is expected  # stage 3's default precision follows it
-    child = subprocess.run([sys.executable, "-c", "from modeling_scmmgpt.utils import cpu_has_native_bf16 as f; print(f())"],
-                           capture_output=True, text=True, env={**os.environ, PRECISION_ENV: value})  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", "from modeling_scmmgpt.utils import cpu_has_native_bf16 as f; print(f())"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, PRECISION_ENV: value},
+    )
     assert child.stdout.strip() == str(expected)
 
 

@@ -238,7 +238,9 @@ def test_sparse_examples_give_the_same_tensors_as_the_matrix(pbmc, pbmc_cell_pro
     _cells_equal(pbmc_cell_processor(batch), pbmc_cell_processor(pbmc[:5]))
     import pyarrow as pa
 
-    table = pa.table({"gene_ids": [e["gene_ids"].tolist() for e in examples], "values": [e["values"].tolist() for e in examples]})
+    table = pa.table(
+        {"gene_ids": [e["gene_ids"].tolist() for e in examples], "values": [e["values"].tolist() for e in examples]}
+    )
     _cells_equal(pbmc_cell_processor(table.slice(1, 3)), pbmc_cell_processor(pbmc[1:4]))
     bad = [{"gene_ids": [1, 2], "values": [1.0, float("nan")], "cell_id": "AAAC-1"}]
     with pytest.raises(ValueError, match=r"example 0 \(AAAC-1\) has NaN"):
@@ -265,8 +267,10 @@ def test_processor_reads_and_writes_cells_from_examples(pbmc, pbmc_cell_processo
     ids, _ = pbmc_cell_processor.gene_vocab.map_genes(list(pbmc.raw.var_names))
     dense = pbmc.raw.X[:3].toarray()
     examples = [{"gene_ids": ids[(ids >= 0) & (row > 0)], "values": row[(ids >= 0) & (row > 0)]} for row in dense]
-    texts = [processor.build_prompt("Describe this cell.", response="a cell"),
-             processor.build_prompt("Generate a B cell.", with_cell=False, response="<cell>")]  # fmt: skip
+    texts = [
+        processor.build_prompt("Describe this cell.", response="a cell"),
+        processor.build_prompt("Generate a B cell.", with_cell=False, response="<cell>"),
+    ]
     inputs = processor(text=texts, cells=examples[:1], target_cells=examples[1:2])
     assert inputs["cell_gene_ids"].shape[0] == 1 and inputs["target_cell_gene_ids"].shape[0] == 1
     expected = pbmc_cell_processor(pbmc[1:2])

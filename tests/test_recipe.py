@@ -4,15 +4,14 @@ normalised contrastive heads, a sampled expression decoder that knows zeros, and
 import numpy as np
 import pytest
 import torch
+from test_trainers import contrastive_trainer, make_model, pbmc_demo, stage_args, stage_processor  # noqa: F401
+from tester import ScMMGPTModelTester, grad_norms
 
 from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTForConditionalGeneration
 from modeling_scmmgpt.metrics import PseudoCellGenerationMetric
 from trainers import ScMMGPTContrastiveArguments, ScMMGPTReconstructionArguments
 from trainers.common import seeded_generator
 from trainers.reconstruction import add_unexpressed_genes
-
-from test_trainers import contrastive_trainer, make_model, pbmc_demo, stage_args, stage_processor  # noqa: F401
-from tester import ScMMGPTModelTester, grad_norms
 
 
 @pytest.fixture
@@ -32,7 +31,9 @@ def test_recipe_options_are_off_by_default(tester):
     assert not config.bilinear_expression_readout and config.cell_config.gene_embedding_init == "random"
     assert config.cell_codebook_labels is None
     names = ScMMGPTForConditionalGeneration(tester.get_config()).state_dict()
-    assert not any(key in n for n in names for key in ("summary", "feature_norm", "log_variance", "bilinear", "codebook"))
+    assert not any(
+        key in n for n in names for key in ("summary", "feature_norm", "log_variance", "bilinear", "codebook")
+    )
 
 
 def test_pca_start_makes_the_cell_summary_the_standardised_pca_scores(pbmc, tester):
@@ -50,7 +51,9 @@ def test_pca_start_makes_the_cell_summary_the_standardised_pca_scores(pbmc, test
     weights = values.clamp(min=0) * real
     weights = weights / weights.sum(1, keepdim=True)
     matrix = np.zeros((len(gene_ids), model.config.cell_config.vocab_size))
-    np.add.at(matrix, (np.arange(len(gene_ids))[:, None].repeat(gene_ids.shape[1], 1), gene_ids.numpy()), weights.numpy())
+    np.add.at(
+        matrix, (np.arange(len(gene_ids))[:, None].repeat(gene_ids.shape[1], 1), gene_ids.numpy()), weights.numpy()
+    )
     centred = matrix - matrix.mean(0)
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     k = model.config.cell_config.hidden_size
@@ -98,15 +101,18 @@ def test_contrastive_batch_norm_centres_in_training_and_is_batch_independent_in_
     model.eval()
     with torch.no_grad():
         together = model.get_cell_features(gene_ids, values, mask)
-        alone = torch.cat([model.get_cell_features(gene_ids[i : i + 1], values[i : i + 1], mask[i : i + 1]) for i in range(3)])
+        alone = torch.cat(
+            [model.get_cell_features(gene_ids[i : i + 1], values[i : i + 1], mask[i : i + 1]) for i in range(3)]
+        )
     torch.testing.assert_close(alone, together[:3], atol=1e-5, rtol=1e-4)
 
 
 def _generate(model, tester, sample, **kwargs):
     processor = tester.processor
     inputs = processor(text=[processor.build_prompt("Generate a cell of type monocyte.", with_cell=False)])
-    return model.generate_cells(inputs["input_ids"], torch.arange(10, 40), inputs["attention_mask"], sample=sample,
-                                **kwargs).expression  # fmt: skip
+    return model.generate_cells(
+        inputs["input_ids"], torch.arange(10, 40), inputs["attention_mask"], sample=sample, **kwargs
+    ).expression
 
 
 def test_sampled_cells_differ_by_seed_and_repeat_with_it(tester):
@@ -186,7 +192,9 @@ def test_bilinear_readout_starts_at_zero_and_learns(pbmc, tester):
 
 def test_unexpressed_genes_are_zero_targets_never_expressed_or_special(tester):
     config = tester.get_config().cell_config
-    gene_ids = torch.tensor([[config.cls_token_id, 3, 4, 5], [config.cls_token_id, 6, config.pad_token_id, config.pad_token_id]])
+    gene_ids = torch.tensor(
+        [[config.cls_token_id, 3, 4, 5], [config.cls_token_id, 6, config.pad_token_id, config.pad_token_id]]
+    )
     expression = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 0.0, 0.0]])
     valid = torch.tensor([[False, True, True, True], [False, True, False, False]])
     ids, targets, ok = add_unexpressed_genes(gene_ids, expression, valid, config, 400, seeded_generator(0))
@@ -204,8 +212,12 @@ def test_generation_metric_sees_collapse_and_real_spread():
     real = np.concatenate([rng.normal(0, 1, (30, 20)), rng.normal(4, 1, (30, 20))])
     labels = ["a"] * 30 + ["b"] * 30
     metric = PseudoCellGenerationMetric()
-    collapsed = metric.compute(predictions=np.repeat(real[[0, 30]], 5, axis=0), references=["a"] * 5 + ["b"] * 5,
-                               real_cells=real, real_labels=labels)  # fmt: skip
+    collapsed = metric.compute(
+        predictions=np.repeat(real[[0, 30]], 5, axis=0),
+        references=["a"] * 5 + ["b"] * 5,
+        real_cells=real,
+        real_labels=labels,
+    )
     assert collapsed["within_type_spread"] == 0
     same = metric.compute(predictions=real, references=labels, real_cells=real, real_labels=labels)
     assert same["within_type_spread"] == pytest.approx(1.0) and same["centroid_correlation"] == pytest.approx(1.0)
@@ -226,9 +238,13 @@ def test_path_learning_rates_group_and_freeze(stage_processor, pbmc_demo, tmp_pa
 
     args = stage_args(ScMMGPTReconstructionArguments, tmp_path, cell_path_learning_rate=0, max_steps=1)
     model = make_model(stage_processor)
-    ScMMGPTReconstructionTrainer(model=model, args=args, processor=stage_processor.processor,
-                                 data_collator=ScMMGPTReconstructionCollator(stage_processor.processor),
-                                 train_dataset=pbmc_demo["train"])  # fmt: skip
+    ScMMGPTReconstructionTrainer(
+        model=model,
+        args=args,
+        processor=stage_processor.processor,
+        data_collator=ScMMGPTReconstructionCollator(stage_processor.processor),
+        train_dataset=pbmc_demo["train"],
+    )
     tower = model.model.cell_tower
     assert not any(p.requires_grad for p in tower.cell_model.parameters())
     assert not any(p.requires_grad for p in tower.qformer.parameters())
@@ -255,8 +271,9 @@ def test_ridge_fit_recovers_a_linear_map():
 def test_least_squares_bridges_read_cells_as_their_labels(tmp_path):
     """After the fit, a training cell's tokens are closer to the LM embeddings of its own label than of others."""
     from conftest import pbmc_cells, tiny_demo
-    from trainers.default_model import build_model
+
     from trainers.bridges import _spread, fit_bridges
+    from trainers.default_model import build_model
 
     _, processor, splits = tiny_demo(tmp_path)
     torch.manual_seed(0)
@@ -284,8 +301,9 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
     """The codebook fit: one entry per training label holding its token embeddings, the projector's output at zero,
     and training cells read as (close to) their own label's entry; the codebook and its labels survive save/load."""
     from conftest import pbmc_cells, tiny_demo
-    from trainers.default_model import build_model
+
     from trainers.bridges import _label_embeddings, fit_bridges
+    from trainers.default_model import build_model
 
     _, processor, splits = tiny_demo(tmp_path)
     torch.manual_seed(0)
@@ -300,7 +318,9 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
     torch.testing.assert_close(codebook.entries.data, _label_embeddings(model, processor, labels))
     assert not model.model.multi_modal_projector.linear_2.weight.any()
     with torch.no_grad():
-        read = model.eval().model.get_cell_token_embeddings(cells["gene_ids"], cells["values"], cells["attention_mask"])
+        read = model.eval().model.get_cell_token_embeddings(
+            cells["gene_ids"], cells["values"], cells["attention_mask"]
+        )
     nearest = torch.cdist(read.flatten(1), codebook.entries.flatten(1)).argmin(1)
     truth = torch.tensor([labels.index(r["cell_type"]) for r in records])
     assert fits["codebook_accuracy"] >= 0.9 and (nearest == truth).float().mean() >= 0.9
@@ -315,9 +335,10 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
 
 def test_label_codebook_needs_two_types(tmp_path):
     from conftest import tiny_demo
+
+    from trainers.bridges import fit_bridges
     from trainers.data import load_pbmc
     from trainers.default_model import build_model
-    from trainers.bridges import fit_bridges
 
     _, processor, splits = tiny_demo(tmp_path)
     model, _ = build_model(load_pbmc(), tiny_lm=True)
@@ -326,15 +347,15 @@ def test_label_codebook_needs_two_types(tmp_path):
         fit_bridges(model, processor, one_type, parts=("codebook",))
 
 
-
 def test_generate_prompt_states_run_each_distinct_prompt_once_and_match_one_by_one(tmp_path):
     """The cell_head fit runs each distinct generate prompt through the LM once; every cell gets its own prompt's
     states, the same as running that prompt alone (left padding does not shift positions)."""
     from conftest import tiny_demo
-    from trainers.data import load_pbmc
-    from trainers.default_model import build_model
+
     from trainers.bridges import _generate_prompt_states
+    from trainers.data import load_pbmc
     from trainers.data.instructions import instruction_examples
+    from trainers.default_model import build_model
 
     _, processor, splits = tiny_demo(tmp_path)
     model, _ = build_model(load_pbmc(), tiny_lm=True)
@@ -342,7 +363,9 @@ def test_generate_prompt_states_run_each_distinct_prompt_once_and_match_one_by_o
     records = list(splits["train"].select(range(60)))
     prompts = [next(e for e in instruction_examples(r, 0) if e["task"] == "generate")["prompt"] for r in records]
     calls = []
-    hook = model.model.language_model.register_forward_hook(lambda m, a, k, o: calls.append(k["inputs_embeds"].shape[0]), with_kwargs=True)
+    hook = model.model.language_model.register_forward_hook(
+        lambda m, a, k, o: calls.append(k["inputs_embeds"].shape[0]), with_kwargs=True
+    )
     with torch.no_grad():
         together = _generate_prompt_states(model, processor, records, seed=0, batch_size=32)
     hook.remove()

@@ -11,12 +11,14 @@ from transformers import HfArgumentParser
 from trainers.arguments import ScMMGPTModelDataArguments
 from trainers.run import STAGES, pretrain_all
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "examples", "configs", "*_*.yaml")))
 
 
-@pytest.mark.parametrize("path", [c for c in CONFIGS if os.path.basename(c).split("_")[0] in STAGES],
-                         ids=os.path.basename)  # fmt: skip
+@pytest.mark.parametrize(
+    "path", [c for c in CONFIGS if os.path.basename(c).split("_")[0] in STAGES], ids=os.path.basename
+)
 def test_config_keys_are_arguments(path):
     stage = os.path.basename(path).split("_")[0]
     fields = set()
@@ -52,8 +54,20 @@ def test_pretrain_all_chains_stages_and_reuses_them(tmp_path, capsys):
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 
     configs = {stage: os.path.join(ROOT, "examples", "configs", f"{stage}_tiny.yaml") for stage in STAGES}
-    overrides = ["--max_steps", "6", "--save_steps", "3", "--max_train_samples", "48", "--max_eval_samples", "16",
-                 "--data_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true"]  # fmt: skip
+    overrides = [
+        "--max_steps",
+        "6",
+        "--save_steps",
+        "3",
+        "--max_train_samples",
+        "48",
+        "--max_eval_samples",
+        "16",
+        "--data_cache_dir",
+        str(tmp_path / "cache"),
+        "--disable_tqdm",
+        "true",
+    ]
     stage_argv = {stage: [config, *overrides] for stage, config in configs.items()}
     stage_argv["instruction"] += ["--use_lora", "true"]  # the tiny config fine-tunes its random LM in full
     # The demo model's batch-normalised contrastive heads centre the features before the projections have adapted:
@@ -82,7 +96,9 @@ def test_pretrain_all_chains_stages_and_reuses_them(tmp_path, capsys):
     # The example script's report on the test split: annotation before and after stage 3, descriptions, generation.
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("pretrain_all_example", os.path.join(ROOT, "examples", "pretrain_all.py"))
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_all_example", os.path.join(ROOT, "examples", "pretrain_all.py")
+    )
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     capsys.readouterr()

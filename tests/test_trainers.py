@@ -5,14 +5,14 @@ import os
 import subprocess
 import sys
 
-import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tokenizer
 from safetensors.torch import load_file
+from tester import ScMMGPTModelTester
 
 from modeling_scmmgpt import ScMMGPTCellProcessor, ScMMGPTForConditionalGeneration
-from trainers.default_model import train_word_tokenizer
 from trainers import (
     ScMMGPTContrastiveArguments,
     ScMMGPTContrastiveCollator,
@@ -24,10 +24,9 @@ from trainers import (
 from trainers.common import seeded_generator
 from trainers.contrastive import multi_positive_infonce, sample_hard_negatives
 from trainers.data import load_pbmc_demo
+from trainers.default_model import train_word_tokenizer
 from trainers.reconstruction import sample_value_mask
 
-from conftest import make_tokenizer
-from tester import ScMMGPTModelTester
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,10 +64,18 @@ def saved_model(stage_processor, tmp_path_factory):
 
 def stage_args(cls, tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", seed=0, save_strategy="no",
-        per_device_train_batch_size=16, per_device_eval_batch_size=64, learning_rate=5e-3, logging_steps=10,
-        dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        save_strategy="no",
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        learning_rate=5e-3,
+        logging_steps=10,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     if cls is ScMMGPTContrastiveArguments:
         defaults["max_text_length"] = 64
     return cls(**{**defaults, **kwargs})
@@ -78,9 +85,13 @@ def contrastive_trainer(tester, data, tmp_path, **kwargs):
     args = stage_args(ScMMGPTContrastiveArguments, tmp_path, **kwargs)
     collator = ScMMGPTContrastiveCollator(tester.processor, max_text_length=args.max_text_length)
     return ScMMGPTContrastiveTrainer(
-        model=make_model(tester), args=args, processor=tester.processor, data_collator=collator,
-        train_dataset=data["train"], eval_dataset=data["validation"],
-    )  # fmt: skip
+        model=make_model(tester),
+        args=args,
+        processor=tester.processor,
+        data_collator=collator,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+    )
 
 
 # --- pieces -----------------------------------------------------------------------------------------------------------
@@ -165,10 +176,13 @@ def test_contrastive_lowers_validation_loss(stage_processor, pbmc_demo, tmp_path
 def test_reconstruction_lowers_validation_loss(stage_processor, pbmc_demo, tmp_path):
     args = stage_args(ScMMGPTReconstructionArguments, tmp_path, max_steps=30)
     trainer = ScMMGPTReconstructionTrainer(
-        model=make_model(stage_processor), args=args, processor=stage_processor.processor,
+        model=make_model(stage_processor),
+        args=args,
+        processor=stage_processor.processor,
         data_collator=ScMMGPTReconstructionCollator(stage_processor.processor),
-        train_dataset=pbmc_demo["train"], eval_dataset=pbmc_demo["validation"],
-    )  # fmt: skip
+        train_dataset=pbmc_demo["train"],
+        eval_dataset=pbmc_demo["validation"],
+    )
     before = trainer.evaluate()
     assert trainer.evaluate()["eval_loss"] == before["eval_loss"]  # evaluation masks are seeded
     trainer.train()
@@ -185,8 +199,18 @@ def test_two_ranks_match_one_process(stage_processor, pbmc_demo, saved_model, tm
     (tmp_path / "examples.json").write_text(json.dumps(examples))
     data_dir = str(tmp_path / "train64")
     pbmc_demo["train"].select(range(64)).save_to_disk(data_dir)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(ROOT, "tests", "distributed_worker.py"), saved_model, data_dir, str(tmp_path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "tests", "distributed_worker.py"),
+        saved_model,
+        data_dir,
+        str(tmp_path),
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -194,7 +218,9 @@ def test_two_ranks_match_one_process(stage_processor, pbmc_demo, saved_model, tm
     args = stage_args(ScMMGPTContrastiveArguments, tmp_path)
     model = ScMMGPTForConditionalGeneration.from_pretrained(saved_model).eval()
     collator = ScMMGPTContrastiveCollator(stage_processor.processor, max_text_length=64)
-    trainer = ScMMGPTContrastiveTrainer(model=model, args=args, processor=stage_processor.processor, data_collator=collator)
+    trainer = ScMMGPTContrastiveTrainer(
+        model=model, args=args, processor=stage_processor.processor, data_collator=collator
+    )
     loss, parts = trainer.compute_loss(model, collator(examples), return_outputs=True)
     loss.backward()
     distributed = torch.load(tmp_path / "distributed_loss.pt", weights_only=True)
@@ -222,8 +248,19 @@ def test_two_ranks_match_one_process(stage_processor, pbmc_demo, saved_model, tm
 def test_other_stages_train_in_step_on_two_ranks(stage, pbmc_demo, saved_model, tmp_path):
     data_dir = str(tmp_path / "train")
     pbmc_demo["train"].select(range(32)).save_to_disk(data_dir)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(ROOT, "tests", "stage_worker.py"), stage, saved_model, data_dir, str(tmp_path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "tests", "stage_worker.py"),
+        stage,
+        saved_model,
+        data_dir,
+        str(tmp_path),
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     weights = [torch.load(tmp_path / f"{stage}_weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -247,24 +284,50 @@ def test_other_stages_train_in_step_on_two_ranks(stage, pbmc_demo, saved_model, 
 
 # --- (b') two ranks through the shipped entry points ---------------------------------------------------------------
 # Small enough for CI: 3 steps of 4 cells per rank in each stage, on 48 training cells.
-ENTRY_FLAGS = ["--max_steps", "3", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
-               "--per_device_train_batch_size", "4", "--max_train_samples", "48", "--max_eval_samples", "8",
-               "--disable_tqdm", "true"]  # fmt: skip
+ENTRY_FLAGS = [
+    "--max_steps",
+    "3",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "no",
+    "--eval_strategy",
+    "no",
+    "--per_device_train_batch_size",
+    "4",
+    "--max_train_samples",
+    "48",
+    "--max_eval_samples",
+    "8",
+    "--disable_tqdm",
+    "true",
+]
 
 
 def run_on_two_ranks(record_dir, fault: str, entry: str, *argv) -> subprocess.CompletedProcess:
     """`tests/entry_point_worker.py` under torchrun: the entry point's own code, recording each rank's weights."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(ROOT, "tests", "entry_point_worker.py"), str(record_dir), fault, entry, *argv]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "tests", "entry_point_worker.py"),
+        str(record_dir),
+        fault,
+        entry,
+        *argv,
+    ]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def stage1_loss_in_one_process(record_dir, runs_dir, batches, tmp_path) -> tuple[float, float]:
     """The contrastive loss (and its ITC part) of the first step, recomputed in one process on both ranks' first
     batches concatenated in rank order, from the weights stage 1 started from (dropout off, as in the worker)."""
+    from entry_point_worker import no_dropout
     from transformers import HfArgumentParser
 
-    from entry_point_worker import no_dropout
     from trainers.arguments import ScMMGPTModelDataArguments
     from trainers.common import load_model_and_data, parse_stage_args
 
@@ -275,11 +338,14 @@ def stage1_loss_in_one_process(record_dir, runs_dir, batches, tmp_path) -> tuple
     model = ScMMGPTForConditionalGeneration.from_pretrained(os.path.join(runs_dir, "contrastive"))
     model.load_state_dict(load_file(os.path.join(record_dir, "contrastive_start.safetensors")))
     no_dropout(model)
-    collator = ScMMGPTContrastiveCollator(processor, max_text_length=args.max_text_length, text_field=args.text_field,
-                                          label_field=args.label_field)  # fmt: skip
+    collator = ScMMGPTContrastiveCollator(
+        processor, max_text_length=args.max_text_length, text_field=args.text_field, label_field=args.label_field
+    )
     trainer = ScMMGPTContrastiveTrainer(model=model.train(), args=args, processor=processor, data_collator=collator)
     by_id = {record["cell_id"]: record for record in data["train"]}
-    loss, parts = trainer.compute_loss(model, collator([by_id[i] for i in batches[0] + batches[1]]), return_outputs=True)
+    loss, parts = trainer.compute_loss(
+        model, collator([by_id[i] for i in batches[0] + batches[1]]), return_outputs=True
+    )
     return float(loss.detach()), float(parts["itc_loss"])
 
 
@@ -337,11 +403,36 @@ def test_ranks_that_would_train_separate_models_stop_with_a_clear_error(fault, m
 def test_resume_after_sigkill_matches_uninterrupted_run(saved_model, tmp_path):
     """Bit-identical weights need deterministic kernels (`full_determinism`): without them, multi-threaded CPU
     attention backward sums in a varying order and even two uninterrupted runs differ by ~1e-8."""
+
     def command(output_dir, *extra):
-        flags = ["--model_name_or_path", saved_model, "--output_dir", str(output_dir), "--max_steps", "6",
-                 "--save_steps", "2", "--eval_strategy", "no", "--max_train_samples", "48", "--max_eval_samples", "16",
-                 "--per_device_train_batch_size", "8", "--max_text_length", "64", "--logging_steps", "2",
-                 "--data_cache_dir", str(tmp_path / "cache"), "--disable_tqdm", "true", "--full_determinism", "true"]  # fmt: skip
+        flags = [
+            "--model_name_or_path",
+            saved_model,
+            "--output_dir",
+            str(output_dir),
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "2",
+            "--eval_strategy",
+            "no",
+            "--max_train_samples",
+            "48",
+            "--max_eval_samples",
+            "16",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_text_length",
+            "64",
+            "--logging_steps",
+            "2",
+            "--data_cache_dir",
+            str(tmp_path / "cache"),
+            "--disable_tqdm",
+            "true",
+            "--full_determinism",
+            "true",
+        ]
         script = os.path.join(ROOT, "examples", "train_contrastive.py")
         config = os.path.join(ROOT, "examples", "configs", "contrastive_tiny.yaml")
         return [sys.executable, os.path.join(ROOT, "tests", "trainer_worker.py"), *extra, script, config, *flags]
@@ -350,10 +441,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(saved_model, tmp_path):
     runs = [
         subprocess.Popen(command(full), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
         subprocess.Popen(
-            command(crashed, "--crash-during-save", "4"), cwd=ROOT, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
+            command(crashed, "--crash-during-save", "4"),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         ),
-    ]  # fmt: skip
+    ]
     errors = [run.communicate(timeout=240)[1] for run in runs]
     assert runs[0].returncode == 0, errors[0][-4000:]
     assert runs[1].returncode == -9, errors[1][-4000:]  # SIGKILL, half-way through saving checkpoint-4
@@ -362,9 +456,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(saved_model, tmp_path):
     assert (crashed / ".tmp-checkpoint-4" / "checkpoint-4" / "model.safetensors").exists()
 
     resumed = subprocess.run(
-        command(crashed) + ["--resume_from_checkpoint", "true"], cwd=ROOT, capture_output=True, text=True,
-        timeout=240, env={**os.environ, "TRANSFORMERS_VERBOSITY": "info"},
-    )  # fmt: skip
+        command(crashed) + ["--resume_from_checkpoint", "true"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "TRANSFORMERS_VERBOSITY": "info"},
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     # It resumed from the last complete checkpoint (an identical fresh run would give the same weights too).
     assert f"Loading model from {crashed / 'checkpoint-2'}" in resumed.stderr, resumed.stderr[-4000:]
@@ -384,8 +482,12 @@ def test_streaming_training_resumes_where_it_stopped(stage_processor, pbmc_vocab
     from trainers.data import ScMMGPTH5ADBuilder
 
     def run(output_dir, resume=None):
-        stream = ScMMGPTH5ADBuilder(config_name="pbmc68k_reduced", gene_vocab=str(vocab_dir), rows_per_shard=128,
-                                    cache_dir=str(tmp_path / "cache")).as_streaming_dataset("train")  # fmt: skip
+        stream = ScMMGPTH5ADBuilder(
+            config_name="pbmc68k_reduced",
+            gene_vocab=str(vocab_dir),
+            rows_per_shard=128,
+            cache_dir=str(tmp_path / "cache"),
+        ).as_streaming_dataset("train")
         seen = []
         collator = ScMMGPTReconstructionCollator(stage_processor.processor)
 
@@ -393,10 +495,23 @@ def test_streaming_training_resumes_where_it_stopped(stage_processor, pbmc_vocab
             seen.extend(e["cell_id"] for e in examples)
             return collator(examples)
 
-        args = stage_args(ScMMGPTReconstructionArguments, tmp_path, output_dir=str(output_dir), max_steps=4,
-                          save_strategy="steps", save_steps=2, per_device_train_batch_size=8, full_determinism=True)  # fmt: skip
-        trainer = ScMMGPTReconstructionTrainer(model=make_model(stage_processor), args=args, data_collator=collate,
-                                               processor=stage_processor.processor, train_dataset=stream)  # fmt: skip
+        args = stage_args(
+            ScMMGPTReconstructionArguments,
+            tmp_path,
+            output_dir=str(output_dir),
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            per_device_train_batch_size=8,
+            full_determinism=True,
+        )
+        trainer = ScMMGPTReconstructionTrainer(
+            model=make_model(stage_processor),
+            args=args,
+            data_collator=collate,
+            processor=stage_processor.processor,
+            train_dataset=stream,
+        )
         trainer.train(resume_from_checkpoint=resume)
         return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, seen
 

@@ -4,13 +4,28 @@ import torch
 
 from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTProcessor
 
+
 TEXT_CONFIGS = {
-    "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256),
-    "qwen2": dict(model_type="qwen2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256),
+    "llama": dict(
+        model_type="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    ),
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    ),
     "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256, tie_word_embeddings=True),
-}  # fmt: skip
+}
 
 
 class ScMMGPTModelTester:
@@ -32,18 +47,31 @@ class ScMMGPTModelTester:
             text_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         return ScMMGPTConfig(
             cell_config=dict(
-                vocab_size=len(vocab), d_model=32, nhead=4, nlayers=2, d_hid=32, dropout=0.0,
-                pad_token_id=vocab.pad_token_id, cls_token_id=vocab.cls_token_id, max_genes=64,
+                vocab_size=len(vocab),
+                d_model=32,
+                nhead=4,
+                nlayers=2,
+                d_hid=32,
+                dropout=0.0,
+                pad_token_id=vocab.pad_token_id,
+                cls_token_id=vocab.cls_token_id,
+                max_genes=64,
             ),
             qformer_config=dict(
-                hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                vocab_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                vocab_size=64,
+                max_position_embeddings=64,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
             ),
             text_config=text_config,
             projection_dim=16,
             **self.processor.config_token_ids(),
             **self.config_overrides,
-        )  # fmt: skip
+        )
 
     def describe_inputs(self, cells):
         """Cell-to-text inputs: one prompt per cell, the description labelled."""
@@ -79,4 +107,8 @@ class ScMMGPTModelTester:
 
 
 def grad_norms(model: torch.nn.Module, prefix: str) -> list[float]:
-    return [float(p.grad.abs().sum()) if p.grad is not None else 0.0 for n, p in model.named_parameters() if n.startswith(prefix)]
+    return [
+        float(p.grad.abs().sum()) if p.grad is not None else 0.0
+        for n, p in model.named_parameters()
+        if n.startswith(prefix)
+    ]

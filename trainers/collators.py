@@ -1,7 +1,7 @@
 """Builder examples (dicts with `gene_ids`, `values`, `description`, `cell_type`, `cell_id`) to stage inputs.
 
-    collator = ScMMGPTContrastiveCollator(processor, max_text_length=128)
-    batch = collator([dataset[i] for i in range(8)])   # what Trainer's DataLoader does
+collator = ScMMGPTContrastiveCollator(processor, max_text_length=128)
+batch = collator([dataset[i] for i in range(8)])   # what Trainer's DataLoader does
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import stable_hash
+
 
 CELL_KEYS = ("gene_ids", "values")
 
@@ -59,10 +60,16 @@ class ScMMGPTContrastiveCollator:
         # Right padding whatever the tokenizer's default: the text path reads position 0 as [CLS] and numbers
         # positions from the left, so left padding would make a text's features depend on its batch.
         tokens = self.processor.qformer_tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt",
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
             padding_side="right",
-        )  # fmt: skip
-        text_hash = [stable_hash(ids[mask.bool()].tolist()) for ids, mask in zip(tokens["input_ids"], tokens["attention_mask"])]
+        )
+        text_hash = [
+            stable_hash(ids[mask.bool()].tolist()) for ids, mask in zip(tokens["input_ids"], tokens["attention_mask"])
+        ]
         batch = _cells(self.processor, examples)
         batch.pop("cell_expression")
         batch["text_input_ids"] = tokens["input_ids"]

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+
 STAGING_PREFIX = f".tmp-{PREFIX_CHECKPOINT_DIR}"
 
 
@@ -79,7 +80,9 @@ def gather_batch(tensor: torch.Tensor, with_grad: bool, pad_value=0, pad_dims: t
     if with_grad:
         import torch.distributed.nn.functional as dist_nn
 
-        with warnings.catch_warnings():  # deprecated for _functional_collectives, whose backward needs reduce_scatter (not in gloo)
+        with (
+            warnings.catch_warnings()
+        ):  # deprecated for _functional_collectives, whose backward needs reduce_scatter (not in gloo)
             warnings.simplefilter("ignore", FutureWarning)
             parts = dist_nn.all_gather(padded)
     else:
@@ -244,7 +247,9 @@ def check_ranks_agree(model: torch.nn.Module) -> None:
     names, local = weights_checksum(model)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
-    differing = sorted({names[i] for other in gathered[1:] for i in (other != gathered[0]).any(1).nonzero().flatten().tolist()})
+    differing = sorted(
+        {names[i] for other in gathered[1:] for i in (other != gathered[0]).any(1).nonzero().flatten().tolist()}
+    )
     if differing:
         raise RuntimeError(
             f"After training, the ranks hold different weights in {len(differing)} of {len(names)} tensors (e.g. "
@@ -285,10 +290,16 @@ class ScMMGPTStageTrainer(RanksInStepMixin, AtomicCheckpointsMixin, Trainer):
         """(parameters, learning rate) for `args.cell_path_learning_rate` and `args.text_path_learning_rate` where
         set. The Q-Former's self-attention belongs to both paths and takes the lower of the two rates."""
         tower = base_model(model).cell_tower
-        cell = [p for part in tower.cell_path() for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters())]
+        cell = [
+            p
+            for part in tower.cell_path()
+            for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters())
+        ]
         rates, params = {}, {}
-        for members, rate in ((cell, getattr(args, "cell_path_learning_rate", None)),
-                              (tower.text_path_parameters(), getattr(args, "text_path_learning_rate", None))):  # fmt: skip
+        for members, rate in (
+            (cell, getattr(args, "cell_path_learning_rate", None)),
+            (tower.text_path_parameters(), getattr(args, "text_path_learning_rate", None)),
+        ):
             if rate is None:
                 continue
             for p in members:
@@ -302,7 +313,9 @@ class ScMMGPTStageTrainer(RanksInStepMixin, AtomicCheckpointsMixin, Trainer):
         """Trainer's optimizer, with the cell and text paths in groups of their own where their learning rates are
         set (see [`_parameter_groups`])."""
         optimizer = super().create_optimizer(model)
-        return regroup_optimizer(optimizer, self._parameter_groups(self.accelerator.unwrap_model(self.model), self.args))
+        return regroup_optimizer(
+            optimizer, self._parameter_groups(self.accelerator.unwrap_model(self.model), self.args)
+        )
 
     # --- to implement -----------------------------------------------------------------------------------------------
     def used_modules(self, model, args) -> list:
@@ -422,13 +435,17 @@ def load_model_and_data(model_args, seed: int):
     else:
         torch.manual_seed(seed)  # the demo model's random init
         model, processor = build_model(
-            load_pbmc(), tiny_lm=model_args.demo_language_model == "tiny", num_cell_tokens=model_args.num_cell_tokens,
+            load_pbmc(),
+            tiny_lm=model_args.demo_language_model == "tiny",
+            num_cell_tokens=model_args.num_cell_tokens,
             **model_args.demo_model_options,
         )
     data = load_cell_text_splits(model_args, processor.cell_processor.gene_vocab, seed)
     if "validation" not in data:
-        raise ValueError("Training needs validation cells: pass validation_data too, or pass only train_data to split "
-                         "it by split_fractions.")  # fmt: skip
+        raise ValueError(
+            "Training needs validation cells: pass validation_data too, or pass only train_data to split "
+            "it by split_fractions."
+        )
     streaming = model_args.streaming
     if model_args.holdout_cell_types:
         held_out = set(model_args.holdout_cell_types)
@@ -442,13 +459,17 @@ def load_model_and_data(model_args, seed: int):
         data["train"] = data["train"].shuffle(seed=seed, buffer_size=model_args.shuffle_buffer_size)
     for split, limit in (("train", model_args.max_train_samples), ("validation", model_args.max_eval_samples)):
         if limit is not None:
-            data[split] = data[split].take(limit) if streaming else data[split].select(range(min(limit, len(data[split]))))
+            data[split] = (
+                data[split].take(limit) if streaming else data[split].select(range(min(limit, len(data[split]))))
+            )
     if not model_args.model_name_or_path and model_args.gene_embedding_init == "pca":
         # From the training split only (after hold-outs), with exactly the encoder's inputs (a stream: its first
         # pca_cells cells).
         train = list(data["train"].take(model_args.pca_cells)) if streaming else data["train"][:]
         cells = processor.cell_processor(train)
-        base_model(model).cell_tower.init_cell_summary_from_pca(cells["gene_ids"], cells["values"], cells["attention_mask"])
+        base_model(model).cell_tower.init_cell_summary_from_pca(
+            cells["gene_ids"], cells["values"], cells["attention_mask"]
+        )
     return model.train(), processor, data
 
 
@@ -479,7 +500,9 @@ def parse_stage_args(parser, argv=None):
         for key in config or {}:
             if key not in known:  # argparse would guess an abbreviation, or stop without naming the file
                 close = difflib.get_close_matches(key, known, n=1)
-                raise ValueError(f"{argv[0]}: unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else "."))
+                raise ValueError(
+                    f"{argv[0]}: unknown option {key!r}" + (f"; did you mean {close[0]!r}?" if close else ".")
+                )
         flags = []
         for key, value in (config or {}).items():
             if value is None:

@@ -30,7 +30,15 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from .common import ScMMGPTStageTrainer, base_model, gather_batch, world
 
-REQUIRED = ("cell_gene_ids", "cell_values", "cell_attention_mask", "text_input_ids", "text_attention_mask", "text_hash")
+
+REQUIRED = (
+    "cell_gene_ids",
+    "cell_values",
+    "cell_attention_mask",
+    "text_input_ids",
+    "text_attention_mask",
+    "text_hash",
+)
 
 
 def multi_positive_infonce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -71,7 +79,9 @@ class ScMMGPTContrastiveTrainer(ScMMGPTStageTrainer):
         super().__init__(model=model, args=args, **kwargs)
         max_positions = base_model(model).config.qformer_config.max_position_embeddings
         if args.max_text_length > max_positions:
-            raise ValueError(f"max_text_length={args.max_text_length} exceeds the Q-Former's {max_positions} positions.")
+            raise ValueError(
+                f"max_text_length={args.max_text_length} exceeds the Q-Former's {max_positions} positions."
+            )
 
     def used_modules(self, model, args) -> list:
         tower = model.cell_tower
@@ -130,7 +140,9 @@ class ScMMGPTContrastiveTrainer(ScMMGPTStageTrainer):
         cell_rows = torch.cat([local, keep_text, neg_cell[keep_cell]])
         text_rows = torch.cat([local, neg_text[keep_text], keep_cell])
         targets = torch.cat([torch.ones_like(local), torch.zeros_like(keep_text), torch.zeros_like(keep_cell)])
-        logits = self._itm_logits(tower, encoder[cell_rows], encoder_mask[cell_rows], text_ids[text_rows], text_mask[text_rows])
+        logits = self._itm_logits(
+            tower, encoder[cell_rows], encoder_mask[cell_rows], text_ids[text_rows], text_mask[text_rows]
+        )
         num_pairs = len(similarity) + int(text_ok.sum()) + int(cell_ok.sum())
         return F.cross_entropy(logits.float(), targets, reduction="sum") * world()[1] / num_pairs
 

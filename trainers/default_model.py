@@ -24,6 +24,7 @@ from modeling_scmmgpt.resources import census_vocab_path, minilm_dir, smollm2_gg
 
 from .data.builders import PBMC_LABEL_TO_CELL_ONTOLOGY
 
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -51,7 +52,9 @@ def _demo_texts(adata) -> list[str]:
     instruction phrasings (otherwise most description words would be `<unk>`)."""
     ontology = CellOntology.load()
     labels = sorted(adata.obs["bulk_labels"].astype(str).unique())
-    records = [{"cell_type": label, "cell_type_ontology_term_id": PBMC_LABEL_TO_CELL_ONTOLOGY.get(label)} for label in labels]
+    records = [
+        {"cell_type": label, "cell_type_ontology_term_id": PBMC_LABEL_TO_CELL_ONTOLOGY.get(label)} for label in labels
+    ]
     texts = labels + [ontology.describe(r, template=t) for r in records for t in ("paper", "rich")]
     return texts + list(DESCRIBE) + list(ANNOTATE) + [g.format(cell_type="", tissue=" from blood") for g in GENERATE]
 
@@ -63,21 +66,42 @@ def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8, **config_kwargs)
     census = GeneVocab.from_scgpt_json(census_vocab_path())
     vocab = GeneVocab.from_genes([g for g in adata.raw.var_names if g in census])
     cell_processor = ScMMGPTCellProcessor(vocab, max_genes=256, use_raw=True)
-    cell_config = ScMMGPTCellConfig(vocab_size=len(vocab), d_model=64, nhead=4, nlayers=2, d_hid=128,
-                                    pad_token_id=vocab.pad_token_id, cls_token_id=vocab.cls_token_id, max_genes=256,
-                                    gene_vocab_fingerprint=vocab.fingerprint)  # fmt: skip
+    cell_config = ScMMGPTCellConfig(
+        vocab_size=len(vocab),
+        d_model=64,
+        nhead=4,
+        nlayers=2,
+        d_hid=128,
+        pad_token_id=vocab.pad_token_id,
+        cls_token_id=vocab.cls_token_id,
+        max_genes=256,
+        gene_vocab_fingerprint=vocab.fingerprint,
+    )
     if tiny_lm:
         tokenizer = train_word_tokenizer(_demo_texts(adata))
         processor = ScMMGPTProcessor(cell_processor, tokenizer, num_cell_tokens=num_cell_tokens)
         config = ScMMGPTConfig(
             cell_config=cell_config,
-            qformer_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                vocab_size=len(tokenizer)),
-            text_config=dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=128, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id),
-            **config_kwargs, **processor.config_token_ids(),
-        )  # fmt: skip
+            qformer_config=dict(
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                vocab_size=len(tokenizer),
+            ),
+            text_config=dict(
+                model_type="llama",
+                hidden_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            ),
+            **config_kwargs,
+            **processor.config_token_ids(),
+        )
         processor.qformer_tokenizer = tokenizer
         return ScMMGPTForConditionalGeneration(config).eval(), processor
     with tempfile.TemporaryDirectory() as encoder_dir:
@@ -85,9 +109,13 @@ def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8, **config_kwargs)
         cell_processor.save_pretrained(encoder_dir)
         gguf = smollm2_gguf_path()
         model, processor = ScMMGPTForConditionalGeneration.from_pretrained_parts(
-            os.path.dirname(gguf), encoder_dir, qformer=minilm_dir(), gguf_file=os.path.basename(gguf),
-            num_cell_tokens=num_cell_tokens, **config_kwargs,
-        )  # fmt: skip
+            os.path.dirname(gguf),
+            encoder_dir,
+            qformer=minilm_dir(),
+            gguf_file=os.path.basename(gguf),
+            num_cell_tokens=num_cell_tokens,
+            **config_kwargs,
+        )
     return model.eval(), processor
 
 

@@ -23,6 +23,7 @@ from .bridges import fit_bridges
 from .common import AtomicCheckpointsMixin, RanksInStepMixin, mean_over_ranks, regroup_optimizer
 from .data.instructions import instruction_examples
 
+
 logger = logging.getLogger(__name__)
 
 TASKS = ("describe", "annotate", "generate")
@@ -31,7 +32,11 @@ ATTENTION_PROJECTIONS = "(q_proj|k_proj|v_proj|o_proj)"
 # Always trained in full (and saved with the adapters): the parts that connect the cell and text spaces.
 BRIDGE_MODULES = ["multi_modal_projector", "cell_codebook", "cell_head", "expression_decoder"]
 # What each `bridge_init` fits before training (see `trainers.bridges`).
-BRIDGE_INIT_PARTS = {"random": (), "least_squares": ("projector", "cell_head"), "label_codebook": ("codebook", "cell_head")}
+BRIDGE_INIT_PARTS = {
+    "random": (),
+    "least_squares": ("projector", "cell_head"),
+    "label_codebook": ("codebook", "cell_head"),
+}
 
 
 @dataclass
@@ -113,9 +118,13 @@ class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
         if unknown:
             raise ValueError(f"Unknown tasks {sorted(unknown)}; choose from {list(TASKS)}.")
         if not 0 <= self.balance_cell_types <= 1:
-            raise ValueError(f"balance_cell_types={self.balance_cell_types}: use a value from 0 (data frequencies) to 1 (equal).")
+            raise ValueError(
+                f"balance_cell_types={self.balance_cell_types}: use a value from 0 (data frequencies) to 1 (equal)."
+            )
         if self.bridge_init not in BRIDGE_INIT_PARTS:
-            raise ValueError(f"bridge_init={self.bridge_init!r}: use one of {', '.join(map(repr, BRIDGE_INIT_PARTS))}.")
+            raise ValueError(
+                f"bridge_init={self.bridge_init!r}: use one of {', '.join(map(repr, BRIDGE_INIT_PARTS))}."
+            )
         for name in ("cell_encoder_mode", "qformer_mode"):
             if getattr(self, name) not in ("frozen", "lora", "full"):
                 raise ValueError(f"{name}={getattr(self, name)!r}: use 'frozen', 'lora' or 'full'.")
@@ -147,11 +156,17 @@ class ScMMGPTInstructionCollator:
                 cell = {"gene_ids": record["gene_ids"], "values": record["values"], "cell_id": record.get("cell_id")}
                 (read if example["cell_role"] == "input" else written).append(cell)
                 prompts.append(self.processor.build_prompt(example["prompt"], with_cell=False))
-                texts.append(self.processor.build_prompt(example["prompt"], with_cell=False, response=example["response"]))
+                texts.append(
+                    self.processor.build_prompt(example["prompt"], with_cell=False, response=example["response"])
+                )
         batch = self.processor(
-            text=texts, cells=read or None, target_cells=written or None, padding=True, padding_side="right",
+            text=texts,
+            cells=read or None,
+            target_cells=written or None,
+            padding=True,
+            padding_side="right",
             add_special_tokens=False,
-        )  # fmt: skip
+        )
         batch["labels"] = self._response_labels(batch["input_ids"], batch["attention_mask"], prompts)
         if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
             raise ValueError(
@@ -184,7 +199,9 @@ def response_token_budget(processor, dataset, max_streamed_cells: int = 512, roo
     else:
         records = itertools.islice(iter(dataset), max_streamed_cells)
         texts = {e["response"] for r in records for e in instruction_examples(r) if e["cell_role"] == "input"}
-    lengths = [len(ids) for ids in processor.tokenizer(sorted(t for t in texts if t), add_special_tokens=False)["input_ids"]]
+    lengths = [
+        len(ids) for ids in processor.tokenizer(sorted(t for t in texts if t), add_special_tokens=False)["input_ids"]
+    ]
     return max(lengths, default=0) + room
 
 
@@ -210,9 +227,12 @@ def _lora_config(args: ScMMGPTInstructionArguments, model):
         if model.model.cell_tower.summary_projection is not None:
             modules_to_save += ["summary_projection", "summary_bias"]
     return LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules="|".join(f"({t})" for t in targets), modules_to_save=modules_to_save,
-    )  # fmt: skip
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules="|".join(f"({t})" for t in targets),
+        modules_to_save=modules_to_save,
+    )
 
 
 def _set_trainable(model, args: ScMMGPTInstructionArguments) -> None:
@@ -239,8 +259,16 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
         train_dataset, eval_dataset: builder datasets (e.g. `load_pbmc_demo()["train"]`), map-style or streaming.
     """
 
-    def __init__(self, model, args: ScMMGPTInstructionArguments, processor, train_dataset=None, eval_dataset=None,
-                 data_collator=None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        args: ScMMGPTInstructionArguments,
+        processor,
+        train_dataset=None,
+        eval_dataset=None,
+        data_collator=None,
+        **kwargs,
+    ):
         self.processor = processor
         data_collator = data_collator or ScMMGPTInstructionCollator(
             processor, tasks=args.tasks, seed=args.instruction_seed, max_length=args.max_length
@@ -248,31 +276,47 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
         if args.expression_loss_weight is not None:
             model.config.expression_loss_weight = args.expression_loss_weight
         if train_dataset is not None:  # saved with the model: pipelines then write whole descriptions by default
-            model.generation_config.max_new_tokens = response_token_budget(processor, train_dataset, args.bridge_init_cells)
+            model.generation_config.max_new_tokens = response_token_budget(
+                processor, train_dataset, args.bridge_init_cells
+            )
         parts = BRIDGE_INIT_PARTS[args.bridge_init]
         if parts and train_dataset is not None:
             records = list(itertools.islice(iter(train_dataset), args.bridge_init_cells))
             self.bridge_fits = fit_bridges(model, processor, records, seed=args.instruction_seed, parts=parts)
             logger.info("Bridges fitted on %d training cells: %s", len(records), self.bridge_fits)
         if args.balance_cell_types and train_dataset is not None and not hasattr(train_dataset, "__len__"):
-            raise ValueError("balance_cell_types needs a map-style training set (its cell types are counted first); "
-                             "pass a datasets.Dataset, not a streaming one, or set balance_cell_types 0.")  # fmt: skip
+            raise ValueError(
+                "balance_cell_types needs a map-style training set (its cell types are counted first); "
+                "pass a datasets.Dataset, not a streaming one, or set balance_cell_types 0."
+            )
         peft_config = kwargs.pop("peft_config", None) or _lora_config(args, model)
         if peft_config is None:
             _set_trainable(model, args)
         super().__init__(
-            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, processing_class=processor, peft_config=peft_config, **kwargs,
-        )  # fmt: skip
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processor,
+            peft_config=peft_config,
+            **kwargs,
+        )
         self._loss_parts: dict[str, list[float]] = {}
 
     def train(self, *args, **kwargs):
         output = super().train(*args, **kwargs)
-        if "cell_head" in BRIDGE_INIT_PARTS[self.args.bridge_init] and self.args.bridge_refit and self.train_dataset is not None:
+        if (
+            "cell_head" in BRIDGE_INIT_PARTS[self.args.bridge_init]
+            and self.args.bridge_refit
+            and self.train_dataset is not None
+        ):
             records = list(itertools.islice(iter(self.train_dataset), self.args.bridge_init_cells))
             model = self.accelerator.unwrap_model(self.model)
             model = model.get_base_model() if hasattr(model, "get_base_model") else model
-            self.bridge_fits.update(fit_bridges(model, self.processor, records, self.args.instruction_seed, parts=("cell_head",)))
+            self.bridge_fits.update(
+                fit_bridges(model, self.processor, records, self.args.instruction_seed, parts=("cell_head",))
+            )
             logger.info("cell_head refitted on the adapted LM: %s", self.bridge_fits)
         return output
 
@@ -303,7 +347,9 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
         for name in LOSS_PARTS:
             value = getattr(outputs, name)
             if value is not None:
-                self._loss_parts.setdefault(f"{mode}_{name}" if mode == "eval" else name, []).append(float(value.detach()))
+                self._loss_parts.setdefault(f"{mode}_{name}" if mode == "eval" else name, []).append(
+                    float(value.detach())
+                )
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -324,4 +370,9 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
         self.processor.save_pretrained(output_dir)
 
 
-__all__ = ["ScMMGPTInstructionArguments", "ScMMGPTInstructionCollator", "ScMMGPTInstructionTrainer", "response_token_budget"]
+__all__ = [
+    "ScMMGPTInstructionArguments",
+    "ScMMGPTInstructionCollator",
+    "ScMMGPTInstructionTrainer",
+    "response_token_budget",
+]

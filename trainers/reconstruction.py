@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .common import ScMMGPTStageTrainer, base_model
 
+
 REQUIRED = ("cell_gene_ids", "cell_values", "cell_expression", "cell_attention_mask")
 
 
@@ -46,7 +47,9 @@ def add_unexpressed_genes(gene_ids, expression, valid, cell_config, count: int, 
     Returns:
         `(gene_ids, expression, valid)`, each `(cells, genes + count)`.
     """
-    drawn = torch.randint(0, cell_config.vocab_size, (gene_ids.shape[0], count), generator=generator).to(gene_ids.device)
+    drawn = torch.randint(0, cell_config.vocab_size, (gene_ids.shape[0], count), generator=generator).to(
+        gene_ids.device
+    )
     special = drawn.eq(cell_config.cls_token_id) | drawn.eq(cell_config.pad_token_id)
     expressed = (drawn[:, :, None] == gene_ids[:, None, :]).any(-1)
     return (
@@ -83,7 +86,9 @@ class ScMMGPTReconstructionTrainer(ScMMGPTStageTrainer):
         masked_value_loss = F.mse_loss(predicted[masked].float(), values[masked].float())
         targets = (gene_ids, inputs["cell_expression"], real)
         if self.args.unexpressed_genes > 0:
-            targets = add_unexpressed_genes(*targets, config, self.args.unexpressed_genes, self.step_generator(per_rank=True))
+            targets = add_unexpressed_genes(
+                *targets, config, self.args.unexpressed_genes, self.step_generator(per_rank=True)
+            )
         expression_loss = model.expression_loss(outputs.query_output, *targets)
         loss = self.args.masked_value_weight * masked_value_loss + self.args.expression_weight * expression_loss
         return {"loss": loss, "masked_value_loss": masked_value_loss, "expression_loss": expression_loss}

@@ -20,6 +20,7 @@ from .contrastive import ScMMGPTContrastiveTrainer
 from .instruction import ScMMGPTInstructionArguments, ScMMGPTInstructionTrainer
 from .reconstruction import ScMMGPTReconstructionTrainer
 
+
 STAGES = {
     "contrastive": ScMMGPTContrastiveArguments,
     "reconstruction": ScMMGPTReconstructionArguments,
@@ -32,12 +33,15 @@ logger = logging.getLogger(__name__)
 def _trainer(stage: str, model, processor, args, data, callbacks):
     splits = {"train_dataset": data["train"], "eval_dataset": data["validation"], "callbacks": callbacks}
     if stage == "contrastive":
-        collator = ScMMGPTContrastiveCollator(processor, max_text_length=args.max_text_length,
-                                              text_field=args.text_field, label_field=args.label_field)  # fmt: skip
+        collator = ScMMGPTContrastiveCollator(
+            processor, max_text_length=args.max_text_length, text_field=args.text_field, label_field=args.label_field
+        )
         return ScMMGPTContrastiveTrainer(model=model, args=args, processor=processor, data_collator=collator, **splits)
     if stage == "reconstruction":
         collator = ScMMGPTReconstructionCollator(processor)
-        return ScMMGPTReconstructionTrainer(model=model, args=args, processor=processor, data_collator=collator, **splits)
+        return ScMMGPTReconstructionTrainer(
+            model=model, args=args, processor=processor, data_collator=collator, **splits
+        )
     return ScMMGPTInstructionTrainer(model, args, processor, **splits)
 
 
@@ -62,11 +66,19 @@ def parse_stage(stage: str, argv: list[str]) -> tuple:
     overrides (no abbreviations; unknown keys are refused by name)."""
     if stage not in STAGES:
         raise ValueError(f"Unknown stage {stage!r}; choose from {list(STAGES)}.")
-    return tuple(parse_stage_args(HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]), allow_abbrev=False, exit_on_error=False), argv))
+    return tuple(
+        parse_stage_args(
+            HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]), allow_abbrev=False, exit_on_error=False), argv
+        )
+    )
 
 
-def run_stage(stage: str, argv: list[str] | None = None, callbacks: list[TrainerCallback] | None = None,
-              arguments: tuple | None = None) -> dict:  # fmt: skip
+def run_stage(
+    stage: str,
+    argv: list[str] | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+    arguments: tuple | None = None,
+) -> dict:
     """Trains one stage from `arguments` (parsed, as [`parse_stage`] returns them) or from `argv`, and saves the
     final model and processor in `output_dir` (the instruction stage merges its LoRA adapters, which it also keeps
     in `output_dir/adapter`, when it trains with LoRA). Returns the validation metrics before training (of the
@@ -115,23 +127,42 @@ def plan_stage(stage: str, arguments: tuple) -> dict:
     """What [`run_stage`] would do with `arguments`, resolved without loading a model or reading any data: the data
     source, the model it starts from, the steps and the output folder (for `--dry-run`)."""
     model_args, args = arguments
-    data = "embedded PBMC demo (scanpy pbmc68k_reduced)" if model_args.uses_demo_data else {
-        split: sources for split, sources in (("train", model_args.train_data), ("validation", model_args.validation_data),
-                                              ("test", model_args.test_data)) if sources}  # fmt: skip
+    data = (
+        "embedded PBMC demo (scanpy pbmc68k_reduced)"
+        if model_args.uses_demo_data
+        else {
+            split: sources
+            for split, sources in (
+                ("train", model_args.train_data),
+                ("validation", model_args.validation_data),
+                ("test", model_args.test_data),
+            )
+            if sources
+        }
+    )
     return {
         "stage": stage,
         "data": data,
         "obs_filter": model_args.obs_filter,
-        "columns": {"label": model_args.label_column, "ontology_id": model_args.ontology_id_column,
-                    "tissue": model_args.tissue_column, "disease": model_args.disease_column,
-                    "donor": model_args.donor_column, "gene": model_args.gene_column},  # fmt: skip
+        "columns": {
+            "label": model_args.label_column,
+            "ontology_id": model_args.ontology_id_column,
+            "tissue": model_args.tissue_column,
+            "disease": model_args.disease_column,
+            "donor": model_args.donor_column,
+            "gene": model_args.gene_column,
+        },
         "values": "raw" if model_args.use_raw else (model_args.layer or "X"),
         "streaming": model_args.streaming,
         "model": model_args.model_name_or_path or f"embedded default model ({model_args.demo_language_model} LM)",
         "steps": args.max_steps if args.max_steps > 0 else f"{args.num_train_epochs:g} epoch(s)",
         "batch_size_per_device": args.per_device_train_batch_size,
         "learning_rate": args.learning_rate,
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32 (or the CPU's native bf16 where the stage picks it)",
+        "precision": "bf16"
+        if args.bf16
+        else "fp16"
+        if args.fp16
+        else "fp32 (or the CPU's native bf16 where the stage picks it)",
         "output_dir": args.output_dir,
         "complete": stage_is_complete(args.output_dir),
     }
@@ -149,8 +180,12 @@ def _resume_point(stage: str, args) -> str | None:
     saved = sorted(glob.glob(os.path.join(out, "checkpoint-*"))) if os.path.isdir(out) else []
     if args.overwrite_output_dir:
         if (saved or stage_is_complete(out)) and world()[0] == 0:
-            logger.warning("%s: overwrite_output_dir: deleting %d checkpoint(s)%s and starting over.", out, len(saved),
-                           " and the finished model" if stage_is_complete(out) else "")  # fmt: skip
+            logger.warning(
+                "%s: overwrite_output_dir: deleting %d checkpoint(s)%s and starting over.",
+                out,
+                len(saved),
+                " and the finished model" if stage_is_complete(out) else "",
+            )
             for path in [*saved, *glob.glob(os.path.join(out, ".tmp-checkpoint-*"))]:
                 shutil.rmtree(path, ignore_errors=True)
             for name in (COMPLETE, "model.safetensors"):
@@ -158,15 +193,19 @@ def _resume_point(stage: str, args) -> str | None:
                     os.remove(os.path.join(out, name))
         return ""
     if stage_is_complete(out):
-        logger.warning("%s: the %s stage is complete; reusing it (overwrite_output_dir true trains it again).", out, stage)
+        logger.warning(
+            "%s: the %s stage is complete; reusing it (overwrite_output_dir true trains it again).", out, stage
+        )
         return None
     requested = None if args.resume_from_checkpoint is None else str(args.resume_from_checkpoint)
     last = _last_checkpoint(out)
     if requested is not None and requested.lower() in ("false", "no") and saved:
-        raise ValueError(f"{out} holds {len(saved)} checkpoint(s) of an unfinished run (the last: "
-                         f"{os.path.basename(last or saved[-1])}) and resume_from_checkpoint is false: pass "
-                         "overwrite_output_dir true to delete them and start over, or drop resume_from_checkpoint to "
-                         "resume.")  # fmt: skip
+        raise ValueError(
+            f"{out} holds {len(saved)} checkpoint(s) of an unfinished run (the last: "
+            f"{os.path.basename(last or saved[-1])}) and resume_from_checkpoint is false: pass "
+            "overwrite_output_dir true to delete them and start over, or drop resume_from_checkpoint to "
+            "resume."
+        )
     if requested is not None and requested.lower() not in ("true", "last", "false", "no"):
         return requested  # a checkpoint the user named
     if last:
@@ -181,8 +220,9 @@ def _last_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
-def pretrain_all(stage_argv: dict[str, list[str]], output_root: str, model: str | None = None, callbacks=None,
-                 dry_run: bool = False) -> dict:  # fmt: skip
+def pretrain_all(
+    stage_argv: dict[str, list[str]], output_root: str, model: str | None = None, callbacks=None, dry_run: bool = False
+) -> dict:
     """The three stages in order, each starting from the previous stage's saved model in `output_root/<stage>`.
     `stage_argv` maps each stage to its arguments (a YAML/JSON config path first and/or `--flag value` pairs).
     Finished stages are reused and interrupted ones resume; a line per stage reports its validation loss. With
@@ -201,7 +241,10 @@ def pretrain_all(stage_argv: dict[str, list[str]], output_root: str, model: str 
         results[stage] = run_stage(stage, callbacks=callbacks, arguments=(model_args, args))
         before, after = results[stage]["before"]["eval_loss"], results[stage]["after"]["eval_loss"]
         if world()[0] == 0:  # one line per stage, not one per rank
-            print(f"  stage {stage:>14}: validation loss {before:.3f} -> {after:.3f} ({time.time() - start:.0f}s)", flush=True)
+            print(
+                f"  stage {stage:>14}: validation loss {before:.3f} -> {after:.3f} ({time.time() - start:.0f}s)",
+                flush=True,
+            )
     return results
 
 

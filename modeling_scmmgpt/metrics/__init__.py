@@ -23,6 +23,7 @@ from .cell_description.cell_description import CellDescriptionMetric
 from .cell_type_annotation.cell_type_annotation import CellTypeAnnotationMetric
 from .pseudo_cell_generation.pseudo_cell_generation import PseudoCellGenerationMetric
 
+
 METRIC_NAMES = ("cell_description", "cell_type_annotation", "pseudo_cell_generation")
 
 

@@ -2,9 +2,16 @@
 data (the default when no data is named). The Cell Ontology text lives on the model side (`modeling_scmmgpt.ontology`),
 with the pipelines that read it."""
 
-from .builders import FEATURES, PBMC_LABEL_TO_CELL_ONTOLOGY, ScMMGPTCellTextConfig, ScMMGPTH5ADBuilder, ScMMGPTSomaBuilder
+from .builders import (
+    FEATURES,
+    PBMC_LABEL_TO_CELL_ONTOLOGY,
+    ScMMGPTCellTextConfig,
+    ScMMGPTH5ADBuilder,
+    ScMMGPTSomaBuilder,
+)
 from .instructions import instruction_examples
 from .loading import expand_sources, load_cell_text_splits, load_pbmc, load_pbmc_demo
+
 
 __all__ = [
     "FEATURES",

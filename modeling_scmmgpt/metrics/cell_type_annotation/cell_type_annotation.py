@@ -5,6 +5,7 @@ import evaluate
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
+
 _CITATION = """\
 @article{shi2025scmmgpt,
   title={Multimodal Language Modeling for High-Accuracy Single Cell Transcriptomics Analysis and Generation},

@@ -5,6 +5,7 @@ import evaluate
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier
 
+
 _CITATION = """\
 @article{shi2025scmmgpt,
   title={Multimodal Language Modeling for High-Accuracy Single Cell Transcriptomics Analysis and Generation},
