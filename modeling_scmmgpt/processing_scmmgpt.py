@@ -164,6 +164,10 @@ class ScMMGPTCellProcessor:
     ):
         if max_genes < 2:
             raise ValueError(f"max_genes={max_genes} leaves no room for genes after <cls>; use at least 2.")
+        if binning and (not isinstance(n_bins, int) or n_bins < 2):
+            raise ValueError(f"n_bins={n_bins!r}: binning needs at least 2 bins (bin 0 holds the zeros).")
+        if not 0 <= min_vocab_coverage <= 1:
+            raise ValueError(f"min_vocab_coverage={min_vocab_coverage}: a fraction in [0, 1].")
         self.gene_vocab = gene_vocab
         self.max_genes = max_genes
         self.n_bins = n_bins

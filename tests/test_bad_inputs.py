@@ -544,6 +544,29 @@ def test_write_to_adata_needs_an_in_memory_anndata(loaded, cells):
         pipe(ad.read_h5ad(cells, backed="r"), write_to_adata=True, progress=False)
 
 
+@pytest.mark.parametrize(
+    "option, pattern",
+    [
+        (dict(n_bins=1), r"n_bins=1: binning needs at least 2 bins"),
+        (dict(n_bins=-5), r"n_bins=-5"),
+        (dict(max_genes=1), r"max_genes=1 leaves no room"),
+        (dict(min_vocab_coverage=1.5), r"min_vocab_coverage=1.5"),
+    ],
+)
+def test_bad_cell_processor_option(option, pattern, model_dir, loaded, tmp_path):
+    """Out-of-range processor options are refused where they are set: in Python, and in a saved folder."""
+    from modeling_scmmgpt import ScMMGPTCellProcessor, ScMMGPTProcessor
+
+    _, processor = loaded
+    with pytest.raises(ValueError, match=pattern):
+        ScMMGPTCellProcessor(processor.cell_processor.gene_vocab, **option)
+    folder = str(tmp_path / "model")
+    shutil.copytree(model_dir, folder)
+    _edit_json(os.path.join(folder, "cell_processor_config.json"), lambda c: c.update(option))
+    with pytest.raises(ValueError, match=pattern):
+        ScMMGPTProcessor.from_pretrained(folder)
+
+
 def test_n_cells_below_one(loaded):
     with pytest.raises(ValueError, match="n_cells=0"):
         _pipe(loaded, "TextToCellPipeline")("a B cell", n_cells=0)
