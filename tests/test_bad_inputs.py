@@ -796,14 +796,20 @@ def test_convert_refuses_a_pickle_that_runs_code(tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
-def test_push_without_a_network_is_one_line(model_dir, capsys, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setenv("HF_TOKEN", "hf_test")
-    code, err = _cli(["push", "--model", model_dir, "--repo-id", "me/scmmgpt-test"], capsys)
-    _one_line_error(code, err, r"[Cc]onnect|refused|Name or service not known")
-    assert "could not be reached" in err
+def test_push_without_a_network_is_one_line(model_dir):
+    """The Hub unreachable (an endpoint where nothing listens): one line and a hint, in a fresh process so that the
+    endpoint is read at import, as a user's shell would set it."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_test", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "scmmgpt.cli", "push", "--model", model_dir, "--repo-id", "me/scmmgpt-test"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    _one_line_error(result.returncode, result.stderr, r"[Cc]onnect|refused")
+    assert "could not be reached" in result.stderr
 
 
 def test_debug_keeps_the_traceback(model_dir, tmp_path, capsys):
