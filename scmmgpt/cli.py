@@ -98,12 +98,28 @@ def _check_output(args, formats=(".h5ad", ".csv")) -> None:
 
 def _expected_output_bytes(args) -> int:
     """A generous estimate of the output's size: an `.h5ad` output holds the whole input AnnData plus the results;
-    a table or a generated matrix a few hundred bytes per cell and gene."""
-    source = getattr(args, "input", None)
-    size = os.path.getsize(source) if source and os.path.isfile(source) else 0
-    if source is None:  # generate: n_cells x (up to 60k genes) float32
+    embeddings up to 4 KiB a cell (1024 float32s), a table row up to 1 KiB; generated cells n_cells x 60k genes."""
+    source, output = getattr(args, "input", None), args.output
+    if source is None:  # generate
         size = getattr(args, "n_cells", 1) * 60_000 * 4
-    return int(size * 1.2) + (1 << 20)
+    elif output.endswith(".h5ad"):
+        size = int(os.path.getsize(source) * 1.2) if os.path.isfile(source) else 0
+    else:
+        size = _n_cells(source) * (4096 if output.endswith(".npy") else 1024)
+    return size + (1 << 20)
+
+
+def _n_cells(path: str) -> int:
+    """Cells in an `.h5ad` file, from its matrix's shape (nothing loaded); 0 when it cannot tell (the read that
+    follows reports the file's problem)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            matrix = f["X"] if "X" in f else f["raw/X"]
+            return int(matrix.shape[0] if isinstance(matrix, h5py.Dataset) else matrix.attrs["shape"][0])
+    except (OSError, KeyError, TypeError):
+        return 0
 
 
 def _check_room(output: str, needed: int) -> None:
