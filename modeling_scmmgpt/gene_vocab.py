@@ -206,9 +206,8 @@ class GeneVocab:
                 duplicated.append(gene_names[col])
                 ids[col] = -1
             seen.add(int(token_id))
-        n_model_genes = len(self.gene_to_id) - len(
-            {self.pad_token, self.cls_token, *SCGPT_SPECIAL_TOKENS} & set(self.gene_to_id)
-        )
+        specials = {self.pad_token, self.cls_token, *SCGPT_SPECIAL_TOKENS}
+        n_model_genes = len(self.gene_to_id) - sum(token in self.gene_to_id for token in specials)
         return ids, GeneCoverage(len(gene_names), len(seen), unknown, duplicated, n_model_genes)
 
     @property

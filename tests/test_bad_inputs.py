@@ -417,13 +417,13 @@ def test_bad_model_folder(name, break_folder, pattern, model_dir, cells, tmp_pat
     folder = str(tmp_path / "model")
     shutil.copytree(model_dir, folder)
     break_folder(folder)
-    output = str(tmp_path / "out.csv")
+    output = str(tmp_path / "out.h5ad")
     _check_cli_case(
-        ["embed", "--model", folder, "--input", cells, "--output", output.replace(".csv", ".h5ad")],
+        ["embed", "--model", folder, "--input", cells, "--output", output],
         pattern,
         capsys,
         inputs=[cells],
-        outputs=[output.replace(".csv", ".h5ad")],
+        outputs=[output],
     )
 
 
@@ -968,7 +968,7 @@ def test_full_disk_is_refused_before_any_compute(command, output, model_dir, cel
     assert leftovers == ["cells.h5ad"], leftovers  # no output, no temporary file
 
 
-def test_full_disk_while_streaming_embeddings(loaded, tmp_path):
+def test_full_disk_while_streaming_embeddings(model_dir, tmp_path):
     """A stream to .npy that fails part-way leaves neither the file nor its `.partial`."""
     code = (
         "import sys, resource, signal\n"
@@ -985,23 +985,14 @@ def test_full_disk_while_streaming_embeddings(loaded, tmp_path):
     cells = _write(pbmc_cells()[:40].copy(), tmp_path / "cells.h5ad")
     target = str(tmp_path / "emb.npy")
     result = subprocess.run(
-        [sys.executable, "-c", code, str(_model_dir_of(loaded, tmp_path)), cells, target],
+        [sys.executable, "-c", code, model_dir, cells, target],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=300,
     )
     assert "OSError 27" in result.stdout or "OSError 28" in result.stdout, result.stdout + result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "model") == ["cells.h5ad"]
-
-
-def _model_dir_of(loaded, tmp_path):
-    model, processor = loaded
-    folder = tmp_path / "model"
-    if not folder.exists():
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-    return folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells.h5ad"]
 
 
 @pytest.mark.parametrize("delay", [0.5, 2.0, 4.0])
