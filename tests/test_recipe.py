@@ -375,3 +375,37 @@ def test_generate_prompt_states_run_each_distinct_prompt_once_and_match_one_by_o
         for i in (lengths.index(min(lengths)), lengths.index(max(lengths))):  # the most padded, the least
             alone = _generate_prompt_states(model, processor, records[i : i + 1], seed=0, batch_size=1)
             torch.testing.assert_close(together[i], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_codebook_c_by_cross_validation(tmp_path):
+    """`bridge_codebook_c 0`: the codebook's regularisation is the grid value with the best 5-fold accuracy on the
+    fitting cells (scikit-learn's LogisticRegressionCV), so it differs from the fixed C=1 fit when the grid says so;
+    a type with a single fitting cell cannot be cross-validated and is refused by name."""
+    from conftest import pbmc_cells, tiny_demo
+    from sklearn.linear_model import LogisticRegressionCV
+
+    from trainers.bridges import _query_outputs, fit_bridges
+    from trainers.default_model import build_model
+    from trainers.instruction import ScMMGPTInstructionArguments
+
+    _, processor, splits = tiny_demo(tmp_path)
+    torch.manual_seed(0)
+    model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)
+    records = [r for r in splits["train"].select(range(200))]
+    common = {t for t in {r["cell_type"] for r in records} if sum(r["cell_type"] == t for r in records) >= 5}
+    records = [r for r in records if r["cell_type"] in common]
+    fits = fit_bridges(model, processor, records, parts=("codebook",), codebook_c=0)
+    with torch.no_grad():
+        features = _query_outputs(model.eval().model, processor, records).flatten(1).double()
+    standardised = ((features - features.mean(0)) / features.std(0).clamp(min=1e-6)).numpy()
+    names = [r["cell_type"] for r in records]
+    expected = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=5, max_iter=2000).fit(standardised, names).C_[0]
+    assert fits["codebook_c"] == pytest.approx(expected) != 1.0  # the grid picks another C than the default
+    assert np.isclose(np.logspace(-4, 2, 7), fits["codebook_c"]).any()
+    assert fit_bridges(model, processor, records, parts=("codebook",))["codebook_c"] == 1.0
+
+    lonely = records + [next(r for r in splits["train"] if r["cell_type"] not in common)]
+    with pytest.raises(ValueError, match="needs at least 2 fitting cells"):
+        fit_bridges(model, processor, lonely, parts=("codebook",), codebook_c=0)
+    with pytest.raises(ValueError, match="bridge_codebook_c=-1"):
+        ScMMGPTInstructionArguments(output_dir=str(tmp_path / "x"), bridge_codebook_c=-1, use_cpu=True)

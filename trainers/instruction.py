@@ -70,6 +70,8 @@ class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
             per training label (`ScMMGPTConfig.cell_codebook_labels`), started from the label's token embeddings
             and mixed by a logistic regression on the cells; least squares blurs the names together.
         bridge_init_cells (`int`, defaults to 512): training cells (the first ones) for `bridge_init`.
+        bridge_codebook_c (`float`, defaults to 1.0): inverse L2 strength of the codebook's logistic regression
+            (scikit-learn's `C`); 0 chooses it by 5-fold cross-validation on the fitting cells, from 1e-4 to 1e2.
         bridge_refit (`bool`, defaults to `True`): with a fitted `bridge_init`, fit `cell_head` again after
             training, on the adapted LM's states: the adapters move the states the first fit read.
         expression_loss_weight (`float`, *optional*): sets the model's `expression_loss_weight` (saved with it) for
@@ -97,6 +99,7 @@ class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
     train_expression_decoder: bool = True
     bridge_init: str = "random"
     bridge_init_cells: int = 512
+    bridge_codebook_c: float = 1.0
     bridge_learning_rate: float | None = None
     bridge_refit: bool = True
     expression_loss_weight: float | None = None
@@ -121,6 +124,8 @@ class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
             raise ValueError(
                 f"balance_cell_types={self.balance_cell_types}: use a value from 0 (data frequencies) to 1 (equal)."
             )
+        if self.bridge_codebook_c < 0:
+            raise ValueError(f"bridge_codebook_c={self.bridge_codebook_c}: a positive C, or 0 to choose it by CV.")
         if self.bridge_init not in BRIDGE_INIT_PARTS:
             raise ValueError(
                 f"bridge_init={self.bridge_init!r}: use one of {', '.join(map(repr, BRIDGE_INIT_PARTS))}."
@@ -282,7 +287,9 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
         parts = BRIDGE_INIT_PARTS[args.bridge_init]
         if parts and train_dataset is not None:
             records = list(itertools.islice(iter(train_dataset), args.bridge_init_cells))
-            self.bridge_fits = fit_bridges(model, processor, records, seed=args.instruction_seed, parts=parts)
+            self.bridge_fits = fit_bridges(
+                model, processor, records, seed=args.instruction_seed, parts=parts, codebook_c=args.bridge_codebook_c
+            )
             logger.info("Bridges fitted on %d training cells: %s", len(records), self.bridge_fits)
         if args.balance_cell_types and train_dataset is not None and not hasattr(train_dataset, "__len__"):
             raise ValueError(
