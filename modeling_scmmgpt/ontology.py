@@ -70,6 +70,10 @@ class CellOntology:
     def __contains__(self, term_id: str) -> bool:
         return term_id in self.terms
 
+    def labels(self) -> list[str]:
+        """The labels of the current (not deprecated) terms, sorted: the names a user may pick from."""
+        return sorted({term["label"] for term in self.terms.values() if not term.get("deprecated")})
+
     def label(self, term_id: str) -> str:
         return self.terms[term_id]["label"]
 

@@ -246,8 +246,9 @@ class ScMMGPTCellProcessor:
             )
 
     # --- inputs -----------------------------------------------------------------------------------------------------
-    def _matrix_and_genes(self, cells, gene_names):
-        """Returns (matrix, gene names, where it was read) for AnnData, numpy or scipy input."""
+    def matrix_and_genes(self, cells, gene_names=None):
+        """Returns (matrix, gene names, where it was read) for AnnData, numpy or scipy input: the values this
+        processor reads (`use_raw`, `layer`, `gene_id_column` applied), before any mapping to the vocabulary."""
         if hasattr(cells, "obs") and hasattr(cells, "var"):  # AnnData, in memory or backed
             if self.use_raw and self.layer is not None:
                 raise ValueError(f"use_raw and layer={self.layer!r} both name the values to read; pick one.")
@@ -317,7 +318,7 @@ class ScMMGPTCellProcessor:
 
     def _process_matrix(self, cells, gene_names) -> list:
         """Rows from AnnData / numpy / scipy input, mapping its columns to the vocabulary."""
-        matrix, names, source = self._matrix_and_genes(cells, gene_names)
+        matrix, names, source = self.matrix_and_genes(cells, gene_names)
         if matrix is None:
             raise ValueError(
                 f"{source} is None: the AnnData has no expression matrix there; read adata.raw "

@@ -63,23 +63,115 @@ def annotate_test_cells(model, processor, adata, splits, descriptions: dict[str,
     return cells
 
 
-def plot_embeddings(cells, path: str) -> None:
-    """UMAP of `obsm["X_scmmgpt"]`, coloured by true and by predicted type, side by side."""
+def embedding_umap(cells) -> None:
+    """Adds the UMAP of `obsm["X_scmmgpt"]` to `cells` (`obsm["X_umap"]`), once: recolouring reuses it."""
+    import scanpy as sc
+
+    if "X_umap" in cells.obsm:
+        return
+    sc.pp.neighbors(cells, use_rep="X_scmmgpt", n_neighbors=min(10, cells.n_obs - 1), random_state=0)
+    sc.tl.umap(cells, random_state=0)
+
+
+def plot_embeddings(
+    cells, path: str, columns=(("true_cell_type", "true type"), ("scmmgpt_cell_type", "scMMGPT zero-shot"))
+) -> None:
+    """UMAP of `obsm["X_scmmgpt"]`, one panel per `(obs column, title)` of `columns`, side by side."""
     import scanpy as sc
 
     plt = _figure_backend()
-    sc.pp.neighbors(cells, use_rep="X_scmmgpt", n_neighbors=10, random_state=0)
-    sc.tl.umap(cells, random_state=0)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    for ax, column, title in (
-        (axes[0], "true_cell_type", "true type"),
-        (axes[1], "scmmgpt_cell_type", "scMMGPT zero-shot"),
-    ):
+    embedding_umap(cells)
+    fig, axes = plt.subplots(1, len(columns), figsize=(6.5 * len(columns), 5.5), squeeze=False)
+    for ax, (column, title) in zip(axes[0], columns):
         sc.pl.umap(
             cells, color=column, ax=ax, show=False, title=f"scMMGPT cell embeddings: {title}", legend_fontsize=7
         )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def place_on_reference(generated, reference, type_column: str) -> None:
+    """Places `generated` cells on a UMAP of `reference` cells' expression (PCA of the genes both have; UMAP fitted
+    on the reference, then `transform` of the generated cells), and names each generated cell's nearest reference
+    type (a 10-nearest-neighbour vote in PCA space) in `generated.obs["nearest_type"]`. Both AnnData hold expression
+    in the model's values over gene names of its vocabulary; `reference.obs[type_column]` holds the types. Adds
+    `obsm["X_umap"]` to both."""
+    import umap
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import KNeighborsClassifier
+
+    reference_genes = set(reference.var_names)
+    genes = [g for g in generated.var_names if g in reference_genes]
+    if len(genes) < 3:
+        raise ValueError(f"The reference shares {len(genes)} genes with the generated cells; need at least 3.")
+
+    def dense(data):
+        matrix = data[:, genes].X
+        return np.asarray(matrix.todense() if hasattr(matrix, "todense") else matrix, dtype=np.float32)
+
+    ref, new = dense(reference), dense(generated)
+    pca = PCA(n_components=min(30, ref.shape[0] - 1, len(genes) - 1), random_state=0).fit(ref)
+    ref_pcs, new_pcs = pca.transform(ref), pca.transform(new)
+    reducer = umap.UMAP(n_neighbors=min(15, len(ref) - 1), random_state=0).fit(ref_pcs)
+    reference.obsm["X_umap"], generated.obsm["X_umap"] = reducer.embedding_, reducer.transform(new_pcs)
+    vote = KNeighborsClassifier(n_neighbors=min(10, len(ref))).fit(ref_pcs, reference.obs[type_column].astype(str))
+    generated.obs["nearest_type"] = vote.predict(new_pcs)
+
+
+def plot_generated_cells(
+    generated, path: str, markers: list[str], reference=None, type_column: str | None = None, max_real: int = 30
+) -> None:
+    """Generated cells on the reference UMAP (left, when a `reference` with `type_column` is given; see
+    [`place_on_reference`]) and a heatmap of their `markers` beside up to `max_real` real cells of each generated
+    cell's nearest type (right)."""
+    import anndata as ad
+
+    plt = _figure_backend()
+    markers = [g for g in markers if g in generated.var_names]
+    if not markers:
+        raise ValueError("None of the marker genes is among the generated cells' genes; pick genes of the model.")
+    parts = [generated[:, markers].copy()]
+    parts[0].obs["group"] = "generated"
+    if reference is not None:
+        place_on_reference(generated, reference, type_column)
+        rng = np.random.default_rng(0)
+        for cell_type in dict.fromkeys(generated.obs["nearest_type"]):
+            rows = np.flatnonzero(reference.obs[type_column].astype(str).to_numpy() == cell_type)
+            real = reference[np.sort(rng.choice(rows, min(max_real, len(rows)), replace=False))][:, markers].copy()
+            real.obs["group"] = f"real {cell_type}"
+            parts.append(real)
+    both = ad.concat(parts, index_unique="-")
+    both.X = np.asarray(both.X.todense() if hasattr(both.X, "todense") else both.X, dtype=np.float32)
+    both.obs["group"] = both.obs["group"].astype("category")
+    fig, axes = plt.subplots(
+        1, 2 if reference is not None else 1, figsize=(14 if reference is not None else 7, 5.5), squeeze=False
+    )
+    if reference is not None:
+        ax, coords = axes[0][0], reference.obsm["X_umap"]
+        types = sorted(set(reference.obs[type_column].astype(str)))
+        palette = dict(zip(types, plt.cm.tab20(np.linspace(0, 1, max(len(types), 2)))))
+        ax.scatter(coords[:, 0], coords[:, 1], s=6, c=[palette[t] for t in reference.obs[type_column].astype(str)])
+        placed = generated.obsm["X_umap"]
+        ax.scatter(placed[:, 0], placed[:, 1], s=160, marker="*", c="k", label="generated")
+        handles = [plt.Line2D([], [], marker="o", ls="", color=palette[t], label=t) for t in types]
+        handles.append(plt.Line2D([], [], marker="*", ls="", color="k", markersize=10, label="generated"))
+        ax.legend(handles=handles, fontsize=6, loc="best")
+        ax.set_title("Generated cells (stars) on the reference cells' expression UMAP")
+        ax.set_xticks([]), ax.set_yticks([])
+    grid = both.X
+    ax = axes[0][-1]
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    groups = both.obs["group"].to_numpy()
+    starts = [i for i in range(len(groups)) if i == 0 or groups[i] != groups[i - 1]]
+    ax.set_yticks(starts, [groups[i] for i in starts], fontsize=7)
+    for i in starts[1:]:
+        ax.axhline(i - 0.5, color="w", lw=1.5)
+    ax.set_xticks(range(len(markers)), markers, rotation=90, fontsize=7)
+    ax.set_title("Marker expression per cell: generated, then real cells of the nearest type")
+    fig.colorbar(image, ax=ax, shrink=0.7, label="expression (model values)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
