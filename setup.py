@@ -12,7 +12,7 @@ setup(
     packages=find_packages(
         include=["modeling_scmmgpt", "modeling_scmmgpt.*", "trainers", "trainers.*", "scmmgpt", "hub_cards"]
     ),
-    package_data={"hub_cards": ["*.md"]},
+    package_data={"hub_cards": ["*.md", "space/*"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.24,<6",
@@ -40,7 +40,8 @@ setup(
     entry_points={"console_scripts": ["scmmgpt = scmmgpt.cli:main"]},
     extras_require={
         "soma": ["tiledbsoma>=1.15"],
-        "dev": ["pytest>=8", "tiledbsoma>=1.15", "import-linter>=2.17", "ruff>=0.15"],
+        "app": ["gradio>=5"],
+        "dev": ["pytest>=8", "tiledbsoma>=1.15", "import-linter>=2.17", "ruff>=0.15", "gradio>=5", "selenium>=4.20"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -29,6 +29,8 @@ EXAMPLES = {
     "--test-data test.h5ad --label-column celltype --holdout-types 'B cell'",
     "convert-scgpt": "scmmgpt convert-scgpt path/to/scGPT_human out/cell_encoder",
     "push": "scmmgpt push --model runs/demo/model --repo-id me/scmmgpt-pbmc --eval-results metrics.json",
+    "app": "scmmgpt app --model scmmgpt_demo/instruction --port 7860     # then open http://127.0.0.1:7860\n"
+    "  scmmgpt app --write-space my_space --model me/scmmgpt-pbmc          # a Hugging Face Space's files",
 }
 
 
@@ -42,18 +44,14 @@ class CLIError(Exception):
 
 # --- inputs and outputs -------------------------------------------------------------------------------------------
 def _read_h5ad(path: str, backed: bool = False):
-    import warnings
-
-    import anndata as ad
+    from .files import read_h5ad
 
     if not os.path.isfile(path):
         raise CLIError(f"{path}: no such file.", "Check the --input path.")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return ad.read_h5ad(path, backed="r" if backed else None)
-    except OSError as error:
-        raise CLIError(f"{path} is not a readable .h5ad file ({error}).", "Pass an AnnData file written by anndata.")
+        return read_h5ad(path, backed=backed)
+    except ValueError as error:
+        raise CLIError(str(error), "Pass an AnnData file written by anndata.") from None
 
 
 def _load(model_dir: str, cls_name: str = "ScMMGPTForConditionalGeneration", **cell_processor_overrides):
@@ -99,27 +97,16 @@ def _check_output(args, formats=(".h5ad", ".csv")) -> None:
 def _expected_output_bytes(args) -> int:
     """A generous estimate of the output's size: an `.h5ad` output holds the whole input AnnData plus the results;
     embeddings up to 4 KiB a cell (1024 float32s), a table row up to 1 KiB; generated cells n_cells x 60k genes."""
+    from .files import count_cells
+
     source, output = getattr(args, "input", None), args.output
     if source is None:  # generate
         size = getattr(args, "n_cells", 1) * 60_000 * 4
     elif output.endswith(".h5ad"):
         size = int(os.path.getsize(source) * 1.2) if os.path.isfile(source) else 0
     else:
-        size = _n_cells(source) * (4096 if output.endswith(".npy") else 1024)
+        size = count_cells(source) * (4096 if output.endswith(".npy") else 1024)
     return size + (1 << 20)
-
-
-def _n_cells(path: str) -> int:
-    """Cells in an `.h5ad` file, from its matrix's shape (nothing loaded); 0 when it cannot tell (the read that
-    follows reports the file's problem)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            matrix = f["X"] if "X" in f else f["raw/X"]
-            return int(matrix.shape[0] if isinstance(matrix, h5py.Dataset) else matrix.attrs["shape"][0])
-    except (OSError, KeyError, TypeError):
-        return 0
 
 
 def _check_room(output: str, needed: int) -> None:
@@ -384,6 +371,23 @@ def cmd_push(args):
     print(f"Pushed to {getattr(info, 'commit_url', args.repo_id)}")
 
 
+def cmd_app(args):
+    from .app import serve, write_space
+
+    if args.write_space:
+        for path in write_space(args.write_space, args.model):
+            print(f"Wrote {path}")
+        print(f"Upload it: huggingface-cli upload --repo-type space <you>/<space> {args.write_space}")
+        return
+    if os.path.exists(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise CLIError(
+            f"{args.model}: not a saved scMMGPT model folder.", "Pass the output folder of training or demo."
+        )
+    if args.max_cells < 1:
+        raise CLIError(f"--max-cells {args.max_cells}: need at least 1.", "e.g. --max-cells 2000")
+    serve(args.model, port=args.port, host=args.host, max_cells=args.max_cells)
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -549,6 +553,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-results", help="metrics JSON from `scmmgpt evaluate` for the card's model-index")
     p.add_argument("--private", action="store_true")
     p.set_defaults(func=cmd_push)
+
+    from .app import DEFAULT_MAX_CELLS
+
+    p = sub("app", "A web app (Gradio) to annotate, describe and generate cells in the browser; or a Space's files.")
+    p.add_argument("--model", required=True, help="saved scMMGPT folder, or a Hub repo id (downloaded once)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument(
+        "--max-cells", type=int, default=DEFAULT_MAX_CELLS, help="largest upload, in cells (the CLI takes any size)"
+    )
+    p.add_argument("--write-space", metavar="FOLDER", help="write a Hugging Face Space serving --model, and exit")
+    p.set_defaults(func=cmd_app)
     return parser
 
 

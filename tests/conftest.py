@@ -85,6 +85,20 @@ def oracle():
     }
 
 
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """`scmmgpt demo --fast` once per test session: its model serves the CLI and the web-app tests."""
+    from scmmgpt.cli import main
+
+    if os.environ.get("SCMMGPT_TEST_DEMO_DIR"):  # a finished `demo --fast` folder, to iterate on its tests locally
+        from pathlib import Path
+
+        return Path(os.environ["SCMMGPT_TEST_DEMO_DIR"])
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--fast", "--output-dir", str(out)]) == 0
+    return out
+
+
 def tiny_demo(cache_dir):
     """A tiny untrained scMMGPT over the PBMC genes (48 genes per cell) and the PBMC demo splits with its gene ids."""
     from trainers.data import load_pbmc_demo

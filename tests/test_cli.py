@@ -16,13 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--fast", "--output-dir", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def cells_h5ad(tmp_path_factory, pbmc):
     path = tmp_path_factory.mktemp("cells") / "cells.h5ad"
     pbmc[:12].copy().write_h5ad(path)  # the demo model reads .raw (log-normalised)
