@@ -15,8 +15,7 @@ Each browser session keeps its cells and files in its own temporary folder, remo
 `build_app` serves a Hugging Face Space (`write_space`).
 """
 
-from __future__ import annotations
-
+import functools
 import os
 import shutil
 import tempfile
@@ -39,17 +38,25 @@ def _gradio():
 class AppSession:
     """One browser session's data: its cells, results and a temporary folder for uploads and downloads."""
 
-    def __init__(self):
-        self.folder = tempfile.mkdtemp(prefix="scmmgpt-app-")
+    def __init__(self, root: str | None = None):
+        self.root = root  # where the session's folder goes (default: the system's temporary folder)
+        self._folder = None  # made on first use: a page that only looks writes nothing
         self.cells = None  # in-memory AnnData
         self.name = ""
         self.generated = None
+
+    @property
+    def folder(self) -> str:
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix="scmmgpt-app-", dir=self.root)
+        return self._folder
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
 
 
 def load_model(model: str):
@@ -247,20 +254,31 @@ def build_app(model: str, max_cells: int = DEFAULT_MAX_CELLS):
     app = ScMMGPTApp(model_obj, processor, max_cells=max_cells, model_card=card)
     ontology_labels = CellOntology.load().labels()
 
-    def shown(action):
-        """Runs `action`; a user's error becomes a message on the page (the first output) instead of a crash."""
+    sessions: dict[str, AppSession] = {}  # by Gradio's session hash: one per open page
+    # Gradio serves the sessions' files from where they are instead of copying them into its shared cache, so a
+    # closed session's folder takes every copy of its data with it.
+    root = tempfile.mkdtemp(prefix="scmmgpt-sessions-")
+    gr.set_static_paths([root])
 
-        def run(*args, progress=gr.Progress(track_tqdm=True)):
+    def session_of(request: gr.Request) -> AppSession:
+        if request.session_hash not in sessions:
+            sessions[request.session_hash] = AppSession(root)
+        return sessions[request.session_hash]
+
+    def guarded(action):
+        """Runs `action`; a user's error becomes a message on the page instead of a crash. The signature stays
+        `action`'s, so Gradio passes the request and the progress tracker (which follows the pipelines' tqdm)."""
+
+        @functools.wraps(action)
+        def run(*args, **kwargs):
             try:
-                return action(*args)
+                return action(*args, **kwargs)
             except (ValueError, KeyError) as error:
-                message = str(error).strip("'\"")
-                raise gr.Error(message, print_exception=False) from None
+                raise gr.Error(str(error).strip("'\""), print_exception=False) from None
 
         return run
 
     with gr.Blocks(title="scMMGPT", delete_cache=(3600, 3600), analytics_enabled=False) as page:
-        session = gr.State(AppSession, delete_callback=AppSession.close)
         gr.Markdown(
             f"# scMMGPT\nModel: `{model}`. Cells and text in one model: annotate, describe and generate cells."
         )
@@ -325,12 +343,10 @@ def build_app(model: str, max_cells: int = DEFAULT_MAX_CELLS):
             with gr.Tab("About", id="about"):
                 gr.Markdown(card or "This model has no model card.", elem_id="card")
 
-        def loaded(session, path=None):
-            report = app.load_cells(session, path)
+        def after_load(session, report):
             columns = app.colour_columns(session)
             h5ad, csv = app.downloads(session)
             return (
-                session,
                 report,
                 gr.update(choices=columns, value=columns[0] if columns else None),
                 gr.update(choices=list(session.cells.obs_names[:5000]), value=None),
@@ -340,48 +356,67 @@ def build_app(model: str, max_cells: int = DEFAULT_MAX_CELLS):
                 gr.update(value=csv, interactive=True),
             )
 
-        load_outputs = [session, status, colour, cell, umap, table, download_h5ad, download_csv]
-        demo_button.click(shown(loaded), [session], load_outputs)
-        upload.upload(shown(loaded), [session, upload], load_outputs)
+        @guarded
+        def load_demo(request: gr.Request):
+            session = session_of(request)
+            return after_load(session, app.load_cells(session, None))
 
-        def embedded(session, column):
+        @guarded
+        def load_upload(path, request: gr.Request):
+            session = session_of(request)
+            name = os.path.basename(path)  # the upload moves out of Gradio's shared cache into the session's folder
+            moved = shutil.move(path, session.path(f"upload_{name}"))
+            return after_load(session, app.load_cells(session, moved, name=name))
+
+        load_outputs = [status, colour, cell, umap, table, download_h5ad, download_csv]
+        demo_button.click(load_demo, None, load_outputs)
+        upload.upload(load_upload, [upload], load_outputs)
+
+        @guarded
+        def embedded(column, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+            session = session_of(request)
             return app.umap(session, column), *app.downloads(session)
 
-        embed_button.click(shown(embedded), [session, colour], [umap, download_h5ad, download_csv])
+        embed_button.click(embedded, [colour], [umap, download_h5ad, download_csv])
 
-        def annotated(session, labels, mode, top_k):
+        @guarded
+        def annotated(labels, mode, top_k, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+            session = session_of(request)
             frame = app.annotate(session, labels, mode, top_k)
             columns = app.colour_columns(session)
             picture = app.umap(session, "scmmgpt_cell_type") if "X_scmmgpt" in session.cells.obsm else None
             return frame, gr.update(choices=columns, value="scmmgpt_cell_type"), picture, *app.downloads(session)
 
-        annotate_button.click(
-            shown(annotated), [session, labels, mode, top_k], [table, colour, umap, download_h5ad, download_csv]
-        )
+        annotate_button.click(annotated, [labels, mode, top_k], [table, colour, umap, download_h5ad, download_csv])
 
-        def picked(session, evt):
-            return session.cells.obs_names[evt.index[0]] if session.cells is not None else None
+        def picked(evt: gr.SelectData, request: gr.Request):
+            cells = session_of(request).cells
+            return cells.obs_names[evt.index[0]] if cells is not None else None
 
-        picked.__annotations__["evt"] = gr.SelectData  # gradio passes the click by this annotation
+        table.select(picked, None, [cell])
 
-        table.select(picked, [session], [cell])
-
-        def described(session, name):
+        @guarded
+        def described(name, request: gr.Request):
+            session = session_of(request)
             if not name:
                 return "", *app.downloads(session)
             return app.describe(session, name), *app.downloads(session)
 
-        cell.change(shown(described), [session, cell], [description, download_h5ad, download_csv])
+        cell.change(described, [cell], [description, download_h5ad, download_csv])
 
-        def generated(session, prompt, n_cells, markers, seed):
-            figure, path, summary = app.generate(session, prompt, n_cells, markers, seed)
+        @guarded
+        def generated(prompt, n_cells, markers, seed, request: gr.Request):
+            figure, path, summary = app.generate(session_of(request), prompt, n_cells, markers, seed)
             return figure, gr.update(value=path, interactive=True), summary
 
         generate_button.click(
-            shown(generated),
-            [session, prompt, n_cells, markers, seed],
-            [generated_figure, download_generated, generated_status],
+            generated, [prompt, n_cells, markers, seed], [generated_figure, download_generated, generated_status]
         )
+
+        def closed(request: gr.Request):  # the page was closed or reloaded: its files go with it
+            sessions.pop(request.session_hash, AppSession()).close()
+
+        page.unload(closed)
     return page
 
 

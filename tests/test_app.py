@@ -291,6 +291,17 @@ def test_app_in_a_browser(served, tmp_path, pbmc):
         _wait(browser, lambda b: "Load cells first" in b.find_element(By.TAG_NAME, "body").text, what="the refusal")
     finally:
         browser.quit()
+
+    # Closed sessions leave nothing behind: their folders, the uploads moved into them, are removed.
+    def left():
+        return [d for _, dirs, _ in os.walk(server_tmp) for d in dirs if d.startswith("scmmgpt-app-")]
+
+    deadline = time.time() + 90
+    while left() and time.time() < deadline:
+        time.sleep(2)
+    assert not left()
+    uploads = [f for _, _, files in os.walk(server_tmp) for f in files if f.endswith(".h5ad")]
+    assert not uploads, uploads
     assert sorted(p.name for p in shots.iterdir()) == [
         "about.png",
         "bad_upload.png",
