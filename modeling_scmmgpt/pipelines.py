@@ -220,17 +220,19 @@ class ScMMGPTCellPipeline(Pipeline):
             )
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: need at least 1 cell per batch.")
-        self._check_options(**kwargs)  # before any compute or file
+        # The options are checked and resolved once per call, before any compute or file; the chunks then run
+        # through the contract's iterator (preprocess, device placement, _forward, postprocess) with them.
+        params = self._call_parameters(gene_names=gene_names, **kwargs)
         cells = _open_cells(inputs)
         n_cells = cells.shape[0] if hasattr(cells, "shape") else len(cells)
         if n_cells == 0:  # an empty result would look like a complete one
             raise ValueError("The input has no cells: nothing to compute.")
         chunks = (cells[start : start + batch_size] for start in range(0, n_cells, batch_size))
-        writer = self._open_output(output_file, n_cells, **kwargs) if output_file is not None else None
+        writer = self._open_output(output_file, n_cells, params[2]) if output_file is not None else None
         collected, done, complete = [], 0, False
         try:
             with tqdm(total=n_cells, desc=self.task or type(self).__name__, disable=not progress, unit="cell") as bar:
-                for chunk_results in super().__call__(chunks, gene_names=gene_names, **kwargs):
+                for chunk_results in self.get_iterator(chunks, 0, 1, *params):
                     if writer is not None:
                         self._write_rows(writer, done, chunk_results)
                     else:
@@ -248,8 +250,12 @@ class ScMMGPTCellPipeline(Pipeline):
             self._write(cells, results)
         return results
 
-    def _check_options(self, **kwargs) -> None:
-        self._sanitize_parameters(**kwargs)
+    def _call_parameters(self, **kwargs) -> tuple[dict, dict, dict]:
+        """The (preprocess, forward, postprocess) parameters of one call, merged over those given at construction
+        (as the base class merges them)."""
+        own = self._sanitize_parameters(**kwargs)
+        defaults = (self._preprocess_params, self._forward_params, self._postprocess_params)
+        return tuple({**base, **given} for base, given in zip(defaults, own))
 
     def _results(self, path, collected):
         return path if path is not None else collected
@@ -264,7 +270,7 @@ class CellFeatureExtractionPipeline(ScMMGPTCellPipeline):
     def postprocess(self, features):
         return list(features.float().numpy())
 
-    def _open_output(self, path, n_cells, **kwargs):
+    def _open_output(self, path, n_cells, postprocess_params):
         if not str(path).endswith(".npy"):
             raise ValueError(f"output_file={path!r}: cell-feature-extraction streams to a .npy file.")
         return _NpyRowWriter(path, n_cells, self.model.config.projection_dim)
@@ -304,21 +310,36 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
             warnings.warn(
                 f"top_k={top_k} but only {len(labels)} candidate labels; returning {len(labels)}.", stacklevel=3
             )
+        forward = {"mode": mode}
+        if mode == "zero-shot":  # the labels' text features, once per call rather than once per chunk of cells
+            forward["text_features"] = self._label_features(labels)
         preprocess = {"gene_names": gene_names, "labels": labels, "mode": mode}
-        return preprocess, {"mode": mode}, {"labels": labels, "top_k": min(top_k, len(labels))}
+        return preprocess, forward, {"labels": labels, "top_k": min(top_k, len(labels))}
 
-    def _check_options(self, candidate_labels=None, **kwargs) -> None:
+    def _call_parameters(self, candidate_labels=None, **kwargs) -> tuple[dict, dict, dict]:
         if not candidate_labels:
             raise ValueError("Pass candidate_labels=[...] (Cell Ontology labels or ids, or free text).")
-        self._sanitize_parameters(candidate_labels=candidate_labels, **kwargs)
+        return super()._call_parameters(candidate_labels=candidate_labels, **kwargs)
 
     def preprocess(self, cells, gene_names=None, labels=(), mode="zero-shot"):
         inputs = super().preprocess(cells, gene_names)
         if mode == "generative":
             return {**inputs, **self._prompt_inputs(ANNOTATE[0], inputs["gene_ids"].shape[0]), "labels": labels}
+        return inputs
+
+    @torch.no_grad()
+    def _label_features(self, labels: list[str], batch_size: int = 64) -> torch.Tensor:
+        """`(len(labels), projection_dim)` contrastive text features of the labels' descriptions."""
         tokenizer = self.processor.qformer_tokenizer or self.processor.tokenizer
-        texts = tokenizer([self._describe(label) for label in labels], padding=True, return_tensors="pt")
-        return {**inputs, "text_input_ids": texts["input_ids"], "text_attention_mask": texts["attention_mask"]}
+        features = []
+        for start in range(0, len(labels), batch_size):
+            texts = tokenizer(
+                [self._describe(label) for label in labels[start : start + batch_size]],
+                padding=True,
+                return_tensors="pt",
+            ).to(self.device)
+            features.append(self.model.get_text_features(texts["input_ids"], texts["attention_mask"]))
+        return torch.cat(features)
 
     @staticmethod
     def _describe(label: str) -> str:
@@ -329,12 +350,11 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         term = label if label in ontology else ontology.resolve(label, None)
         return ontology.describe({"cell_type": label, "cell_type_ontology_term_id": term})
 
-    def _forward(self, inputs, mode="zero-shot"):
+    def _forward(self, inputs, mode="zero-shot", text_features=None):
         if mode == "zero-shot":
             cells = self.model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
-            texts = self.model.get_text_features(inputs["text_input_ids"], inputs["text_attention_mask"])
             scale = getattr(self.model, "model", self.model).cell_tower.logit_scale.exp()
-            return (scale * cells @ texts.T).softmax(-1)
+            return (scale * cells @ text_features.to(cells).T).softmax(-1)
         answers = self.processor.batch_decode(self._generate(inputs, max_new_tokens=16), skip_special_tokens=True)
         return torch.tensor(
             [
@@ -350,10 +370,8 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
             for row_values, row_indices in zip(values.tolist(), indices.tolist())
         ]
 
-    def _open_output(self, path, n_cells, candidate_labels=(), top_k: int = 1, **kwargs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the call's own check already warned
-            k = min(top_k, len(_candidate_labels(candidate_labels)))
+    def _open_output(self, path, n_cells, postprocess_params):
+        k = postprocess_params["top_k"]
         return _CsvRowWriter(path, ["cell"] + [f"{name}_{j + 1}" for j in range(k) for name in ("label", "score")])
 
     def _write_rows(self, writer, start, ranked):
@@ -394,7 +412,7 @@ class CellDescriptionPipeline(ScMMGPTCellPipeline):
     def postprocess(self, generated):
         return [t.strip() for t in self.processor.batch_decode(generated, skip_special_tokens=True)]
 
-    def _open_output(self, path, n_cells, **kwargs):
+    def _open_output(self, path, n_cells, postprocess_params):
         return _CsvRowWriter(path, ["cell", "description"])
 
     def _write_rows(self, writer, start, texts):

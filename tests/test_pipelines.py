@@ -209,3 +209,30 @@ def test_candidate_labels_are_checked_before_any_cell_is_read(saved_model, pbmc)
     assert all({r["label"] for r in ranked} == {"B cell", "T cell"} for ranked in merged)
     with pytest.warns(UserWarning, match="only 2 candidate labels"):
         assert len(annotator(cells, candidate_labels=["B cell", "T cell"], top_k=5, progress=False)[0]) == 2
+
+
+def test_a_call_resolves_its_options_and_label_texts_once(saved_model, pbmc):
+    """Issue 15: one call checks its options once (not once in a pre-check and again in the base class) and encodes
+    the candidate labels' texts once, not once per chunk of cells; the scores match encoding them per chunk."""
+    from unittest import mock
+
+    annotator = pipeline("cell-type-annotation", model=saved_model)
+    labels = ["CL:0001054", "B cell", "natural killer cell"]
+    model = annotator.model
+    with (
+        mock.patch.object(model, "get_text_features", wraps=model.get_text_features) as encode,
+        mock.patch.object(annotator, "_sanitize_parameters", wraps=annotator._sanitize_parameters) as sanitize,
+    ):
+        ranked = annotator(pbmc[:20], candidate_labels=labels, top_k=3, batch_size=4, progress=False)
+    assert encode.call_count == 1 and sanitize.call_count == 1  # five chunks
+    with torch.no_grad():
+        tokenizer = annotator.processor.qformer_tokenizer
+        texts = tokenizer([annotator._describe(label) for label in labels], padding=True, return_tensors="pt")
+        text = model.get_text_features(texts["input_ids"], texts["attention_mask"])
+        inputs = annotator.preprocess(pbmc[16:20])
+        cells = model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
+        expected = (model.model.cell_tower.logit_scale.exp() * cells @ text.T).softmax(-1)
+    got = torch.tensor(
+        [[r["score"] for r in sorted(row, key=lambda r: labels.index(r["label"]))] for row in ranked[16:]]
+    )
+    torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-4)
