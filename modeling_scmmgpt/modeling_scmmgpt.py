@@ -167,15 +167,25 @@ class ScMMGPTExpressionDecoder(nn.Module):
         if config.bilinear_expression_readout:
             self.bilinear = nn.Linear(hidden, config.cell_config.hidden_size)
             self.bilinear.init_as = "zeros"  # the decoder starts as the attention readout alone
+        # Per gene: weights over the mean cell token, then a bias (see `ScMMGPTConfig.gene_expression_readout`).
+        self.gene_readout = None
+        if config.gene_expression_readout:  # zeros (no random draw, so the other modules' initialisation is unchanged)
+            self.gene_readout = nn.Parameter(torch.zeros(config.cell_config.vocab_size, hidden + 1))
 
     def forward(
-        self, cell_queries: torch.Tensor, gene_embeds: torch.Tensor, return_log_variance: bool = False
+        self,
+        cell_queries: torch.Tensor,
+        gene_embeds: torch.Tensor,
+        return_log_variance: bool = False,
+        gene_ids: torch.LongTensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         r"""
         Args:
             cell_queries (`torch.Tensor` of shape `(batch_size, num_cell_tokens, qformer_hidden_size)`)
             gene_embeds (`torch.Tensor` of shape `(batch_size, num_genes, cell_hidden_size)`)
             return_log_variance (`bool`): also return the per-gene log-variance (needs `config.expression_variance`).
+            gene_ids (`torch.LongTensor` of shape `(batch_size, num_genes)`): the genes' ids, for the per-gene
+                readout (needed with `config.gene_expression_readout`).
 
         Returns:
             `torch.Tensor` of shape `(batch_size, num_genes)`, the expected expression; with `return_log_variance`, a
@@ -197,6 +207,12 @@ class ScMMGPTExpressionDecoder(nn.Module):
             mean = mean + (gene_embeds * self.bilinear(cell_queries.mean(dim=1))[:, None].to(gene_embeds.dtype)).sum(
                 -1
             )
+        if self.gene_readout is not None:
+            if gene_ids is None:
+                raise ValueError("This decoder reads out per gene (gene_expression_readout): pass gene_ids.")
+            readout = self.gene_readout[gene_ids]
+            mean = mean + (readout[..., :-1] * cell_queries.mean(dim=1)[:, None].to(readout.dtype)).sum(-1)
+            mean = mean + readout[..., -1]
         if not return_log_variance:
             return mean
         if self.log_variance_head is None:
@@ -438,6 +454,8 @@ class ScMMGPTPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, ScMMGPTCellCodebook):
             init.zeros_(module.entries)  # adds nothing until set_cell_codebook fills it
+        elif isinstance(module, ScMMGPTExpressionDecoder) and module.gene_readout is not None:
+            init.zeros_(module.gene_readout)  # adds nothing until trained or fitted
         elif isinstance(module, Blip2TextEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
 
@@ -542,7 +560,7 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
             gene_ids = gene_ids.unsqueeze(0).expand(cell_queries.shape[0], -1)
         gene_embeds = self.cell_tower.cell_model.gene_encoder(gene_ids)
         return self.expression_decoder(
-            _as_input_of(self.expression_decoder, cell_queries), gene_embeds, return_log_variance
+            _as_input_of(self.expression_decoder, cell_queries), gene_embeds, return_log_variance, gene_ids
         )
 
     def expression_loss(self, cell_queries, gene_ids, expression, valid) -> torch.Tensor:

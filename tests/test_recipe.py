@@ -409,3 +409,71 @@ def test_codebook_c_by_cross_validation(tmp_path):
         fit_bridges(model, processor, lonely, parts=("codebook",), codebook_c=0)
     with pytest.raises(ValueError, match="bridge_codebook_c=-1"):
         ScMMGPTInstructionArguments(output_dir=str(tmp_path / "x"), bridge_codebook_c=-1, use_cpu=True)
+
+
+def test_gene_readout_starts_at_zero_and_its_closed_form_fit_reconstructs_cells(tmp_path):
+    """`gene_expression_readout`: the per-gene readout adds nothing until fitted (the decoder's output is the same
+    as without it), and stage 2's `decoder_init="least_squares"` fit makes the decoder reproduce the fitting cells'
+    expression over all genes far better than before, with the R^2 it reports matching `decode_expression`."""
+    from conftest import pbmc_cells, tiny_demo
+
+    from trainers.bridges import fit_expression_readout_
+    from trainers.default_model import build_model
+
+    _, processor, splits = tiny_demo(tmp_path)
+    torch.manual_seed(0)
+    plain, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)
+    torch.manual_seed(0)
+    model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True, gene_expression_readout=True)
+    model.eval()
+    inner, config = model.model, model.config.cell_config
+    records = list(splits["train"].select(range(150)))
+    cells = processor.cell_processor(records)
+    genes = torch.tensor([i for i in range(config.vocab_size) if i not in (config.pad_token_id, config.cls_token_id)])
+    with torch.no_grad():
+        queries = inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output
+        before = inner.decode_expression(queries, genes)
+        torch.testing.assert_close(before, plain.eval().model.decode_expression(queries, genes))
+    truth = torch.zeros(len(records), config.vocab_size)
+    for row, (ids, values, mask) in enumerate(zip(cells["gene_ids"], cells["expression"], cells["attention_mask"])):
+        truth[row, ids[mask.bool()]] = values[mask.bool()].float()
+    truth = truth[:, genes]
+
+    def r2(predicted):
+        return float(1 - (truth - predicted).square().sum() / (truth - truth.mean()).square().sum())
+
+    reported = fit_expression_readout_(inner, processor, records)
+    with torch.no_grad():
+        after = inner.decode_expression(queries, genes)
+    assert reported == pytest.approx(r2(after), abs=1e-3)
+    assert r2(after) > 0.4 and r2(after) > r2(before) + 0.4
+    with pytest.raises(ValueError, match="gene_expression_readout=True"):
+        fit_expression_readout_(plain.model, processor, records)
+    with pytest.raises(ValueError, match="pass gene_ids"):
+        inner.expression_decoder(queries, inner.cell_tower.cell_model.gene_encoder(genes)[None].expand(150, -1, -1))
+    with pytest.raises(ValueError, match="decoder_init='fit'"):
+        ScMMGPTReconstructionArguments(output_dir=str(tmp_path / "x"), decoder_init="fit", use_cpu=True)
+
+
+def test_reconstruction_trainer_fits_the_gene_readout_when_asked(stage_processor, pbmc_demo, tmp_path):  # noqa: F811
+    """`decoder_init least_squares` fits the readout when the trainer is built (before step 0) and reports it; the
+    default leaves it at zero."""
+    from trainers import ScMMGPTReconstructionCollator, ScMMGPTReconstructionTrainer
+
+    def trainer(**options):
+        config = stage_processor.get_config()
+        config.qformer_config.vocab_size = len(stage_processor.processor.qformer_tokenizer)
+        config.gene_expression_readout = True
+        torch.manual_seed(0)
+        return ScMMGPTReconstructionTrainer(
+            model=ScMMGPTForConditionalGeneration(config),
+            args=stage_args(ScMMGPTReconstructionArguments, tmp_path, max_steps=1, **options),
+            processor=stage_processor.processor,
+            data_collator=ScMMGPTReconstructionCollator(stage_processor.processor),
+            train_dataset=pbmc_demo["train"],
+        )
+
+    fitted = trainer(decoder_init="least_squares", decoder_init_cells=64)
+    assert 0 < fitted.decoder_fit < 1 and fitted.model.model.expression_decoder.gene_readout.abs().sum() > 0
+    default = trainer()
+    assert default.decoder_fit is None and not default.model.model.expression_decoder.gene_readout.any()

@@ -112,9 +112,20 @@ class ScMMGPTReconstructionArguments(_StageArguments):
     )
     masked_value_weight: float = field(default=1.0, metadata={"help": "Weight of the masked-value MSE."})
     expression_weight: float = field(default=1.0, metadata={"help": "Weight of the expression-decoding MSE."})
+    decoder_init: str = field(
+        default="random",
+        metadata={
+            "help": "'least_squares' fits the expression decoder's bilinear readout in closed form on the first "
+            "decoder_init_cells training cells before training (trainers.bridges.fit_expression_readout_): the "
+            "decoder starts at the least-squares reconstruction of their expression. 'random' leaves it at zero."
+        },
+    )
+    decoder_init_cells: int = field(default=512, metadata={"help": "Training cells for decoder_init."})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.decoder_init not in ("random", "least_squares"):
+            raise ValueError(f"decoder_init={self.decoder_init!r}: use 'random' or 'least_squares'.")
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}.")
         if (
@@ -281,6 +292,13 @@ class ScMMGPTModelDataArguments(ScMMGPTDataArguments):
             "(ScMMGPTConfig.bilinear_expression_readout)."
         },
     )
+    gene_expression_readout: bool = field(
+        default=False,
+        metadata={
+            "help": "Demo model: a per-gene linear readout of the mean cell token in the expression decoder "
+            "(ScMMGPTConfig.gene_expression_readout)."
+        },
+    )
     gene_embedding_init: str = field(
         default="pca",
         metadata={
@@ -312,6 +330,7 @@ class ScMMGPTModelDataArguments(ScMMGPTDataArguments):
                 "expression_variance",
                 "expression_temperature",
                 "bilinear_expression_readout",
+                "gene_expression_readout",
             )
         }
 

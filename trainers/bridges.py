@@ -20,6 +20,11 @@ per cell, in closed form:
   LM's states depend on the type named in the prompt, so generated cells start as the conditional mean of that type.
 
 Training then goes on from there.
+
+Stage 2 has one closed-form start too, `fit_expression_readout_`: the expression decoder's per-gene readout of the
+mean cell token (`ScMMGPTConfig.gene_expression_readout`) is the ridge fit of the training cells' expression. With the
+demo's 120 steps from zero, expression decoded from real test cells' tokens had type means correlating about 0.53 with
+the real ones; a ridge readout of the same tokens reaches 0.89.
 """
 
 from __future__ import annotations
@@ -196,4 +201,56 @@ def _fit_codebook(model, processor, queries: torch.Tensor, labels: list[str], c:
     return float(regression.score(standardised, names)), c
 
 
-__all__ = ["BRIDGE_PARTS", "fit_bridges", "ridge_fit_"]
+@torch.no_grad()
+def fit_expression_readout_(
+    inner, processor, records: list[dict], batch_size: int = 32, gene_chunk: int = 4096
+) -> float:
+    """Sets the expression decoder's per-gene readout (`inner.expression_decoder.gene_readout`, see
+    `ScMMGPTConfig.gene_expression_readout`) so that the decoder, with the rest of it as it is, gives the ridge fit of
+    `records`' expression over every vocabulary gene (0 where a cell does not express one) on their real, unmasked
+    mean cell token. `inner` is the `ScMMGPTModel`. Returns the R^2 of the decoded expression over all (cell, gene)
+    entries of `records`."""
+    decoder = inner.expression_decoder
+    if decoder.gene_readout is None:
+        raise ValueError(
+            "decoder_init='least_squares' fits the per-gene readout: build the model with gene_expression_readout=True."
+        )
+    config = inner.config.cell_config
+    decoder.gene_readout.zero_()
+    genes = torch.tensor([i for i in range(config.vocab_size) if i not in (config.pad_token_id, config.cls_token_id)])
+    column = torch.full((config.vocab_size,), -1, dtype=torch.long)
+    column[genes] = torch.arange(len(genes))
+    queries, targets = [], []
+    for start in range(0, len(records), batch_size):
+        cells = processor.cell_processor(records[start : start + batch_size])
+        queries.append(
+            inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output.float()
+        )
+        dense = torch.zeros(len(cells["gene_ids"]), len(genes))
+        rows, positions = cells["attention_mask"].bool().nonzero(as_tuple=True)
+        ids = cells["gene_ids"][rows, positions]
+        keep = column[ids] >= 0  # <cls> and padding are no genes
+        dense[rows[keep], column[ids[keep]]] = cells["expression"][rows, positions][keep].float()
+        targets.append(dense)
+    queries, targets = torch.cat(queries), torch.cat(targets)
+    rest = torch.cat(  # what the decoder gives without the readout
+        [
+            torch.cat(
+                [
+                    inner.decode_expression(q, genes[g : g + gene_chunk]).float()
+                    for g in range(0, len(genes), gene_chunk)
+                ],
+                1,
+            )
+            for q in queries.split(batch_size)
+        ]
+    )
+    ridge = torch.nn.Linear(queries.shape[-1], len(genes), dtype=torch.float64)
+    ridge_fit_(ridge, queries.mean(1), targets - rest)
+    decoder.gene_readout[genes] = torch.cat([ridge.weight, ridge.bias[:, None]], 1).to(decoder.gene_readout)
+    predicted = rest.double() + ridge(queries.mean(1).double())
+    centred = targets.double() - targets.double().mean()
+    return float(1 - (targets.double() - predicted).square().sum() / centred.square().sum())
+
+
+__all__ = ["BRIDGE_PARTS", "fit_bridges", "fit_expression_readout_", "ridge_fit_"]

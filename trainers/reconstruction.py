@@ -15,10 +15,17 @@ masked, and evaluation uses the same masks at every `evaluate()`.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging
 
+from .bridges import fit_expression_readout_
 from .common import ScMMGPTStageTrainer, base_model
+
+
+logger = logging.get_logger(__name__)
 
 
 REQUIRED = ("cell_gene_ids", "cell_values", "cell_expression", "cell_attention_mask")
@@ -63,6 +70,17 @@ class ScMMGPTReconstructionTrainer(ScMMGPTStageTrainer):
     """Stage 2 trainer (see the module docstring). Use with [`ScMMGPTReconstructionArguments`] and
     [`ScMMGPTReconstructionCollator`]; `evaluate()` reports `eval_loss`, `eval_masked_value_loss`,
     `eval_expression_loss`."""
+
+    def __init__(self, model=None, args=None, processor=None, train_dataset=None, **kwargs):
+        super().__init__(model=model, args=args, processor=processor, train_dataset=train_dataset, **kwargs)
+        self.decoder_fit = None
+        if args.decoder_init == "least_squares" and train_dataset is not None:
+            records = list(itertools.islice(iter(train_dataset), args.decoder_init_cells))
+            inner = base_model(self.model)
+            was_training = inner.training
+            self.decoder_fit = fit_expression_readout_(inner.eval(), processor, records)
+            inner.train(was_training)
+            logger.info("Expression readout fitted on %d training cells: R^2 %.3f", len(records), self.decoder_fit)
 
     def used_modules(self, model, args) -> list:
         tower = model.cell_tower
