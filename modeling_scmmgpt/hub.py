@@ -65,8 +65,9 @@ def render_model_card(
     cell = config.cell_config
     text = config.text_config
     evaluation = (
-        "\n".join(
-            f"- {r.task_type}, {r.metric_type}: {r.metric_value:.4g} ({r.dataset_name}, {r.dataset_split})"
+        "| task | metric | value | dataset (split) |\n|---|---|---|---|\n"
+        + "\n".join(
+            f"| {r.task_type} | {r.metric_type} | {r.metric_value:.4g} | {r.dataset_name} ({r.dataset_split}) |"
             for r in results
         )
         if results
@@ -79,6 +80,7 @@ def render_model_card(
         card_data,
         template_path=str(MODEL_CARD_TEMPLATE),
         repo_id=repo_id,
+        model_name=card_data.model_name,  # the template's title; the card data alone does not reach it
         cell_summary=f"{cell.num_hidden_layers} layers, width {cell.hidden_size}",
         lm_summary=f"{text.model_type} language model ({text.num_hidden_layers} layers, width {text.hidden_size})",
         num_cell_tokens=config.num_cell_tokens,

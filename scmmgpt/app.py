@@ -17,6 +17,7 @@ Each browser session keeps its cells and files in its own temporary folder, remo
 
 import functools
 import os
+import re
 import shutil
 import tempfile
 
@@ -59,15 +60,29 @@ class AppSession:
             shutil.rmtree(self._folder, ignore_errors=True)
 
 
+def model_folder(model: str) -> str:
+    """A local model folder as it is; a Hub repo id downloaded once (the app's only download) to its snapshot."""
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(model)
+
+
 def load_model(model: str):
-    """Model and processor from a local folder or a Hub repo id (downloaded once, the app's only download)."""
+    """Model and processor from a local folder or a Hub repo id."""
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 
-    if not os.path.isdir(model):
-        from huggingface_hub import snapshot_download
+    folder = model_folder(model)
+    return ScMMGPTForConditionalGeneration.from_pretrained(folder).eval(), ScMMGPTProcessor.from_pretrained(folder)
 
-        model = snapshot_download(model)
-    return ScMMGPTForConditionalGeneration.from_pretrained(model).eval(), ScMMGPTProcessor.from_pretrained(model)
+
+def model_card_text(folder: str) -> str:
+    """The model card's text without its YAML front matter, or '' when the folder has none."""
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(folder, "README.md")
+    return ModelCard.load(path).text if os.path.isfile(path) else ""
 
 
 class ScMMGPTApp:
@@ -109,9 +124,14 @@ class ScMMGPTApp:
             cells = read_h5ad(path, name=name)
             if cells.n_obs == 0:
                 raise ValueError(f"{name} holds no cells.")
-        self.processor.cell_processor(cells[:1])  # maps the genes; raises on too little vocabulary overlap
+        # The genes' coverage, from the shared processor without touching its state (sessions run concurrently);
+        # too little overlap raises, naming the fix.
+        cell_processor = self.processor.cell_processor
+        _, names, source = cell_processor.matrix_and_genes(cells)
+        _, coverage = cell_processor.gene_vocab.map_genes(names)
+        coverage.check(cell_processor.min_vocab_coverage, f"{name} ({source})")
         session.cells, session.name = cells, name
-        return f"**{name}**: {cells.n_obs} cells. Genes: {self.processor.cell_processor.last_coverage}."
+        return f"**{name}**: {cells.n_obs} cells. Genes: {coverage}."
 
     def colour_columns(self, session: AppSession) -> list[str]:
         """Obs columns worth colouring by: categorical (or string) columns with at most 50 values."""
@@ -130,7 +150,7 @@ class ScMMGPTApp:
         self.embed(session)
         cells = session.cells
         column = column if column in cells.obs else None
-        path = session.path(f"umap_{column or 'none'}.png")
+        path = session.path("umap_" + re.sub(r"[^\w.-]", "_", column or "none") + ".png")
         plot_embeddings(cells, path, columns=((column, column or "no colour"),))
         return path
 
@@ -248,9 +268,9 @@ def build_app(model: str, max_cells: int = DEFAULT_MAX_CELLS):
     gr = _gradio()
     from modeling_scmmgpt.ontology import CellOntology
 
-    model_obj, processor = load_model(model)
-    card_path = os.path.join(model, "README.md") if os.path.isdir(model) else None
-    card = open(card_path, encoding="utf-8").read() if card_path and os.path.isfile(card_path) else ""
+    folder = model_folder(model)
+    model_obj, processor = load_model(folder)
+    card = model_card_text(folder)
     app = ScMMGPTApp(model_obj, processor, max_cells=max_cells, model_card=card)
     ontology_labels = CellOntology.load().labels()
 
@@ -438,7 +458,18 @@ def write_space(folder: str, model_repo: str) -> list[str]:
 def serve(model: str, port: int = 7860, host: str = "127.0.0.1", max_cells: int = DEFAULT_MAX_CELLS, **launch):
     """Builds and serves the app (blocks until stopped)."""
     page = build_app(model, max_cells=max_cells)
-    page.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port, **launch)
+    # One event at a time: torch already uses every core, and generation seeds torch's global generator.
+    page.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, **launch)
 
 
-__all__ = ["AppSession", "DEFAULT_MAX_CELLS", "ScMMGPTApp", "build_app", "load_model", "serve", "write_space"]
+__all__ = [
+    "AppSession",
+    "DEFAULT_MAX_CELLS",
+    "ScMMGPTApp",
+    "build_app",
+    "load_model",
+    "model_card_text",
+    "model_folder",
+    "serve",
+    "write_space",
+]

@@ -121,6 +121,47 @@ def test_sessions_are_apart_and_their_folders_go(app, tmp_path):
     assert not os.path.exists(first.folder) and not os.path.exists(second.folder)
 
 
+def test_about_shows_the_card_without_its_front_matter(demo_dir):
+    from scmmgpt.app import model_card_text
+
+    text = model_card_text(str(demo_dir / "instruction"))
+    assert text.lstrip().startswith("# scmmgpt-pbmc-demo") and "model-index" not in text
+    assert "| task | metric | value | dataset (split) |" in text
+
+
+def test_app_serves_a_hub_repo(demo_dir, tmp_path):
+    """`--model owner/name`: the model is downloaded once from the Hub (a local Hub server here, through
+    huggingface_hub's real client) and the app's actions run on it, card included."""
+    from hub_server import LocalHub, _Repo
+
+    folder = demo_dir / "instruction"
+    with LocalHub() as hub:
+        repo = hub.repos.setdefault("tester/scmmgpt-app", _Repo())
+        repo.files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(tmp_path / "hf_home"),
+        }
+        script = (
+            "from scmmgpt.app import AppSession, ScMMGPTApp, load_model, model_card_text, model_folder\n"
+            "app = ScMMGPTApp(*load_model('tester/scmmgpt-app'))\n"
+            "session = AppSession()\n"
+            "print(app.load_cells(session, None).split(':')[0])\n"
+            "print(model_card_text(model_folder('tester/scmmgpt-app')).strip().splitlines()[0])\n"
+            "session.close()\n"
+        )
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-2:] == [
+        "**PBMC demo (700 cells, scanpy's pbmc68k_reduced)**",
+        "# scmmgpt-pbmc-demo",
+    ]
+    assert os.listdir(tmp_path / "hf_home" / "hub")  # it came through the Hub cache
+
+
 def test_space_template(tmp_path):
     written = write_space(str(tmp_path / "space"), "me/scmmgpt-pbmc")
     names = sorted(os.path.basename(p) for p in written)

@@ -135,6 +135,8 @@ def test_publish_then_load_gives_identical_outputs(hub_env, tmp_path):
     metrics = {(r.task_type, r.metric_type): r.metric_value for r in data.eval_results}
     assert metrics == {("cell-type-annotation", "accuracy"): 0.5, ("cell-type-annotation", "macro_f1"): 0.25}
     assert 'from_pretrained("tester/tiny-scmmgpt")' in card.text and "## Limitations" in card.text
+    assert "# tiny-scmmgpt\n" in card.text and "\ntiny-scmmgpt is a [scMMGPT]" in card.text  # the title is named
+    assert "| cell-type-annotation | accuracy | 0.5 |" in card.text  # the evaluation as a table
 
     remote = _run(REMOTE_CODE, env, str(tmp_path / "io.safetensors"))
     assert remote["refused_without_trust"] is True

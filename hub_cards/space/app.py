@@ -11,4 +11,4 @@ page = build_app(
 )
 
 if __name__ == "__main__":
-    page.queue(default_concurrency_limit=2).launch()
+    page.queue(default_concurrency_limit=1).launch()
