@@ -56,6 +56,8 @@ STAGE_FLAGS = {
             "0",
             "--unexpressed_genes",
             "256",
+            "--decoder_init",
+            "least_squares",
         ],
         (30, 120),
     ),
