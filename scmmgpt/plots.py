@@ -25,6 +25,11 @@ PBMC_MARKERS = [
 ]
 
 
+def _dense(matrix) -> np.ndarray:
+    """A float32 array of a dense or sparse expression matrix."""
+    return np.asarray(matrix.todense() if hasattr(matrix, "todense") else matrix, dtype=np.float32)
+
+
 def _figure_backend():
     import matplotlib
 
@@ -106,11 +111,7 @@ def place_on_reference(generated, reference, type_column: str) -> None:
     if len(genes) < 3:
         raise ValueError(f"The reference shares {len(genes)} genes with the generated cells; need at least 3.")
 
-    def dense(data):
-        matrix = data[:, genes].X
-        return np.asarray(matrix.todense() if hasattr(matrix, "todense") else matrix, dtype=np.float32)
-
-    ref, new = dense(reference), dense(generated)
+    ref, new = _dense(reference[:, genes].X), _dense(generated[:, genes].X)
     pca = PCA(n_components=min(30, ref.shape[0] - 1, len(genes) - 1), random_state=0).fit(ref)
     ref_pcs, new_pcs = pca.transform(ref), pca.transform(new)
     reducer = umap.UMAP(n_neighbors=min(15, len(ref) - 1), random_state=0).fit(ref_pcs)
@@ -142,7 +143,7 @@ def plot_generated_cells(
             real.obs["group"] = f"real {cell_type}"
             parts.append(real)
     both = ad.concat(parts, index_unique="-")
-    both.X = np.asarray(both.X.todense() if hasattr(both.X, "todense") else both.X, dtype=np.float32)
+    both.X = _dense(both.X)
     both.obs["group"] = both.obs["group"].astype("category")
     fig, axes = plt.subplots(
         1, 2 if reference is not None else 1, figsize=(14 if reference is not None else 7, 5.5), squeeze=False
@@ -205,7 +206,7 @@ def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per
     fake = ad.concat(generated, index_unique="-")
     fake.obs["source"] = "generated"
     both = ad.concat([real, fake], index_unique="-")
-    both.X = np.asarray(both.X.todense() if hasattr(both.X, "todense") else both.X, dtype=np.float32)
+    both.X = _dense(both.X)
     sc.pp.pca(both, n_comps=min(30, both.n_obs - 1, both.n_vars - 1), random_state=0)
     sc.pp.neighbors(both, n_neighbors=10, random_state=0)
     sc.tl.umap(both, random_state=0)
