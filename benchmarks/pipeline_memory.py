@@ -28,7 +28,7 @@ def build_model(directory: str) -> None:
 
     torch.manual_seed(0)
     model, processor = build_demo_model(load_pbmc(), tiny_lm=True)
-    processor.cell_processor.use_raw = False  # the tiled file stores the log-normalised values in X
+    processor.feature_extractor.use_raw = False  # the tiled file stores the log-normalised values in X
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
 

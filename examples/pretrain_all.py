@@ -49,7 +49,7 @@ def report(output_dir: str, seed: int = 0, cache_dir: str | None = None) -> dict
     models = {"before stage 3": load("reconstruction"), "after stage 3": load("instruction")}
     model, processor = models["after stage 3"]
     # The stages chain one processor, so both models read the same gene ids.
-    splits = load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, seed=seed, cache_dir=cache_dir)
+    splits = load_pbmc_demo(gene_vocab=processor.feature_extractor.gene_vocab, seed=seed, cache_dir=cache_dir)
     out = {name: evaluate_annotation(m, p, splits["train"], splits["test"]) for name, (m, p) in models.items()}
     chance = 1 / len(set(splits["train"]["cell_type"]))
     print(

@@ -106,7 +106,7 @@ def zero_shot(folder: str, seed: int, root: str) -> dict:
     model = ScMMGPTForConditionalGeneration.from_pretrained(folder).eval()
     processor = ScMMGPTProcessor.from_pretrained(folder)
     splits = load_pbmc_demo(
-        gene_vocab=processor.cell_processor.gene_vocab, seed=seed, cache_dir=os.path.join(root, "hf_cache")
+        gene_vocab=processor.feature_extractor.gene_vocab, seed=seed, cache_dir=os.path.join(root, "hf_cache")
     )
     scores = evaluate_annotation(model, processor, splits["train"], splits["test"], modes=("zero-shot",))
     return {k: scores["model_zero-shot"][k] for k in ("accuracy", "macro_f1")}

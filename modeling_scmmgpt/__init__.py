@@ -1,11 +1,11 @@
 """scMMGPT: joint single-cell + text language modelling, as a transformers model family.
 
 Importing this package registers the `scmmgpt` and `scmmgpt_cell` model types with `AutoConfig`, `AutoModel`,
-`AutoModelForCausalLM` and `AutoProcessor`, and the `pipeline()` tasks `cell-feature-extraction`,
+`AutoModelForCausalLM`, `AutoProcessor` and `AutoFeatureExtractor`, and the `pipeline()` tasks `cell-feature-extraction`,
 `cell-type-annotation`, `cell-description` and `text-to-cell`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from .configuration_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
 from .gene_vocab import GeneVocab
@@ -29,6 +29,8 @@ AutoModel.register(ScMMGPTCellConfig, ScMMGPTCellModel, exist_ok=True)
 AutoModel.register(ScMMGPTConfig, ScMMGPTModel, exist_ok=True)
 AutoModelForCausalLM.register(ScMMGPTConfig, ScMMGPTForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(ScMMGPTConfig, ScMMGPTProcessor, exist_ok=True)
+AutoFeatureExtractor.register(ScMMGPTConfig, ScMMGPTCellProcessor, exist_ok=True)
+AutoFeatureExtractor.register(ScMMGPTCellConfig, ScMMGPTCellProcessor, exist_ok=True)
 register_pipelines()
 
 __version__ = "0.1.0"

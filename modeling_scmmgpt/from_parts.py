@@ -108,8 +108,9 @@ def build_from_parts(
         qformer_config = qformer_config_from_bert(qformer)
         qformer_tokenizer = AutoTokenizer.from_pretrained(qformer)
     else:
-        # A random Q-Former reads text with the LM's tokenizer: its word embeddings get one row per LM token.
-        qformer_tokenizer = tokenizer
+        # A random Q-Former reads text with the LM's tokenizer (the processor keeps a copy as its qformer_tokenizer):
+        # its word embeddings get one row per LM token.
+        qformer_tokenizer = None
     processor = ScMMGPTProcessor(
         cell_processor, tokenizer, num_cell_tokens=num_cell_tokens, qformer_tokenizer=qformer_tokenizer
     )

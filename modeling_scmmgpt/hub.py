@@ -74,7 +74,7 @@ def render_model_card(
         else "Not evaluated yet."
     )
     input_values = "raw counts or log-normalised values"
-    if processor is not None and (processor.cell_processor.normalize_total or processor.cell_processor.log1p):
+    if processor is not None and (processor.feature_extractor.normalize_total or processor.feature_extractor.log1p):
         input_values = "raw counts, normalised and log-transformed by the processor"
     return ModelCard.from_template(
         card_data,
@@ -98,6 +98,7 @@ def register_remote_code(model, processor=None) -> None:
     model.register_for_auto_class("AutoModelForCausalLM")
     if processor is not None:
         processor.register_for_auto_class()
+        processor.feature_extractor.register_for_auto_class()
 
 
 def push_to_hub(

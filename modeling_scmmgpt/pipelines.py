@@ -160,13 +160,12 @@ class ScMMGPTCellPipeline(Pipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.processor.check_model_config(self.model.config)  # before any cell is read through the wrong genes
-        self.cell_processor = self.processor.cell_processor
 
     def _sanitize_parameters(self, gene_names=None, **kwargs):
         return {"gene_names": gene_names}, {}, {}
 
     def preprocess(self, cells, gene_names=None, **kwargs):
-        inputs = self.cell_processor(cells, gene_names=gene_names if not _is_anndata(cells) else None)
+        inputs = self.processor.feature_extractor(cells, gene_names=gene_names if not _is_anndata(cells) else None)
         return {"gene_ids": inputs["gene_ids"], "values": inputs["values"], "attention_mask": inputs["attention_mask"]}
 
     def _prompt_inputs(self, instruction: str, n_cells: int) -> dict:
@@ -462,7 +461,7 @@ class TextToCellPipeline(Pipeline):
         return {"genes": self._gene_names(genes), "n_cells": n_cells, "seed": seed}, forward, {}
 
     def _gene_names(self, genes) -> list[str]:
-        vocab = self.processor.cell_processor.gene_vocab
+        vocab = self.processor.feature_extractor.gene_vocab
         if genes is not None:
             return list(genes)
         specials = {vocab.pad_token_id, vocab.cls_token_id, vocab.gene_to_id.get("<eoc>")}
@@ -471,7 +470,7 @@ class TextToCellPipeline(Pipeline):
     def preprocess(self, prompt, genes=(), n_cells: int = 1, seed: int = 0):
         """`prompt` is `{"prompt": text, "index": i}`: cell k of prompt i draws with seed `seed + i * n_cells + k`,
         so cells from different prompts never share their random draws."""
-        gene_ids = torch.as_tensor(self.processor.cell_processor.gene_vocab.lookup(genes))
+        gene_ids = torch.as_tensor(self.processor.feature_extractor.gene_vocab.lookup(genes))
         if (gene_ids < 0).any():
             raise ValueError(
                 f"Genes not in the vocabulary: {[n for n, i in zip(genes, gene_ids.tolist()) if i < 0][:5]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import json
@@ -12,17 +13,21 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.sparse as sp
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
-from transformers.dynamic_module_utils import custom_object_save
+from transformers import AutoTokenizer, BatchFeature, FeatureExtractionMixin, PreTrainedTokenizerBase
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import PROCESSOR_NAME, cached_file
 
-from .gene_vocab import GeneCoverage, GeneVocab
+from .gene_vocab import GENE_VOCAB_NAME, GeneCoverage, GeneVocab
 from .utils import atomic_write_text
 
 
 logger = logging.getLogger(__name__)
 
-CELL_PROCESSOR_NAME = "cell_processor_config.json"
+# Folders saved before the cell processor was a feature extractor hold its options here, and a processor_config.json
+# without a "feature_extractor" entry; both still load.
+LEGACY_CELL_PROCESSOR_NAME = "cell_processor_config.json"
+# The loader keywords of `from_pretrained` that locate files, passed on to every file we resolve ourselves.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token", "revision", "subfolder")
 CELL_START_TOKEN, CELL_END_TOKEN = "<cell>", "</cell>"
 
 
@@ -122,7 +127,24 @@ def bin_values(values: np.ndarray, n_bins: int) -> np.ndarray:
     return binned
 
 
-class ScMMGPTCellProcessor:
+def _resolve(path_or_repo, filename: str, kwargs: dict) -> str | None:
+    """`filename` in a local folder or a Hub repo (downloaded once, to the cache), or None when it has none."""
+    path = str(path_or_repo)
+    if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(f"{path}: no such model folder (and not a Hub repo id, which is owner/name).")
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
+    return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **hub)
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}); re-save the processor or re-download it.") from error
+
+
+class ScMMGPTCellProcessor(FeatureExtractionMixin):
     """Cells to cell-encoder inputs (`gene_ids`, `values`, `attention_mask`) with scGPT's preprocessing.
 
     Per cell: optional `normalize_total` and `log1p` (these need raw counts), optional per-cell binning into
@@ -144,7 +166,13 @@ class ScMMGPTCellProcessor:
         gene_id_column (`str`, *optional*): `var` column holding gene names or Ensembl IDs, instead of `var_names`.
         layer (`str`, *optional*): read `adata.layers[layer]` instead of `adata.X`.
         use_raw (`bool`, defaults to `False`): read `adata.raw` (its `X` and `var_names`).
+
+    A transformers feature extractor: `save_pretrained` writes the options to `preprocessor_config.json` (inside a
+    [`ScMMGPTProcessor`], to the `feature_extractor` entry of `processor_config.json`) and the vocabulary to
+    `gene_vocab.json` beside it; `from_pretrained` and `AutoFeatureExtractor` read both, from a folder or the Hub.
     """
+
+    model_input_names = ["gene_ids", "values", "attention_mask"]
 
     def __init__(
         self,
@@ -168,6 +196,7 @@ class ScMMGPTCellProcessor:
             raise ValueError(f"n_bins={n_bins!r}: binning needs at least 2 bins (bin 0 holds the zeros).")
         if not 0 <= min_vocab_coverage <= 1:
             raise ValueError(f"min_vocab_coverage={min_vocab_coverage}: a fraction in [0, 1].")
+        super().__init__()
         self.gene_vocab = gene_vocab
         self.max_genes = max_genes
         self.n_bins = n_bins
@@ -183,48 +212,75 @@ class ScMMGPTCellProcessor:
         self.use_raw = use_raw
         self.last_coverage: GeneCoverage | None = None
 
-    # --- configuration ----------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {
-            name: getattr(self, name)
-            for name in (
-                "max_genes",
-                "n_bins",
-                "binning",
-                "normalize_total",
-                "log1p",
-                "include_zero_genes",
-                "cls_value",
-                "pad_value",
-                "min_vocab_coverage",
-                "gene_id_column",
-                "layer",
-                "use_raw",
-            )
-        }
+    # --- configuration: the library's save/load, with the vocabulary as this extractor's data file ----------------
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "gene_vocab")]
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        os.makedirs(save_directory, exist_ok=True)
-        atomic_write_text(os.path.join(save_directory, CELL_PROCESSOR_NAME), json.dumps(self.to_dict(), indent=2))
-        self.gene_vocab.save_pretrained(save_directory)
+    def to_dict(self) -> dict:
+        output = {name: getattr(self, name) for name in self.option_names()}
+        output["feature_extractor_type"] = type(self).__name__
+        if getattr(self, "auto_map", None):  # set by `register_for_auto_class` saves, for trust_remote_code users
+            output["auto_map"] = self.auto_map
+        return output
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Writes the options and, beside them, the gene vocabulary (`gene_vocab.json`), as a tokenizer writes its
+        vocab next to its config. `save_pretrained` and `push_to_hub` write through here, so both get the two."""
+        atomic_write_text(json_file_path, self.to_json_string())
+        self.gene_vocab.save_pretrained(os.path.dirname(os.path.abspath(json_file_path)))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **overrides) -> ScMMGPTCellProcessor:
-        path = os.path.join(directory, CELL_PROCESSOR_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: this folder was not saved by ScMMGPTCellProcessor.")
-        with open(path, encoding="utf-8") as f:
-            kwargs = json.load(f)
-        kwargs.update(overrides)
-        known = set(inspect.signature(cls.__init__).parameters) - {"self", "gene_vocab"}
-        for key in sorted(set(kwargs) - known):
+    def get_feature_extractor_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """The library's lookup (`preprocessor_config.json`, or the `feature_extractor` entry of a processor's
+        `processor_config.json`), then the legacy `cell_processor_config.json`; the dict also carries the
+        `gene_vocab` read from the same folder or repo (`gene_vocab.json`, or scGPT's `vocab.json`)."""
+        try:
+            options, rest = super().get_feature_extractor_dict(pretrained_model_name_or_path, **kwargs)
+        except OSError:
+            legacy = _resolve(pretrained_model_name_or_path, LEGACY_CELL_PROCESSOR_NAME, kwargs)
+            if legacy is None:
+                raise OSError(
+                    f"{pretrained_model_name_or_path}: no preprocessor_config.json (nor the older "
+                    f"{LEGACY_CELL_PROCESSOR_NAME}): it was not saved by ScMMGPTCellProcessor. Save one with "
+                    "save_pretrained, or pass the model's own folder."
+                ) from None
+            options = _read_json(legacy)
+            rest = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
+        vocab = _resolve(pretrained_model_name_or_path, GENE_VOCAB_NAME, kwargs) or _resolve(
+            pretrained_model_name_or_path, "vocab.json", kwargs
+        )
+        if vocab is None:
+            raise FileNotFoundError(
+                f"No gene vocabulary in {pretrained_model_name_or_path}: expected {GENE_VOCAB_NAME} or scGPT's "
+                "vocab.json beside the processor's config."
+            )
+        return {**options, "gene_vocab": GeneVocab.from_pretrained(vocab)}, rest
+
+    @classmethod
+    def from_dict(cls, feature_extractor_dict: dict, **kwargs) -> ScMMGPTCellProcessor:
+        """Builds the processor from saved options; keyword arguments that name an option override it.
+
+        A saved option this class does not know is refused, with the closest known name. Other keyword arguments are
+        the loaders' own (`pipeline()` and the Auto classes pass theirs, e.g. `dtype`, down to every part) and are
+        ignored, as the library's `from_dict` ignores them, unless they look like a misspelt option."""
+        options = {**feature_extractor_dict}
+        for key in ("feature_extractor_type", "processor_class", "auto_map"):
+            options.pop(key, None)
+        gene_vocab = options.pop("gene_vocab", None)
+        if not isinstance(gene_vocab, GeneVocab):
+            raise ValueError("ScMMGPTCellProcessor needs a gene_vocab (a GeneVocab); load it with from_pretrained.")
+        known = cls.option_names()
+        misspelt = [key for key in kwargs if key not in known and difflib.get_close_matches(key, known, n=1)]
+        for key in sorted(set(options) - set(known)) + sorted(misspelt):
             close = difflib.get_close_matches(key, known, n=1)
             raise ValueError(
-                f"{path}: unknown option {key!r}"
+                f"ScMMGPTCellProcessor: unknown option {key!r}"
                 + (f" (did you mean {close[0]!r}?)" if close else "")
                 + "; remove it or fix its spelling."
             )
-        return cls(GeneVocab.from_pretrained(directory), **kwargs)
+        options.update({key: value for key, value in kwargs.items() if key in known})
+        return cls(gene_vocab, **options)
 
     def check_cell_config(self, cell_config) -> None:
         """Refuses a cell encoder (`ScMMGPTCellConfig`) whose gene embeddings do not belong to this vocabulary: ids
@@ -414,30 +470,32 @@ class ScMMGPTCellProcessor:
 
 
 class ScMMGPTProcessor(ProcessorMixin):
-    """Cell processor plus the LM's tokenizer (and, optionally, the Q-Former's BERT tokenizer for the text path).
+    """The cell processor, the LM's tokenizer and the Q-Former's tokenizer, as one transformers processor.
 
     Each `<cell>` in a text is expanded into `<cell><cell_0>...<cell_{N-1}></cell>`; the cells given alongside fill
-    those spans in order.
+    those spans in order. Saved and loaded by the library's `save_pretrained`/`from_pretrained`/`push_to_hub` (and
+    `AutoProcessor`), as InstructBLIP's processor with its `qformer_tokenizer`: the cell processor is the
+    `feature_extractor` entry of `processor_config.json`, the Q-Former's tokenizer sits in `qformer_tokenizer/`.
 
     Args:
-        cell_processor ([`ScMMGPTCellProcessor`]): cells to encoder inputs.
+        feature_extractor ([`ScMMGPTCellProcessor`]): cells to encoder inputs.
         tokenizer ([`PreTrainedTokenizerBase`]): the LM's tokenizer; the cell tokens are added if missing.
+        qformer_tokenizer ([`PreTrainedTokenizerBase`], *optional*): tokenizer of the Q-Former's text path (a BERT
+            tokenizer when the Q-Former was initialised from one); defaults to `tokenizer`, for a random Q-Former
+            that reads the LM's tokens.
         num_cell_tokens (`int`, defaults to 32): `N`, the Q-Former's number of queries.
-        qformer_tokenizer ([`PreTrainedTokenizerBase`], *optional*): tokenizer of the Q-Former text path.
         chat_template (`str`, *optional*): replaces the tokenizer's chat template (and is saved with it).
     """
 
     def __init__(
         self,
-        cell_processor: ScMMGPTCellProcessor,
+        feature_extractor: ScMMGPTCellProcessor,
         tokenizer: PreTrainedTokenizerBase,
-        num_cell_tokens: int = 32,
         qformer_tokenizer: PreTrainedTokenizerBase | None = None,
+        num_cell_tokens: int = 32,
         chat_template: str | None = None,
     ):
-        self.cell_processor = cell_processor
         self.num_cell_tokens = num_cell_tokens
-        self.qformer_tokenizer = qformer_tokenizer
         self.cell_tokens = [CELL_START_TOKEN] + [cell_token(i) for i in range(num_cell_tokens)] + [CELL_END_TOKEN]
         missing = [t for t in self.cell_tokens if t not in tokenizer.get_vocab()]
         if missing:
@@ -450,13 +508,11 @@ class ScMMGPTProcessor(ProcessorMixin):
         self.cell_start_token_id, self.cell_token_id, self.cell_end_token_id = ids[0], ids[1], ids[-1]
         if chat_template is not None:
             tokenizer.chat_template = chat_template
-        super().__init__(tokenizer, chat_template=tokenizer.chat_template)
-
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        # Only the LM tokenizer is a transformers sub-processor; the cell processor and the optional Q-Former
-        # tokenizer are saved by our own save_pretrained.
-        return ["tokenizer"]
+        if qformer_tokenizer is None:
+            # A copy, not the same object: the library's save treats each sub-processor as its own (its remote-code
+            # path edits and then deletes an entry in each tokenizer's init_kwargs, once per attribute).
+            qformer_tokenizer = copy.deepcopy(tokenizer)
+        super().__init__(feature_extractor, tokenizer, qformer_tokenizer, chat_template=tokenizer.chat_template)
 
     @property
     def cell_span(self) -> str:
@@ -481,7 +537,7 @@ class ScMMGPTProcessor(ProcessorMixin):
                     f"The model's {name} is {getattr(config, name)} but the processor's is {value}: the processor was "
                     "saved with another model. Load both from the same folder."
                 )
-        self.cell_processor.check_cell_config(config.cell_config)
+        self.feature_extractor.check_cell_config(config.cell_config)
 
     def expand_cell_placeholders(self, text: str) -> str:
         """Replaces each bare `<cell>` with the full span; spans already expanded are left as they are."""
@@ -538,11 +594,11 @@ class ScMMGPTProcessor(ProcessorMixin):
             tokenizer_kwargs.setdefault("padding", True)
             data.update(self.tokenizer(texts, return_tensors=return_tensors, **tokenizer_kwargs))
         if cells is not None:
-            cell_inputs = self.cell_processor(cells, gene_names=gene_names, return_tensors=return_tensors)
+            cell_inputs = self.feature_extractor(cells, gene_names=gene_names, return_tensors=return_tensors)
             # `expression` is a reconstruction target, not a model input for cells that are read.
             data.update({f"cell_{k}": v for k, v in cell_inputs.items() if k != "expression"})
         if target_cells is not None:
-            targets = self.cell_processor(target_cells, gene_names=gene_names, return_tensors=return_tensors)
+            targets = self.feature_extractor(target_cells, gene_names=gene_names, return_tensors=return_tensors)
             data.update({f"target_cell_{k}": v for k, v in targets.items()})
         return BatchFeature(data=data, tensor_type=return_tensors)
 
@@ -556,48 +612,47 @@ class ScMMGPTProcessor(ProcessorMixin):
             return len(cells["gene_ids"]) if isinstance(cells, dict) else len(cells)
         return 1 if getattr(cells, "ndim", 2) == 1 else cells.shape[0]
 
-    def to_dict(self) -> dict:
-        return {"processor_class": type(self).__name__, "num_cell_tokens": self.num_cell_tokens}
-
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
 
-    # --- persistence: the cell processor is not a transformers sub-processor, so we save each part ourselves ----------
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
-        os.makedirs(save_directory, exist_ok=True)
-        self.tokenizer.save_pretrained(save_directory)
-        if self.qformer_tokenizer is not None:
-            self.qformer_tokenizer.save_pretrained(os.path.join(save_directory, "qformer_tokenizer"))
-        self.cell_processor.save_pretrained(save_directory)
-        config = self.to_dict()
-        if self._auto_class is not None:  # copy our code next to the files for trust_remote_code users
-            custom_object_save(self, save_directory, config=config)
-        path = os.path.join(save_directory, "processor_config.json")
-        atomic_write_text(path, json.dumps(config, indent=2))
-        return [path]
+    # --- persistence: the library's, plus the gene vocabulary and a reader for folders saved before ---------------------
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Writes `processor_config.json` and, beside it, the cell processor's gene vocabulary (`save_pretrained`
+        writes the config through here, so `push_to_hub` uploads both)."""
+        atomic_write_text(json_file_path, self.to_json_string())
+        self.feature_extractor.gene_vocab.save_pretrained(os.path.dirname(os.path.abspath(json_file_path)))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ScMMGPTProcessor:
-        directory = str(pretrained_model_name_or_path)
-        if not os.path.isdir(directory) and (
-            os.path.isabs(directory) or directory.startswith((".", "~")) or directory.count("/") > 1
-        ):
-            raise FileNotFoundError(f"{directory}: no such model folder (and not a Hub repo id, which is owner/name).")
-        if not os.path.isdir(directory):
-            from huggingface_hub import snapshot_download
+        """The library's `from_pretrained` (a folder or a Hub repo id, with its `revision`, `token`, `cache_dir`,
+        ...). A folder saved before the cell processor became a feature extractor (its `processor_config.json` has
+        no `feature_extractor` entry) is read by `_from_legacy_files`."""
+        config_file = _resolve(pretrained_model_name_or_path, PROCESSOR_NAME, kwargs)
+        if config_file is None:
+            raise FileNotFoundError(
+                f"{pretrained_model_name_or_path}: no {PROCESSOR_NAME}, so no scMMGPT processor was saved there; pass "
+                "the model's own folder or repo id."
+            )
+        saved = _read_json(config_file)
+        if "feature_extractor" not in saved:
+            return cls._from_legacy_files(pretrained_model_name_or_path, saved, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-            directory = snapshot_download(directory, **{k: kwargs[k] for k in ("revision", "token") if k in kwargs})
-        with open(os.path.join(directory, "processor_config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-        qformer_dir = os.path.join(directory, "qformer_tokenizer")
+    @classmethod
+    def _from_legacy_files(cls, path_or_repo, saved: dict, kwargs: dict) -> ScMMGPTProcessor:
+        """Folders of scMMGPT before 0.2: `cell_processor_config.json`, the LM tokenizer at the root and, when the
+        Q-Former had its own, a `qformer_tokenizer/` folder."""
+        hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+        subfolder = os.path.join(hub.pop("subfolder", "") or "", "qformer_tokenizer")
+        has_qformer = _resolve(path_or_repo, "tokenizer_config.json", {**hub, "subfolder": subfolder}) is not None
         return cls(
-            cell_processor=ScMMGPTCellProcessor.from_pretrained(directory),
-            tokenizer=AutoTokenizer.from_pretrained(directory),
-            num_cell_tokens=config["num_cell_tokens"],
-            qformer_tokenizer=AutoTokenizer.from_pretrained(qformer_dir) if os.path.isdir(qformer_dir) else None,
+            ScMMGPTCellProcessor.from_pretrained(path_or_repo, **kwargs),
+            AutoTokenizer.from_pretrained(path_or_repo, **kwargs),
+            AutoTokenizer.from_pretrained(path_or_repo, **hub, subfolder=subfolder) if has_qformer else None,
+            num_cell_tokens=saved["num_cell_tokens"],
         )
 
 

@@ -126,7 +126,7 @@ class ScMMGPTApp:
                 raise ValueError(f"{name} holds no cells.")
         # The genes' coverage, from the shared processor without touching its state (sessions run concurrently);
         # too little overlap raises, naming the fix.
-        cell_processor = self.processor.cell_processor
+        cell_processor = self.processor.feature_extractor
         _, names, source = cell_processor.matrix_and_genes(cells)
         _, coverage = cell_processor.gene_vocab.map_genes(names)
         coverage.check(cell_processor.min_vocab_coverage, f"{name} ({source})")
@@ -238,7 +238,7 @@ class ScMMGPTApp:
         columns = ["scmmgpt_cell_type"] if "scmmgpt_cell_type" in cells.obs else self.colour_columns(session)
         if not columns:
             return None, None
-        cell_processor = self.processor.cell_processor
+        cell_processor = self.processor.feature_extractor
         matrix, names, _ = cell_processor.matrix_and_genes(cells)
         ids, _ = cell_processor.gene_vocab.map_genes(names)
         keep = np.flatnonzero(ids >= 0)
@@ -249,7 +249,7 @@ class ScMMGPTApp:
     def marker_genes(self) -> list[str]:
         from .plots import PBMC_MARKERS
 
-        vocab = self.processor.cell_processor.gene_vocab
+        vocab = self.processor.feature_extractor.gene_vocab
         return [g for g in PBMC_MARKERS if g in vocab]
 
     def default_labels(self) -> list[str]:

@@ -65,7 +65,7 @@ def _load(model_dir: str, cls_name: str = "ScMMGPTForConditionalGeneration", **c
     processor = lib.ScMMGPTProcessor.from_pretrained(model_dir)
     for name, value in cell_processor_overrides.items():
         if value is not None:
-            setattr(processor.cell_processor, name, value)
+            setattr(processor.feature_extractor, name, value)
     return model, processor
 
 
@@ -273,7 +273,7 @@ def cmd_init(args):
         os.replace(staging, args.output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    vocab = processor.cell_processor.gene_vocab
+    vocab = processor.feature_extractor.gene_vocab
     print(
         f"Saved a new scMMGPT ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
         f"{model.config.num_cell_tokens} cell tokens, {len(vocab)} genes in the encoder's vocabulary) -> {args.output_dir}"

@@ -232,7 +232,7 @@ def _has_smollm2() -> bool:
 
 def _demo_splits(processor, out: str, seed: int):
     return load_pbmc_demo(
-        gene_vocab=processor.cell_processor.gene_vocab, cache_dir=os.path.join(out, "hf_cache"), seed=seed
+        gene_vocab=processor.feature_extractor.gene_vocab, cache_dir=os.path.join(out, "hf_cache"), seed=seed
     )
 
 

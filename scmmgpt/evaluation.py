@@ -60,7 +60,7 @@ def evaluate_description(
     references = list(test["description"])
     describer = _pipeline(CellDescriptionPipeline, model, processor)
     predictions = describer(test, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
-    n_genes = len(processor.cell_processor.gene_vocab.gene_to_id)
+    n_genes = len(processor.feature_extractor.gene_vocab.gene_to_id)
     train_x, test_x = (_unit_rows(expression_matrix(s, n_genes)) for s in (train, test))
     nearest = np.asarray((test_x @ train_x.T).argmax(axis=1)).ravel()
     baseline = [train["description"][i] for i in nearest]
@@ -107,7 +107,7 @@ def evaluate_annotation(
         ranked = annotator(test, candidate_labels=candidates, mode=mode, batch_size=batch_size, progress=False)
         predictions = [r[0]["label"] for r in ranked]
         results[f"model_{mode}"] = metric.compute(predictions=predictions, references=list(test[column]))
-    n_genes = len(processor.cell_processor.gene_vocab.gene_to_id)
+    n_genes = len(processor.feature_extractor.gene_vocab.gene_to_id)
     classifier = LogisticRegression(max_iter=2000).fit(expression_matrix(train, n_genes), train["cell_type"])
     predictions = classifier.predict(expression_matrix(test, n_genes)).tolist()
     results["baseline_logistic_regression"] = metric.compute(
@@ -121,7 +121,7 @@ def evaluate_generation(model, processor, train, test, cells_per_type: int = 4, 
     and scores them against the real test cells. Baseline: the training class mean plus per-gene Gaussian noise with
     the class's standard deviation, clipped at zero."""
     metric = PseudoCellGenerationMetric()
-    vocab = processor.cell_processor.gene_vocab
+    vocab = processor.feature_extractor.gene_vocab
     train_x = expression_matrix(train, len(vocab.gene_to_id))
     genes = np.flatnonzero(np.asarray((train_x != 0).sum(axis=0)).ravel())  # genes seen in training
     names = [vocab.id_to_gene[i] for i in genes]
@@ -332,7 +332,7 @@ def run_evaluation(args: ScMMGPTEvaluationArguments, data_args) -> dict:
     else:
         print("No --model: evaluating an untrained tiny model (a floor, not a result).", file=sys.stderr)
         model, processor = build_model(load_pbmc(), tiny_lm=True)
-    splits = load_cell_text_splits(data_args, processor.cell_processor.gene_vocab, args.seed)
+    splits = load_cell_text_splits(data_args, processor.feature_extractor.gene_vocab, args.seed)
     if data_args.streaming:  # the baselines and metrics need the cells in memory
         splits = {
             name: datasets.Dataset.from_list(list(split), features=split.features) for name, split in splits.items()

@@ -189,7 +189,7 @@ def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per
     plt = _figure_backend()
     test = splits["test"]
     real = adata[list(test["cell_id"])].raw.to_adata()
-    genes = [g for g in real.var_names if g in processor.cell_processor.gene_vocab]
+    genes = [g for g in real.var_names if g in processor.feature_extractor.gene_vocab]
     real = real[:, genes].copy()
     real.obs["cell_type"], real.obs["source"] = list(test["cell_type"]), "real"
     generator = TextToCellPipeline(model=model, processor=processor, task=None)

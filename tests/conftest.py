@@ -106,5 +106,9 @@ def tiny_demo(cache_dir):
 
     torch.manual_seed(0)
     model, processor = build_model(pbmc_cells(), tiny_lm=True)
-    processor.cell_processor.max_genes = 48
-    return model, processor, load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, cache_dir=str(cache_dir))
+    processor.feature_extractor.max_genes = 48
+    return (
+        model,
+        processor,
+        load_pbmc_demo(gene_vocab=processor.feature_extractor.gene_vocab, cache_dir=str(cache_dir)),
+    )

@@ -394,13 +394,15 @@ MODEL_CASES = [
     ),
     (
         "unknown cell-processor option",
-        lambda f: _edit_json(os.path.join(f, "cell_processor_config.json"), lambda c: c.update(max_gene=10)),
+        lambda f: _edit_json(
+            os.path.join(f, "processor_config.json"), lambda c: c["feature_extractor"].update(max_gene=10)
+        ),
         r"unknown option 'max_gene' \(did you mean 'max_genes'\?\)",
     ),
     (
         "cell-processor config missing",
-        lambda f: os.remove(os.path.join(f, "cell_processor_config.json")),
-        r"cell_processor_config\.json not found",
+        lambda f: _edit_json(os.path.join(f, "processor_config.json"), lambda c: c.pop("feature_extractor")),
+        r"no preprocessor_config\.json \(nor the older cell_processor_config\.json\)",
     ),
     (
         "cell token ids moved",
@@ -559,10 +561,10 @@ def test_bad_cell_processor_option(option, pattern, model_dir, loaded, tmp_path)
 
     _, processor = loaded
     with pytest.raises(ValueError, match=pattern):
-        ScMMGPTCellProcessor(processor.cell_processor.gene_vocab, **option)
+        ScMMGPTCellProcessor(processor.feature_extractor.gene_vocab, **option)
     folder = str(tmp_path / "model")
     shutil.copytree(model_dir, folder)
-    _edit_json(os.path.join(folder, "cell_processor_config.json"), lambda c: c.update(option))
+    _edit_json(os.path.join(folder, "processor_config.json"), lambda c: c["feature_extractor"].update(option))
     with pytest.raises(ValueError, match=pattern):
         ScMMGPTProcessor.from_pretrained(folder)
 

@@ -51,7 +51,9 @@ def test_demo_fast_model_knows_its_cells(demo_dir):
 
     results = json.loads((demo_dir / "metrics.json").read_text())
     processor = ScMMGPTProcessor.from_pretrained(demo_dir / "instruction")
-    test = load_pbmc_demo(gene_vocab=processor.cell_processor.gene_vocab, cache_dir=str(demo_dir / "hf_cache"))["test"]
+    test = load_pbmc_demo(gene_vocab=processor.feature_extractor.gene_vocab, cache_dir=str(demo_dir / "hf_cache"))[
+        "test"
+    ]
     assert len(test) == results["n_test_cells"]
     majority_share = Counter(test["cell_type"]).most_common(1)[0][1] / len(test)
     accuracy = results["cell_type_annotation"]["model_zero-shot"]["accuracy"]

@@ -47,10 +47,10 @@ def test_converted_checkpoint_matches_scgpt(tmp_path, pbmc, layout, sizes, seed,
     ours, processor, report = convert_scgpt_checkpoint(str(tmp_path), output_dir=str(out))
     assert report.missing == [] and all(k.startswith(("decoder", "mvc_decoder", "cls_decoder")) for k in report.unused)
     assert sorted(p.name for p in out.iterdir()) == [
-        "cell_processor_config.json",
         "config.json",
         "gene_vocab.json",
         "model.safetensors",
+        "preprocessor_config.json",
     ]
     reloaded = ScMMGPTCellModel.from_pretrained(out).eval()
     processor = ScMMGPTCellProcessor.from_pretrained(out, use_raw=True)

@@ -18,7 +18,7 @@ def setup(tmp_path_factory):
 def test_expression_matrix_matches_the_examples(setup):
     _, processor, splits = setup
     record = splits["test"][3]
-    matrix = expression_matrix(splits["test"].select([3]), len(processor.cell_processor.gene_vocab.gene_to_id))
+    matrix = expression_matrix(splits["test"].select([3]), len(processor.feature_extractor.gene_vocab.gene_to_id))
     assert matrix.nnz == len(record["gene_ids"])
     np.testing.assert_allclose(matrix[0, record["gene_ids"]].toarray().ravel(), record["values"], rtol=1e-6)
 

@@ -70,6 +70,31 @@ print(json.dumps({"refused_without_trust": refused, "max_diff": float((got - sav
                   "module": type(model).__module__, "processor": type(processor).__name__}))
 """
 
+PUSH_PROCESSOR = """
+import json, tempfile, torch
+from transformers import AutoFeatureExtractor, AutoProcessor
+from conftest import make_tokenizer, pbmc_cells
+from modeling_scmmgpt import GeneVocab, ScMMGPTCellProcessor, ScMMGPTProcessor
+
+cells = pbmc_cells()
+qformer = make_tokenizer()
+qformer.add_tokens(["qformer-only"])
+cell_processor = ScMMGPTCellProcessor(GeneVocab.from_genes(list(cells.raw.var_names)), max_genes=64, use_raw=True)
+processor = ScMMGPTProcessor(cell_processor, make_tokenizer(), qformer, num_cell_tokens=3)
+processor.push_to_hub("tester/processor")
+with tempfile.TemporaryDirectory() as folder:
+    processor.save_pretrained(folder, push_to_hub=True, repo_id="tester/processor-saved")
+text = [processor.build_prompt("Describe this cell.")] * 2
+expected = processor(text=text, cells=cells[:2])
+same = {}
+for repo in ("tester/processor", "tester/processor-saved"):
+    loaded = AutoProcessor.from_pretrained(repo)
+    got = loaded(text=text, cells=cells[:2])
+    same[repo] = (type(loaded).__name__, all(torch.equal(got[k], expected[k]) for k in expected),
+                  loaded.qformer_tokenizer("qformer-only")["input_ids"] == qformer("qformer-only")["input_ids"])
+print(json.dumps({"same": same, "feature_extractor": type(AutoFeatureExtractor.from_pretrained("tester/processor")).__name__}))
+"""
+
 
 def _run(script, env, *args):
     out = subprocess.run(
@@ -113,8 +138,8 @@ def test_publish_then_load_gives_identical_outputs(hub_env, tmp_path):
     assert len(shards) > 1 and "model.safetensors.index.json" in files  # sharded above max_shard_size
     for name in (
         "processor_config.json",
-        "cell_processor_config.json",
         "gene_vocab.json",
+        "qformer_tokenizer/tokenizer.json",
         "tokenizer.json",
         "modeling_scmmgpt.py",
         "configuration_scmmgpt.py",
@@ -142,3 +167,23 @@ def test_publish_then_load_gives_identical_outputs(hub_env, tmp_path):
     assert remote["refused_without_trust"] is True
     assert remote["max_diff"] == 0.0
     assert remote["module"].startswith("transformers_modules.") and remote["processor"] == "ScMMGPTProcessor"
+
+
+def test_processor_push_to_hub_round_trips_through_the_library(hub_env):
+    """`push_to_hub` and `save_pretrained(push_to_hub=True)` are transformers' own; the gene vocabulary and the
+    Q-Former's tokenizer travel with the processor, and `AutoProcessor`/`AutoFeatureExtractor` read them back."""
+    hub, env = hub_env
+    result = _run(PUSH_PROCESSOR, env)
+    assert result == {
+        "same": {repo: ["ScMMGPTProcessor", True, True] for repo in ("tester/processor", "tester/processor-saved")},
+        "feature_extractor": "ScMMGPTCellProcessor",
+    }
+    for repo in ("tester/processor", "tester/processor-saved"):
+        files = hub.repos[repo].files
+        assert {
+            "processor_config.json",
+            "gene_vocab.json",
+            "tokenizer.json",
+            "qformer_tokenizer/tokenizer.json",
+        } <= set(files)
+        assert "feature_extractor" in json.loads(files["processor_config.json"])

@@ -86,7 +86,7 @@ def test_input_cells_change_the_lm(pbmc, tester):
 def test_mismatched_placeholders_raise(pbmc, tester):
     model = ScMMGPTForConditionalGeneration(tester.get_config())
     inputs = tester.processor(text=tester.processor.build_prompt("Describe this cell."), cells=pbmc[:1])
-    two_cells = tester.processor.cell_processor(pbmc[:2])
+    two_cells = tester.processor.feature_extractor(pbmc[:2])
     with pytest.raises(ValueError, match="1 spans of 4.*2 cells"):
         model(input_ids=inputs["input_ids"], cell_gene_ids=two_cells["gene_ids"], cell_values=two_cells["values"])
     with pytest.raises(ValueError, match="1 '<cell>' placeholders but 2 cells"):
@@ -182,7 +182,7 @@ def test_generate_cells_depends_on_prompt(pbmc, tester):
 
 def test_cell_features_do_not_depend_on_batch(pbmc, tester):
     model = ScMMGPTModel(tester.get_config()).eval()
-    cp = tester.processor.cell_processor
+    cp = tester.processor.feature_extractor
     single = cp(pbmc[5:6])
     batch = cp(pbmc[[0, 5, 17, 400, 699]])
     with torch.no_grad():

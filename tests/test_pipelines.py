@@ -14,7 +14,6 @@ def saved_model(tmp_path_factory, pbmc_cell_processor):
     from conftest import make_tokenizer
 
     tester = ScMMGPTModelTester(pbmc_cell_processor, make_tokenizer())
-    tester.processor.qformer_tokenizer = tester.processor.tokenizer  # the tiny Q-Former reads the same words
     torch.manual_seed(0)
     config = tester.get_config()
     config.qformer_config.vocab_size = len(tester.processor.tokenizer)
@@ -41,11 +40,11 @@ def test_feature_extraction_from_backed_h5ad_path(saved_model, pbmc, tmp_path):
     path = tmp_path / "cells.h5ad"
     pbmc.raw.to_adata()[:30].write_h5ad(path)
     extractor = pipeline("cell-feature-extraction", model=saved_model)
-    extractor.cell_processor.use_raw = False
+    extractor.processor.feature_extractor.use_raw = False
     from_path = extractor(str(path), batch_size=8, progress=False)
     with pytest.raises(ValueError, match="in-memory AnnData"):
         extractor(str(path), write_to_adata=True, progress=False)
-    extractor.cell_processor.use_raw = True
+    extractor.processor.feature_extractor.use_raw = True
     assert np.abs(from_path - extractor(pbmc[:30], progress=False)).max() < 1e-5
 
 

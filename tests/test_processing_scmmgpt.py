@@ -1,10 +1,13 @@
+import json
 import logging
+import os
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from transformers import AutoProcessor
+from safetensors.torch import load_file
+from transformers import AutoFeatureExtractor, AutoProcessor, FeatureExtractionMixin
 
 from modeling_scmmgpt import GeneVocab, ScMMGPTCellProcessor, ScMMGPTConfig, ScMMGPTProcessor
 from modeling_scmmgpt.processing_scmmgpt import bin_values
@@ -168,11 +171,23 @@ def test_scgpt_preprocessor_path_gives_the_same_tokens(oracle):
 
 
 def test_cell_processor_save_load(pbmc, pbmc_cell_processor, tmp_path):
+    """A transformers feature extractor: the library's save writes its options and the vocabulary beside them, and
+    both `from_pretrained` and `AutoFeatureExtractor` read them back, with keyword overrides of the options."""
+    assert isinstance(pbmc_cell_processor, FeatureExtractionMixin)
     pbmc_cell_processor.save_pretrained(tmp_path)
-    reloaded = ScMMGPTCellProcessor.from_pretrained(tmp_path)
-    assert reloaded.gene_vocab == pbmc_cell_processor.gene_vocab
-    assert reloaded.to_dict() == pbmc_cell_processor.to_dict()
-    _cells_equal(reloaded(pbmc[:3]), pbmc_cell_processor(pbmc[:3]))
+    assert sorted(os.listdir(tmp_path)) == ["gene_vocab.json", "preprocessor_config.json"]
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["feature_extractor_type"] == "ScMMGPTCellProcessor" and saved["max_genes"] == 64
+    for reloaded in (ScMMGPTCellProcessor.from_pretrained(tmp_path), AutoFeatureExtractor.from_pretrained(tmp_path)):
+        assert type(reloaded) is ScMMGPTCellProcessor
+        assert reloaded.gene_vocab == pbmc_cell_processor.gene_vocab
+        assert reloaded.to_dict() == pbmc_cell_processor.to_dict()
+        _cells_equal(reloaded(pbmc[:3]), pbmc_cell_processor(pbmc[:3]))
+    assert ScMMGPTCellProcessor.from_pretrained(tmp_path, max_genes=16)(pbmc[:3])["gene_ids"].shape[1] == 16
+    with pytest.raises(ValueError, match=r"unknown option 'max_gene' \(did you mean 'max_genes'\?\)"):
+        ScMMGPTCellProcessor.from_pretrained(tmp_path, max_gene=16)
+    # The loaders' own keywords (pipeline() passes dtype to every part) are not options and are left alone.
+    assert ScMMGPTCellProcessor.from_pretrained(tmp_path, dtype="float32").to_dict() == pbmc_cell_processor.to_dict()
 
 
 def test_processor_expands_placeholders_and_builds_prompts(pbmc, pbmc_cell_processor, tokenizer):
@@ -197,22 +212,79 @@ def test_processor_without_chat_template_uses_plain_prompt(pbmc_cell_processor, 
     assert processor.build_prompt("Which cell type is this?") == "User: <cell>\nWhich cell type is this?\nAssistant:"
 
 
+def _separate_qformer_tokenizer():
+    from conftest import make_tokenizer
+
+    qformer = make_tokenizer()
+    qformer.add_tokens(["qformer-only"])  # so that a mix-up with the LM tokenizer shows
+    return qformer
+
+
 def test_processor_roundtrip_with_autoprocessor(pbmc, pbmc_cell_processor, tokenizer, tmp_path):
-    processor = ScMMGPTProcessor(pbmc_cell_processor, tokenizer, num_cell_tokens=3)
+    """The library's save/load: the cell processor in the `feature_extractor` entry of `processor_config.json`,
+    the Q-Former's own tokenizer in `qformer_tokenizer/`, and `AutoProcessor` gives back the same tensors."""
+    qformer = _separate_qformer_tokenizer()
+    processor = ScMMGPTProcessor(pbmc_cell_processor, tokenizer, qformer, num_cell_tokens=3)
     ScMMGPTConfig(
         cell_config=dict(vocab_size=len(pbmc_cell_processor.gene_vocab), pad_token_id=0, cls_token_id=1),
         text_config=dict(model_type="llama", vocab_size=len(tokenizer)),
         **processor.config_token_ids(),
     ).save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["processor_class"] == "ScMMGPTProcessor" and saved["num_cell_tokens"] == 3
+    assert saved["feature_extractor"]["feature_extractor_type"] == "ScMMGPTCellProcessor"
+    assert (tmp_path / "gene_vocab.json").is_file() and (tmp_path / "qformer_tokenizer" / "tokenizer.json").is_file()
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(reloaded, ScMMGPTProcessor)
     assert reloaded.config_token_ids() == processor.config_token_ids()
     assert reloaded.chat_template == processor.chat_template
+    assert reloaded.feature_extractor.to_dict() == pbmc_cell_processor.to_dict()
+    assert reloaded.qformer_tokenizer("qformer-only")["input_ids"] == qformer("qformer-only")["input_ids"]
+    assert "qformer-only" not in reloaded.tokenizer.get_vocab()
+    assert type(AutoFeatureExtractor.from_pretrained(tmp_path)) is ScMMGPTCellProcessor
     a = processor(text=processor.build_prompt("Describe."), cells=pbmc[:1])
     b = reloaded(text=reloaded.build_prompt("Describe."), cells=pbmc[:1])
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_processor_without_qformer_tokenizer_reads_text_with_the_lm_tokenizer(
+    pbmc_cell_processor, tokenizer, tmp_path
+):
+    processor = ScMMGPTProcessor(pbmc_cell_processor, tokenizer, num_cell_tokens=2)
+    assert processor.qformer_tokenizer.get_vocab() == tokenizer.get_vocab()  # the cell tokens included
+    processor.save_pretrained(tmp_path)
+    reloaded = ScMMGPTProcessor.from_pretrained(tmp_path)
+    assert reloaded.qformer_tokenizer.get_vocab() == reloaded.tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
+LEGACY_FOLDER = os.path.join(os.path.dirname(__file__), "fixtures", "processor_v0_1")
+
+
+def test_folders_saved_before_the_feature_extractor_still_load(pbmc, tmp_path):
+    """A folder written by scMMGPT 0.1's own code (`cell_processor_config.json`, a processor config without a
+    `feature_extractor` entry) loads, gives the tensors that code gave, and re-saves in the library's layout."""
+    expected = load_file(os.path.join(LEGACY_FOLDER, "expected.safetensors"))
+    folder = os.path.join(LEGACY_FOLDER, "processor")
+    assert "cell_processor_config.json" in os.listdir(folder)
+    for loader in (ScMMGPTProcessor.from_pretrained, AutoProcessor.from_pretrained):
+        processor = loader(folder)
+        assert isinstance(processor, ScMMGPTProcessor) and processor.feature_extractor.n_bins == 11
+        text = [processor.build_prompt("Describe this cell.", response="cell type: B cell.")] * 3
+        inputs = processor(text=text, cells=pbmc[:3])
+        assert sorted(inputs) == sorted(k for k in expected if k != "qformer_input_ids")
+        for key in inputs:
+            assert torch.equal(inputs[key], expected[key]), key
+        qformer_ids = processor.qformer_tokenizer(["qformer-only B cell"], return_tensors="pt")["input_ids"]
+        assert torch.equal(qformer_ids, expected["qformer_input_ids"])
+    assert ScMMGPTCellProcessor.from_pretrained(folder).to_dict() == processor.feature_extractor.to_dict()
+    processor.save_pretrained(tmp_path)
+    assert "cell_processor_config.json" not in os.listdir(tmp_path)
+    assert "feature_extractor" in json.loads((tmp_path / "processor_config.json").read_text())
+    again = ScMMGPTProcessor.from_pretrained(tmp_path)(text=text, cells=pbmc[:3])
+    for key in inputs:
+        assert torch.equal(again[key], inputs[key]), key
 
 
 def test_backed_anndata_gives_the_same_tensors(pbmc, pbmc_cell_processor, tmp_path):

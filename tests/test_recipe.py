@@ -20,7 +20,7 @@ def tester(pbmc_cell_processor, tokenizer):
 
 
 def _cells(tester, pbmc, n=120):
-    inputs = tester.processor.cell_processor(pbmc[:n])
+    inputs = tester.processor.feature_extractor(pbmc[:n])
     return inputs["gene_ids"], inputs["values"], inputs["attention_mask"]
 
 
@@ -47,7 +47,7 @@ def test_pca_start_makes_the_cell_summary_the_standardised_pca_scores(pbmc, test
     torch.testing.assert_close(projection.T @ projection, torch.eye(projection.shape[1]), atol=1e-5, rtol=0)
 
     # Reference: PCA (numpy SVD) of the cells' weight vectors, the values normalised to sum 1 over real genes.
-    real = (gene_ids != tester.processor.cell_processor.gene_vocab.cls_token_id) & mask.bool()
+    real = (gene_ids != tester.processor.feature_extractor.gene_vocab.cls_token_id) & mask.bool()
     weights = values.clamp(min=0) * real
     weights = weights / weights.sum(1, keepdim=True)
     matrix = np.zeros((len(gene_ids), model.config.cell_config.vocab_size))
@@ -158,7 +158,7 @@ def test_sampling_needs_a_variance_head(tester):
 def test_variance_term_leaves_the_mean_to_its_mse(pbmc, tester):
     """The Gaussian term trains the variance only: the mean's gradient is that of the MSE alone."""
     gene_ids, _, mask = _cells(tester, pbmc, 4)
-    expression = tester.processor.cell_processor(pbmc[:4])["expression"]
+    expression = tester.processor.feature_extractor(pbmc[:4])["expression"]
     tester.config_overrides = {"expression_variance": True}
     model = ScMMGPTForConditionalGeneration(tester.get_config())
     queries = torch.randn(4, tester.num_cell_tokens, 32)
@@ -174,7 +174,7 @@ def test_variance_term_leaves_the_mean_to_its_mse(pbmc, tester):
 
 def test_bilinear_readout_starts_at_zero_and_learns(pbmc, tester):
     gene_ids, _, mask = _cells(tester, pbmc, 4)
-    expression = tester.processor.cell_processor(pbmc[:4])["expression"]
+    expression = tester.processor.feature_extractor(pbmc[:4])["expression"]
     queries = torch.randn(4, tester.num_cell_tokens, 32)
     tester.config_overrides = {"bilinear_expression_readout": True}
     torch.manual_seed(0)
@@ -279,7 +279,7 @@ def test_least_squares_bridges_read_cells_as_their_labels(tmp_path):
     torch.manual_seed(0)
     model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)  # cells differ from the start
     records = list(splits["train"].select(range(120)))
-    cells = processor.cell_processor(records)
+    cells = processor.feature_extractor(records)
     model.model.cell_tower.init_cell_summary_from_pca(cells["gene_ids"], cells["values"], cells["attention_mask"])
     fits = fit_bridges(model, processor, records)
     assert 0 < fits["projector_r2"] <= 1 and 0 < fits["cell_head_r2"] <= 1
@@ -289,7 +289,7 @@ def test_least_squares_bridges_read_cells_as_their_labels(tmp_path):
     tokens = [_spread(processor.tokenizer(label, add_special_tokens=False)["input_ids"], 8) for label in labels]
     label_embeds = embed(torch.tensor(tokens)).flatten(1)  # (labels, 8 * hidden)
     with torch.no_grad():
-        cells = processor.cell_processor(records)
+        cells = processor.feature_extractor(records)
         read = model.model.get_cell_token_embeddings(cells["gene_ids"], cells["values"], cells["attention_mask"])
     nearest = torch.cdist(read.flatten(1), label_embeds).argmin(1)
     truth = torch.tensor([labels.index(r["cell_type"]) for r in records])
@@ -309,7 +309,7 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
     torch.manual_seed(0)
     model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)
     records = list(splits["train"].select(range(120)))
-    cells = processor.cell_processor(records)
+    cells = processor.feature_extractor(records)
     model.model.cell_tower.init_cell_summary_from_pca(cells["gene_ids"], cells["values"], cells["attention_mask"])
     fits = fit_bridges(model, processor, records, parts=("codebook",))
     labels = sorted({r["cell_type"] for r in records})
@@ -428,7 +428,7 @@ def test_gene_readout_starts_at_zero_and_its_closed_form_fit_reconstructs_cells(
     model.eval()
     inner, config = model.model, model.config.cell_config
     records = list(splits["train"].select(range(150)))
-    cells = processor.cell_processor(records)
+    cells = processor.feature_extractor(records)
     genes = torch.tensor([i for i in range(config.vocab_size) if i not in (config.pad_token_id, config.cls_token_id)])
     with torch.no_grad():
         queries = inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output

@@ -38,7 +38,7 @@ class ScMMGPTModelTester:
         self.config_overrides = config_overrides
 
     def get_config(self) -> ScMMGPTConfig:
-        vocab = self.processor.cell_processor.gene_vocab
+        vocab = self.processor.feature_extractor.gene_vocab
         text_config = dict(TEXT_CONFIGS[self.text_model_type], vocab_size=len(self.processor.tokenizer))
         tokenizer = self.processor.tokenizer
         if self.text_model_type == "gpt2":
@@ -101,7 +101,7 @@ class ScMMGPTModelTester:
         span_start = inputs["input_ids"] == processor.cell_start_token_id
         # Label from <cell> on: the LM must choose to write a cell and the span is its output.
         labels[span_start.long().cumsum(-1) == 0] = -100
-        targets = processor.cell_processor(cells)
+        targets = processor.feature_extractor(cells)
         inputs.update({f"target_cell_{k}": v for k, v in targets.items()})
         return inputs, labels
 

@@ -116,7 +116,7 @@ def fit_bridges(
 
 def _query_outputs(inner, processor, records: list[dict]) -> torch.Tensor:
     """`(len(records), num_cell_tokens, qformer_hidden_size)` float query outputs."""
-    cells = processor.cell_processor(records)
+    cells = processor.feature_extractor(records)
     return inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output.float()
 
 
@@ -222,7 +222,7 @@ def fit_expression_readout_(
     column[genes] = torch.arange(len(genes))
     queries, targets = [], []
     for start in range(0, len(records), batch_size):
-        cells = processor.cell_processor(records[start : start + batch_size])
+        cells = processor.feature_extractor(records[start : start + batch_size])
         queries.append(
             inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output.float()
         )

@@ -28,7 +28,7 @@ def _check(examples: list[dict], keys: tuple[str, ...], who: str):
 
 
 def _cells(processor, examples: list[dict]) -> dict:
-    cells = processor.cell_processor([{k: ex[k] for k in (*CELL_KEYS, "cell_id") if k in ex} for ex in examples])
+    cells = processor.feature_extractor([{k: ex[k] for k in (*CELL_KEYS, "cell_id") if k in ex} for ex in examples])
     return {f"cell_{k}": v for k, v in cells.items()}
 
 

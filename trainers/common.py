@@ -440,7 +440,7 @@ def load_model_and_data(model_args, seed: int):
             num_cell_tokens=model_args.num_cell_tokens,
             **model_args.demo_model_options,
         )
-    data = load_cell_text_splits(model_args, processor.cell_processor.gene_vocab, seed)
+    data = load_cell_text_splits(model_args, processor.feature_extractor.gene_vocab, seed)
     if "validation" not in data:
         raise ValueError(
             "Training needs validation cells: pass validation_data too, or pass only train_data to split "
@@ -466,7 +466,7 @@ def load_model_and_data(model_args, seed: int):
         # From the training split only (after hold-outs), with exactly the encoder's inputs (a stream: its first
         # pca_cells cells).
         train = list(data["train"].take(model_args.pca_cells)) if streaming else data["train"][:]
-        cells = processor.cell_processor(train)
+        cells = processor.feature_extractor(train)
         base_model(model).cell_tower.init_cell_summary_from_pca(
             cells["gene_ids"], cells["values"], cells["attention_mask"]
         )

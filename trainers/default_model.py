@@ -102,7 +102,6 @@ def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8, **config_kwargs)
             **config_kwargs,
             **processor.config_token_ids(),
         )
-        processor.qformer_tokenizer = tokenizer
         return ScMMGPTForConditionalGeneration(config).eval(), processor
     with tempfile.TemporaryDirectory() as encoder_dir:
         ScMMGPTCellModel(cell_config).save_pretrained(encoder_dir)

@@ -32,7 +32,7 @@ def load_pbmc_demo(
     """One call to the demo's train/validation/test splits (70/15/15, stratified by cell type, fixed `seed`).
 
     Equivalent to `ScMMGPTH5ADBuilder(config_name="pbmc68k_reduced", split_seed=seed)`. `gene_vocab` is a
-    vocabulary file or folder, or a [`GeneVocab`] (e.g. a model's `processor.cell_processor.gene_vocab`, so that
+    vocabulary file or folder, or a [`GeneVocab`] (e.g. a model's `processor.feature_extractor.gene_vocab`, so that
     the examples' gene ids are that model's). Further `ScMMGPTCellTextConfig` options (e.g.
     `description_template="rich"`) pass through.
     """
