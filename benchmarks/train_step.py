@@ -3,10 +3,10 @@ forward and backward on the same model, batches, optimiser and schedule.
 
     python benchmarks/train_step.py [--steps 20] [--lm tiny|smollm2] [--stages contrastive reconstruction instruction]
 
-"Ours" is the stage trainer as `scmmgpt train` builds it (loss routed through the model's forward, loss parts
-collected and averaged over ranks for logging, seeded per-step draws, unused modules frozen). "Bare" is a plain
-`Trainer` whose `compute_loss` returns the same stage loss (contrastive, reconstruction: the stage's own loss code;
-instruction: the model's loss, with the same LoRA adapters from peft). Neither saves checkpoints. Speed: both
+"Ours" is the stage trainer as `scmmgpt train` builds it (loss parts collected and averaged over ranks for logging,
+seeded per-step draws, unused modules frozen). "Bare" is a plain `Trainer` on the same model: for the pre-training
+stages `ScMMGPTForPreTraining`, whose forward computes the stage's loss; for the instruction stage the model's loss
+with the same LoRA adapters from peft. Neither saves checkpoints. Speed: both
 trainers alternate `--repeats` times in one process on copies of one model (separate processes differed by up to
 30% on this shared 2-core machine); samples/s is at the median step time after `--warmup`, median over repeats.
 Peak RSS: one process per trainer. Target: ours at most 10% slower than bare.
@@ -74,31 +74,16 @@ def _bare_trainer(stage: str, model, processor, args, data, callbacks):
         collator = ScMMGPTInstructionCollator(processor, tasks=args.tasks, seed=args.instruction_seed)
         return Trainer(model=get_peft_model(model, _lora_config(args, model)), data_collator=collator, **common)
     ours = {"contrastive": ScMMGPTContrastiveTrainer, "reconstruction": ScMMGPTReconstructionTrainer}[stage]
-    # The same trainable parameters as ours (a model set-up choice, not trainer overhead).
+    # The same trainable parameters as ours (a model set-up choice, not trainer overhead); the loss is the model's
+    # own (ScMMGPTForPreTraining computes it), with torch's global generator for its draws.
     freeze_unused(model, ours.used_modules(None, base_model(model), args))
-
-    class BareTrainer(Trainer):
-        stage_loss = ours.stage_loss
-
-        def step_generator(self, per_rank):
-            import torch
-
-            return torch.Generator().manual_seed(self.state.global_step)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs.pop("cell_ids", None)
-            return self.stage_loss(**inputs)["loss"]
-
-    for helper in ("_itm_loss", "_itm_logits"):  # the contrastive loss's own helpers (one is a staticmethod)
-        if helper in ours.__dict__:
-            setattr(BareTrainer, helper, ours.__dict__[helper])
     if stage == "contrastive":
         collator = ScMMGPTContrastiveCollator(
             processor, max_text_length=args.max_text_length, text_field=args.text_field, label_field=args.label_field
         )
     else:
         collator = ScMMGPTReconstructionCollator(processor)
-    return BareTrainer(model=model, data_collator=collator, **common)
+    return Trainer(model=model, data_collator=collator, **common)
 
 
 def _median_step_samples_per_s(stage, mode, model, processor, args, data, warmup) -> float:
@@ -127,13 +112,15 @@ def run_one(stage: str, modes: list[str], steps: int, warmup: int, lm: str, cach
     the same machine state and memory layout). Returns the median samples/s per mode and the process's peak RSS."""
     from transformers import HfArgumentParser
 
+    from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTForPreTraining
     from trainers.arguments import ScMMGPTModelDataArguments
     from trainers.common import load_model_and_data, parse_stage_args
     from trainers.run import STAGES
 
     parser = HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]))
     model_args, args = parse_stage_args(parser, _stage_args(stage, warmup + steps, lm, cache))
-    model, processor, data = load_model_and_data(model_args, args.seed)
+    model_class = ScMMGPTForConditionalGeneration if stage == "instruction" else ScMMGPTForPreTraining
+    model, processor, data = load_model_and_data(model_args, args.seed, model_class)
     rates = {mode: [] for mode in modes}
     for repeat in range(repeats):
         for mode in modes if repeat % 2 == 0 else modes[::-1]:  # neither always runs first

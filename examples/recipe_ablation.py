@@ -21,7 +21,7 @@ VARIANTS = {
     "no cell summary": {"contrastive": ["--cell_summary", "false", "--gene_embedding_init", "random"]},
     "cell summary, random gene embeddings": {"contrastive": ["--gene_embedding_init", "random"]},
     "no contrastive BatchNorm": {"contrastive": ["--contrastive_batch_norm", "false"]},
-    "with ITM (itm_weight 1)": {"contrastive": ["--itm_weight", "1"]},
+    "with ITM (itm_loss_weight 1)": {"contrastive": ["--itm_loss_weight", "1"]},
     "text path at the base rate": {"contrastive": ["--text_path_learning_rate", "null"]},
     "stage 2 trains the cell path": {"reconstruction": ["--cell_path_learning_rate", "null"]},
     "none (the previous recipe)": {
@@ -32,7 +32,7 @@ VARIANTS = {
             "random",
             "--contrastive_batch_norm",
             "false",
-            "--itm_weight",
+            "--itm_loss_weight",
             "1",
             "--text_path_learning_rate",
             "null",

@@ -148,6 +148,35 @@ class ScMMGPTCellConfig(_RefuseOtherModelTypes, PreTrainedConfig):
                 raise ValueError(f"{name}={token_id} must be a gene id in [0, vocab_size={self.vocab_size}).")
 
 
+# The pre-training losses' settings: fields of ScMMGPTConfig, and the stage arguments that override them by name.
+PRETRAINING_LOSS_SETTINGS = (
+    "itc_loss_weight",
+    "itm_loss_weight",
+    "max_logit_scale",
+    "masked_value_loss_weight",
+    "expression_loss_weight",
+    "mask_ratio",
+    "unexpressed_genes",
+)
+
+
+def check_loss_settings(settings: dict) -> None:
+    """Raises on out-of-range pre-training loss settings among `settings` (names of `PRETRAINING_LOSS_SETTINGS`;
+    a stage's pair of weights is checked when both are present)."""
+    for name in ("itc_loss_weight", "itm_loss_weight", "masked_value_loss_weight", "expression_loss_weight"):
+        if settings.get(name) is not None and settings[name] < 0:
+            raise ValueError(f"{name}={settings[name]}: a loss weight must be >= 0.")
+    for pair in (("itc_loss_weight", "itm_loss_weight"), ("masked_value_loss_weight", "expression_loss_weight")):
+        if all(settings.get(name) is not None for name in pair) and settings[pair[0]] + settings[pair[1]] == 0:
+            raise ValueError(f"{pair[0]} and {pair[1]} are both 0: the stage would have no loss; make one positive.")
+    if settings.get("mask_ratio") is not None and not 0 < settings["mask_ratio"] < 1:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {settings['mask_ratio']}.")
+    if settings.get("max_logit_scale") is not None and settings["max_logit_scale"] <= 0:
+        raise ValueError(f"max_logit_scale must be positive, got {settings['max_logit_scale']}.")
+    if settings.get("unexpressed_genes") is not None and settings["unexpressed_genes"] < 0:
+        raise ValueError(f"unexpressed_genes must be >= 0, got {settings['unexpressed_genes']}.")
+
+
 @strict
 class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
     r"""
@@ -192,7 +221,22 @@ class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
             Weight of the MSE between the LM's `<cell_i>` hidden states (through the LM-to-cell head) and the target
             cell's Q-Former outputs.
         expression_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of the MSE between decoded and target expression of a generated cell.
+            Weight of the MSE between decoded and target expression: of a generated cell (instruction stage), and of a
+            real cell decoded from its own query outputs (reconstruction stage).
+        itc_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the cell-text contrastive loss of the alignment stage ([`ScMMGPTContrastiveLoss`]).
+        itm_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the cell-text matching loss on hard negatives of the alignment stage (0 skips it).
+        max_logit_scale (`float`, *optional*, defaults to 100.0):
+            Clamp on `exp(logit_scale)`, the contrastive inverse temperature (CLIP's 100).
+        masked_value_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the masked-value MSE of the reconstruction stage ([`ScMMGPTReconstructionLoss`]).
+        mask_ratio (`float`, *optional*, defaults to 0.15):
+            Fraction of each cell's genes whose value the reconstruction stage masks (scGPT's GEP).
+        unexpressed_genes (`int`, *optional*, defaults to 0):
+            Per cell, this many random vocabulary genes the cell does not express are added to the reconstruction
+            stage's expression targets with value 0. Cells list expressed genes only, so without them the decoder
+            never sees a zero and a generated cell expresses every gene it is asked for.
         expression_variance (`bool`, *optional*, defaults to `False`):
             The expression decoder also predicts a log-variance per gene, trained by a Gaussian likelihood around the
             (detached) predicted mean, so generated cells can be *sampled* (`generate_cells(sample=True)`) instead of
@@ -263,6 +307,12 @@ class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
     lm_loss_weight: float | int = 1.0
     cell_regression_loss_weight: float | int = 1.0
     expression_loss_weight: float | int = 1.0
+    itc_loss_weight: float | int = 1.0
+    itm_loss_weight: float | int = 1.0
+    max_logit_scale: float | int = 100.0
+    masked_value_loss_weight: float | int = 1.0
+    mask_ratio: float = 0.15
+    unexpressed_genes: int = 0
     expression_variance: bool = False
     expression_temperature: float | int = 1.0
     bilinear_expression_readout: bool = False
@@ -283,6 +333,10 @@ class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
         # LMs such as SmolLM2 and GPT-2 tie lm_head to the input embeddings; keep their behaviour.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
+
+    def validate_loss_settings(self):
+        """Part of `@strict` validation: the pre-training losses' weights and settings."""
+        check_loss_settings({name: getattr(self, name) for name in PRETRAINING_LOSS_SETTINGS})
 
     @property
     def cell_token_ids(self) -> list[int]:

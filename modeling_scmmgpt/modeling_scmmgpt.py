@@ -14,11 +14,14 @@ from transformers import AutoModel, Blip2QFormerModel, GenerationMixin, PreTrain
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
 from .configuration_scmmgpt import ScMMGPTConfig
+from .distributed import all_reduce_sum, world
 from .from_parts import build_from_parts
+from .loss_scmmgpt import ScMMGPTContrastiveLoss, ScMMGPTReconstructionLoss
 from .modeling_cell_encoder import ScMMGPTCellModel
 from .utils import StrictLoadingMixin
 
@@ -80,6 +83,27 @@ class ScMMGPTCausalLMOutputWithPast(ModelOutput):
     attentions: tuple[torch.FloatTensor] | None = None
     cell_hidden_states: torch.FloatTensor | None = None
     predicted_cell_queries: torch.FloatTensor | None = None
+
+
+@dataclass
+class ScMMGPTPreTrainingOutput(ModelOutput):
+    r"""
+    Output of [`ScMMGPTForPreTraining`]: the stage's weighted loss and its parts (those of the other stage are None).
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): the weighted sum of the parts below.
+        itc_loss, itm_loss (`torch.FloatTensor` of shape `()`): cell-text contrastive and matching losses (alignment).
+        logit_scale (`torch.FloatTensor` of shape `()`): the clamped contrastive inverse temperature (detached).
+        masked_value_loss, expression_loss (`torch.FloatTensor` of shape `()`): masked-value and expression-decoding
+            MSEs (reconstruction).
+    """
+
+    loss: torch.FloatTensor | None = None
+    itc_loss: torch.FloatTensor | None = None
+    itm_loss: torch.FloatTensor | None = None
+    logit_scale: torch.FloatTensor | None = None
+    masked_value_loss: torch.FloatTensor | None = None
+    expression_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -239,7 +263,7 @@ class ScMMGPTFeatureNorm(nn.BatchNorm1d):
     global batch, and per-rank statistics would make it depend on how the cells are split over ranks."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.training and _data_parallel():
+        if self.training and world()[1] > 1:
             return self._global_batch_norm(hidden_states)
         if self.training and hidden_states.shape[0] == 1:
             # One cell has no batch statistics (an epoch's last batch can hold one): use the running ones.
@@ -259,11 +283,11 @@ class ScMMGPTFeatureNorm(nn.BatchNorm1d):
         so a large common offset does not cancel digits). Gradients flow through the statistics to every rank, as
         the all-reduce's backward sums them; the same branch runs on all ranks, whatever their local batch size."""
         x = hidden_states.float()
-        count = _all_reduce_sum(x.new_tensor([x.shape[0]]).detach())[0]
+        count = all_reduce_sum(x.new_tensor([x.shape[0]]).detach())[0]
         if count < 2:  # one cell in the whole global batch: running statistics, as above
             return self._with_running_stats(hidden_states)
-        mean = _all_reduce_sum(x.sum(0)) / count
-        var = _all_reduce_sum((x - mean).square().sum(0)) / count
+        mean = all_reduce_sum(x.sum(0)) / count
+        var = all_reduce_sum((x - mean).square().sum(0)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -274,23 +298,6 @@ class ScMMGPTFeatureNorm(nn.BatchNorm1d):
         if self.affine:
             out = out * self.weight + self.bias
         return out.to(hidden_states.dtype)
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, differentiable (its backward sums the gradients over ranks)."""
-    import warnings
-
-    from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
-
-    with warnings.catch_warnings():  # deprecated for _functional_collectives, whose all_reduce has no backward
-        warnings.simplefilter("ignore", FutureWarning)
-        return differentiable_all_reduce(tensor)
-
-
-def _data_parallel() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class ScMMGPTMaskedValueHead(nn.Module):
@@ -403,6 +410,42 @@ class ScMMGPTCellTower(nn.Module):
         """Contrastive text features from the text path's `[CLS]` outputs `(batch_size, qformer_hidden_size)`."""
         pooled = self.text_feature_norm(_as_input_of(self.text_projection, text_output))
         return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def match_logits(
+        self,
+        encoder_states: torch.Tensor,
+        encoder_mask: torch.Tensor,
+        text_ids: torch.LongTensor,
+        text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Cell-text matching logits `(pairs, 2)` (no match, match), BLIP-2's ITM head: the Q-Former reads
+        `[queries; text]` in one pass, the queries cross-attending to the cell, and `itm_head` classifies their mean.
+
+        Args:
+            encoder_states (`(pairs, num_genes, cell_hidden_size)`), encoder_mask (`(pairs, num_genes)`): the cells'
+                encoder outputs; text_ids, text_mask (`(pairs, num_tokens)`): the texts (Q-Former tokenizer).
+        """
+        num_queries = self.query_tokens.shape[1]
+        queries = self.query_tokens.expand(text_ids.shape[0], -1, -1)
+        embeds = self.text_embeddings(input_ids=text_ids, query_embeds=queries)
+        attention_mask = torch.cat([text_mask.new_ones(text_ids.shape[0], num_queries), text_mask], dim=1)
+        # Only the queries cross-attend, but Blip2QFormerModel (transformers 5.24) sizes a 2D encoder mask for the
+        # whole [queries; text] sequence, which fails against the query-only cross-attention once cells are padded.
+        # A mask prepared for the queries alone is passed through as it is.
+        cross_mask = create_bidirectional_mask(
+            config=self.qformer.config,
+            inputs_embeds=embeds[:, :num_queries],
+            attention_mask=encoder_mask.bool(),
+            encoder_hidden_states=encoder_states,
+        )
+        hidden = self.qformer(
+            query_embeds=embeds,
+            query_length=num_queries,
+            attention_mask=attention_mask,
+            encoder_hidden_states=encoder_states,
+            encoder_attention_mask=cross_mask,
+        ).last_hidden_state
+        return self.itm_head(hidden[:, :num_queries].mean(dim=1))
 
     def encode_text(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Q-Former text path (no queries, no cross-attention), BLIP-2's `Blip2TextModelWithProjection`.
@@ -923,12 +966,82 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
         )
 
 
+class ScMMGPTForPreTraining(ScMMGPTForConditionalGeneration):
+    """scMMGPT for its two pre-training stages, as BLIP-2's `Blip2ForImageTextRetrieval` and FLAVA's
+    `FlavaForPreTraining`: `forward` computes the stage's loss from the config's weights, so the stock
+    `transformers.Trainer` trains it.
+
+    The weights are exactly [`ScMMGPTForConditionalGeneration`]'s (the losses have no parameters): a folder saved by
+    one loads into the other, and the instruction stage continues from what this class trained.
+
+    - Alignment (stage 1, [`ScMMGPTContrastiveLoss`]): batches of `ScMMGPTContrastiveCollator`, with `text_input_ids`.
+    - Reconstruction (stage 2, [`ScMMGPTReconstructionLoss`]): batches of `ScMMGPTReconstructionCollator`, with
+      `cell_expression`.
+    """
+
+    # The losses are means over the batch, not sums to normalise by `num_items_in_batch`: Trainer must divide them by
+    # the gradient-accumulation steps itself.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: ScMMGPTConfig):
+        super().__init__(config)
+        self.contrastive_loss = ScMMGPTContrastiveLoss(config)
+        self.reconstruction_loss = ScMMGPTReconstructionLoss(config)
+
+    def forward(
+        self,
+        cell_gene_ids: torch.LongTensor,
+        cell_values: torch.Tensor,
+        cell_attention_mask: torch.Tensor,
+        text_input_ids: torch.LongTensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+        text_hash: torch.LongTensor | None = None,
+        cell_type_hash: torch.LongTensor | None = None,
+        cell_expression: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_loss: bool = True,
+        **kwargs,
+    ) -> ScMMGPTPreTrainingOutput:
+        r"""
+        Args:
+            cell_gene_ids, cell_values, cell_attention_mask (`(batch_size, num_genes)`): the cells.
+            text_input_ids, text_attention_mask (`(batch_size, num_tokens)`), text_hash (`(batch_size,)`): their
+                descriptions (Q-Former tokenizer) and a hash equal for equal texts: the alignment stage's inputs.
+            cell_type_hash (`(batch_size,)`, *optional*): equal for cells of one type (never each other's ITM negatives).
+            cell_expression (`(batch_size, num_genes)`): the expression to reconstruct: the reconstruction stage's input.
+            generator (`torch.Generator`, *optional*): for the random draws (ITM negatives, masked genes); torch's
+                global generator without one. Under data parallelism the ITM negatives must be drawn alike on every
+                rank: pass generators seeded alike (the stage trainers do), or seed the ranks alike.
+            return_loss (`bool`, defaults to `True`): CLIP's flag; the loss is what this model computes, and the
+                flag tells `Trainer` that it returns one without labels (it evaluates the loss then).
+            kwargs: other batch columns (e.g. the collators' `cell_ids`), ignored.
+        """
+        cells = (cell_gene_ids, cell_values, cell_attention_mask)
+        if (text_input_ids is None) == (cell_expression is None):
+            raise ValueError(
+                "Pass the inputs of one pre-training stage: text_input_ids, text_attention_mask and text_hash "
+                "(alignment: ScMMGPTContrastiveCollator) or cell_expression (reconstruction: "
+                "ScMMGPTReconstructionCollator)."
+            )
+        if text_input_ids is not None:
+            if text_attention_mask is None or text_hash is None:
+                raise ValueError("The alignment stage needs text_attention_mask and text_hash with text_input_ids.")
+            parts = self.contrastive_loss(
+                self.model, *cells, text_input_ids, text_attention_mask, text_hash, cell_type_hash, generator
+            )
+        else:
+            parts = self.reconstruction_loss(self.model, *cells, cell_expression, generator)
+        return ScMMGPTPreTrainingOutput(**parts)
+
+
 __all__ = [
     "ScMMGPTCausalLMOutputWithPast",
     "ScMMGPTCellGenerationOutput",
     "ScMMGPTCellTowerOutput",
     "ScMMGPTForConditionalGeneration",
+    "ScMMGPTForPreTraining",
     "ScMMGPTModel",
     "ScMMGPTModelOutputWithPast",
     "ScMMGPTPreTrainedModel",
+    "ScMMGPTPreTrainingOutput",
 ]

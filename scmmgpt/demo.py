@@ -41,7 +41,7 @@ STAGE_FLAGS = {
             "1e-3",
             "--max_text_length",
             "64",
-            "--itm_weight",
+            "--itm_loss_weight",
             "0",
         ],
         (60, 150),

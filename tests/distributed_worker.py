@@ -14,7 +14,7 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
+from modeling_scmmgpt import ScMMGPTForPreTraining, ScMMGPTProcessor
 from trainers import ScMMGPTContrastiveArguments, ScMMGPTContrastiveCollator, ScMMGPTContrastiveTrainer
 
 
@@ -43,7 +43,7 @@ def arguments(out_dir, **kwargs):
 def loss_and_grads(model_dir, out_dir):
     args = arguments(os.path.join(out_dir, "loss"))  # initialises the gloo process group through accelerate
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    model = ScMMGPTForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = ScMMGPTForPreTraining.from_pretrained(model_dir).eval()
     processor = ScMMGPTProcessor.from_pretrained(model_dir)
     collator = ScMMGPTContrastiveCollator(processor, max_text_length=64)
     trainer = ScMMGPTContrastiveTrainer(model=model, args=args, processor=processor, data_collator=collator)
@@ -76,7 +76,7 @@ def loss_and_grads(model_dir, out_dir):
 
 def ddp_training(model_dir, data_dir, out_dir):
     args = arguments(os.path.join(out_dir, "ddp"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3)
-    model = ScMMGPTForConditionalGeneration.from_pretrained(model_dir)
+    model = ScMMGPTForPreTraining.from_pretrained(model_dir)
     processor = ScMMGPTProcessor.from_pretrained(model_dir)
     collator = RecordingCollator(processor, max_text_length=64)
     collator.seen = []

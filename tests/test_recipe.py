@@ -7,11 +7,11 @@ import torch
 from test_trainers import contrastive_trainer, make_model, pbmc_demo, stage_args, stage_processor  # noqa: F401
 from tester import ScMMGPTModelTester, grad_norms
 
-from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTForConditionalGeneration
+from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTForConditionalGeneration, ScMMGPTForPreTraining
+from modeling_scmmgpt.loss_scmmgpt import add_unexpressed_genes
 from modeling_scmmgpt.metrics import PseudoCellGenerationMetric
 from trainers import ScMMGPTContrastiveArguments, ScMMGPTReconstructionArguments
 from trainers.common import seeded_generator
-from trainers.reconstruction import add_unexpressed_genes
 
 
 @pytest.fixture
@@ -466,7 +466,7 @@ def test_reconstruction_trainer_fits_the_gene_readout_when_asked(stage_processor
         config.gene_expression_readout = True
         torch.manual_seed(0)
         return ScMMGPTReconstructionTrainer(
-            model=ScMMGPTForConditionalGeneration(config),
+            model=ScMMGPTForPreTraining(config),
             args=stage_args(ScMMGPTReconstructionArguments, tmp_path, max_steps=1, **options),
             processor=stage_processor.processor,
             data_collator=ScMMGPTReconstructionCollator(stage_processor.processor),

@@ -12,7 +12,8 @@ from conftest import make_tokenizer
 from safetensors.torch import load_file
 from tester import ScMMGPTModelTester
 
-from modeling_scmmgpt import ScMMGPTCellProcessor, ScMMGPTForConditionalGeneration
+from modeling_scmmgpt import ScMMGPTCellProcessor, ScMMGPTForConditionalGeneration, ScMMGPTForPreTraining
+from modeling_scmmgpt.loss_scmmgpt import multi_positive_infonce, sample_hard_negatives, sample_value_mask
 from trainers import (
     ScMMGPTContrastiveArguments,
     ScMMGPTContrastiveCollator,
@@ -22,10 +23,8 @@ from trainers import (
     ScMMGPTReconstructionTrainer,
 )
 from trainers.common import seeded_generator
-from trainers.contrastive import multi_positive_infonce, sample_hard_negatives
 from trainers.data import load_pbmc_demo
 from trainers.default_model import train_word_tokenizer
-from trainers.reconstruction import sample_value_mask
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +49,7 @@ def make_model(tester, seed=0):
     config = tester.get_config()
     config.qformer_config.vocab_size = len(tester.processor.qformer_tokenizer)
     torch.manual_seed(seed)
-    return ScMMGPTForConditionalGeneration(config)
+    return ScMMGPTForPreTraining(config)
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +145,7 @@ def test_collators_and_cell_features(stage_processor, pbmc_demo, tmp_path):
     assert set(recon) >= {"cell_gene_ids", "cell_values", "cell_expression", "cell_attention_mask"}
 
     # The trainer's cell features are the model's get_cell_features (the trainer recomputes them from the tower).
-    trainer = contrastive_trainer(stage_processor, pbmc_demo, tmp_path, itm_weight=0.0)
+    trainer = contrastive_trainer(stage_processor, pbmc_demo, tmp_path, itm_loss_weight=0.0)
     model = trainer.model.eval()
     features = model.get_cell_features(batch["cell_gene_ids"], batch["cell_values"], batch["cell_attention_mask"])
     texts = model.get_text_features(batch["text_input_ids"], batch["text_attention_mask"])
@@ -159,8 +158,63 @@ def test_collators_and_cell_features(stage_processor, pbmc_demo, tmp_path):
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mask_ratio"):
         ScMMGPTReconstructionArguments(output_dir="x", mask_ratio=1.5)
-    with pytest.raises(ValueError, match="itm_weight"):
-        ScMMGPTContrastiveArguments(output_dir="x", itc_weight=0, itm_weight=0)
+    with pytest.raises(ValueError, match="itm_loss_weight"):
+        ScMMGPTContrastiveArguments(output_dir="x", itc_loss_weight=0, itm_loss_weight=0)
+
+
+# --- the losses are the model's own: a plain Trainer trains each stage ---------------------------------------------
+@pytest.mark.parametrize("stage", ["contrastive", "reconstruction"])
+def test_plain_trainer_trains_each_stage_from_the_model_loss(stage, stage_processor, pbmc_demo, tmp_path):
+    """`ScMMGPTForPreTraining.forward` computes the stage's loss: the stage trainer's loss on a batch is the model's
+    own with the same draws, and the stock `transformers.Trainer` trains the model (its validation loss falls)."""
+    from transformers import Trainer, TrainingArguments
+
+    processor = stage_processor.processor
+    if stage == "contrastive":
+        trainer_class, args_class = ScMMGPTContrastiveTrainer, ScMMGPTContrastiveArguments
+        collator = ScMMGPTContrastiveCollator(processor, max_text_length=64)
+    else:
+        trainer_class, args_class = ScMMGPTReconstructionTrainer, ScMMGPTReconstructionArguments
+        collator = ScMMGPTReconstructionCollator(processor)
+    batch = collator([pbmc_demo["validation"][i] for i in range(16)])
+    model = make_model(stage_processor).eval()
+    ours = trainer_class(
+        model=model, args=stage_args(args_class, tmp_path), processor=processor, data_collator=collator
+    )
+    with torch.no_grad():
+        loss, parts = ours.compute_loss(model, batch, return_outputs=True)  # evaluation's first batch
+        own = model(**{k: v for k, v in batch.items() if k != "cell_ids"}, generator=seeded_generator(0, "eval", 1, 0))
+    assert set(parts.keys()) == set(own.keys()) and len(own.keys()) >= 3
+    for name in own.keys():
+        torch.testing.assert_close(parts[name], own[name], msg=name)
+    with pytest.raises(ValueError, match="inputs of one pre-training stage"):
+        model(batch["cell_gene_ids"], batch["cell_values"], batch["cell_attention_mask"])
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "plain"),
+        use_cpu=True,
+        report_to="none",
+        seed=0,
+        max_steps=30,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        learning_rate=5e-3,
+        remove_unused_columns=False,  # the collators read the raw columns
+        prediction_loss_only=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    plain = Trainer(
+        model=make_model(stage_processor),
+        args=args,
+        data_collator=collator,
+        train_dataset=pbmc_demo["train"],
+        eval_dataset=pbmc_demo["validation"],
+    )
+    before = plain.evaluate()["eval_loss"]
+    plain.train()
+    after = plain.evaluate()["eval_loss"]
+    assert after < before - 0.02, (before, after)  # as the stage trainers on the same model and steps
 
 
 # --- (a) each stage lowers its validation loss ------------------------------------------------------------------------
@@ -216,7 +270,7 @@ def test_two_ranks_match_one_process(stage_processor, pbmc_demo, saved_model, tm
 
     # One process on the concatenated batch (same model, same seeded negatives).
     args = stage_args(ScMMGPTContrastiveArguments, tmp_path)
-    model = ScMMGPTForConditionalGeneration.from_pretrained(saved_model).eval()
+    model = ScMMGPTForPreTraining.from_pretrained(saved_model).eval()
     collator = ScMMGPTContrastiveCollator(stage_processor.processor, max_text_length=64)
     trainer = ScMMGPTContrastiveTrainer(
         model=model, args=args, processor=stage_processor.processor, data_collator=collator
@@ -335,7 +389,7 @@ def stage1_loss_in_one_process(record_dir, runs_dir, batches, tmp_path) -> tuple
     parser = HfArgumentParser((ScMMGPTModelDataArguments, ScMMGPTContrastiveArguments))
     model_args, args = parse_stage_args(parser, [config, *ENTRY_FLAGS, "--output_dir", str(tmp_path / "one")])
     _, processor, data = load_model_and_data(model_args, args.seed)
-    model = ScMMGPTForConditionalGeneration.from_pretrained(os.path.join(runs_dir, "contrastive"))
+    model = ScMMGPTForPreTraining.from_pretrained(os.path.join(runs_dir, "contrastive"))
     model.load_state_dict(load_file(os.path.join(record_dir, "contrastive_start.safetensors")))
     no_dropout(model)
     collator = ScMMGPTContrastiveCollator(

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from modeling_scmmgpt.configuration_scmmgpt import PRETRAINING_LOSS_SETTINGS, check_loss_settings
+
 
 @dataclass
 class ScMMGPTRunOptions:
@@ -52,17 +54,34 @@ class _StageArguments(ScMMGPTRunOptions, TrainingArguments):
     )
 
 
+def _from_config(field_name: str, text: str) -> str:
+    return f"{text} Sets the model config's {field_name} (saved with the model); None keeps the model's."
+
+
+def _check_loss_settings(args) -> None:
+    """The loss options given (not None) are checked where they are set, by the model config's own rules."""
+    given = {name: getattr(args, name) for name in PRETRAINING_LOSS_SETTINGS if getattr(args, name, None) is not None}
+    check_loss_settings(given)
+
+
 @dataclass
 class ScMMGPTContrastiveArguments(_StageArguments):
     """Arguments of stage 1, cell-text alignment ([`ScMMGPTContrastiveTrainer`]).
 
-    Loss = `itc_weight` * symmetric multi-positive InfoNCE + `itm_weight` * cell-text matching on hard negatives.
+    Loss = `itc_loss_weight` * symmetric multi-positive InfoNCE + `itm_loss_weight` * cell-text matching on hard negatives
+    ([`ScMMGPTContrastiveLoss`]). The loss options live in the model's config; set here, they are written there.
     """
 
-    itc_weight: float = field(default=1.0, metadata={"help": "Weight of the cell-text contrastive (InfoNCE) loss."})
-    itm_weight: float = field(default=1.0, metadata={"help": "Weight of the cell-text matching loss (0 skips it)."})
-    max_logit_scale: float = field(
-        default=100.0, metadata={"help": "Clamp on exp(logit_scale), the inverse temperature (CLIP uses 100)."}
+    itc_loss_weight: float | None = field(
+        default=None, metadata={"help": _from_config("itc_loss_weight", "Weight of the cell-text InfoNCE loss.")}
+    )
+    itm_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": _from_config("itm_loss_weight", "Weight of the cell-text matching loss (0 skips it).")},
+    )
+    max_logit_scale: float | None = field(
+        default=None,
+        metadata={"help": _from_config("max_logit_scale", "Clamp on exp(logit_scale), the inverse temperature.")},
     )
     max_text_length: int = field(default=128, metadata={"help": "Q-Former text tokens per description (truncated)."})
     text_field: str = field(default="description", metadata={"help": "Example field holding the text."})
@@ -76,10 +95,7 @@ class ScMMGPTContrastiveArguments(_StageArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.itc_weight < 0 or self.itm_weight < 0 or self.itc_weight + self.itm_weight == 0:
-            raise ValueError(f"itc_weight={self.itc_weight}, itm_weight={self.itm_weight}: need >= 0, not both 0.")
-        if self.max_logit_scale <= 0:
-            raise ValueError(f"max_logit_scale must be positive, got {self.max_logit_scale}.")
+        _check_loss_settings(self)
         if self.max_text_length < 2:
             raise ValueError(f"max_text_length={self.max_text_length} leaves no room for text after [CLS].")
         self.label_field = self.label_field or None
@@ -89,29 +105,32 @@ class ScMMGPTContrastiveArguments(_StageArguments):
 class ScMMGPTReconstructionArguments(_StageArguments):
     """Arguments of stage 2, cell reconstruction ([`ScMMGPTReconstructionTrainer`]).
 
-    Loss = `masked_value_weight` * MSE of masked values (scGPT's GEP) + `expression_weight` * MSE of the expression
-    decoded from the cell tokens (scGPT's MVC, through scMMGPT's Q-Former queries).
+    Loss = `masked_value_loss_weight` * MSE of masked values (scGPT's GEP) + `expression_loss_weight` * MSE of the expression
+    decoded from the cell tokens (scGPT's MVC, through scMMGPT's Q-Former queries), [`ScMMGPTReconstructionLoss`].
+    The loss options live in the model's config; set here, they are written there. The value written at masked
+    genes is the cell encoder's `mask_value`.
     """
 
-    mask_ratio: float = field(default=0.15, metadata={"help": "Fraction of each cell's genes whose value is masked."})
-    mask_value: float | None = field(
+    mask_ratio: float | None = field(
+        default=None,
+        metadata={"help": _from_config("mask_ratio", "Fraction of each cell's genes whose value is masked.")},
+    )
+    unexpressed_genes: int | None = field(
         default=None,
         metadata={
-            "help": "Value written at masked genes; default the encoder config's mask_value (-1, scGPT's choice for "
-            "both encoders: the binned one maps -1 to its mask row, and for the continuous one -1 lies outside "
-            "every real value (>= 0) and differs from <cls>/padding (-2))."
+            "help": _from_config(
+                "unexpressed_genes",
+                "Per cell, this many vocabulary genes the cell does not express (drawn per step) are added to the "
+                "expression-decoding targets with value 0.",
+            )
         },
     )
-    unexpressed_genes: int = field(
-        default=0,
-        metadata={
-            "help": "Per cell, this many vocabulary genes the cell does not express (drawn per step) are added "
-            "to the expression-decoding targets with value 0. Cells list expressed genes only, so without them "
-            "the decoder never sees a zero and a generated cell expresses every gene it is asked for."
-        },
+    masked_value_loss_weight: float | None = field(
+        default=None, metadata={"help": _from_config("masked_value_loss_weight", "Weight of the masked-value MSE.")}
     )
-    masked_value_weight: float = field(default=1.0, metadata={"help": "Weight of the masked-value MSE."})
-    expression_weight: float = field(default=1.0, metadata={"help": "Weight of the expression-decoding MSE."})
+    expression_loss_weight: float | None = field(
+        default=None, metadata={"help": _from_config("expression_loss_weight", "Weight of the expression MSE.")}
+    )
     decoder_init: str = field(
         default="random",
         metadata={
@@ -124,16 +143,9 @@ class ScMMGPTReconstructionArguments(_StageArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        _check_loss_settings(self)
         if self.decoder_init not in ("random", "least_squares"):
             raise ValueError(f"decoder_init={self.decoder_init!r}: use 'random' or 'least_squares'.")
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}.")
-        if (
-            self.masked_value_weight < 0
-            or self.expression_weight < 0
-            or self.masked_value_weight + self.expression_weight == 0
-        ):
-            raise ValueError("masked_value_weight and expression_weight must be >= 0 and not both 0.")
 
 
 @dataclass

@@ -38,7 +38,7 @@ class ScMMGPTContrastiveCollator:
 
     Returns a dict with `cell_gene_ids`, `cell_values`, `cell_attention_mask` (`(batch, genes)`), `text_input_ids`,
     `text_attention_mask` (`(batch, tokens)`, from `processor.qformer_tokenizer`), `text_hash` (`(batch,)` int64, a
-    hash of the *tokenised* text, so texts the model cannot tell apart count as the same), `label_hash`
+    hash of the *tokenised* text, so texts the model cannot tell apart count as the same), `cell_type_hash`
     (`(batch,)`, when `label_field` is set) and `cell_ids` (list of str, for logging).
     """
 
@@ -76,7 +76,7 @@ class ScMMGPTContrastiveCollator:
         batch["text_attention_mask"] = tokens["attention_mask"]
         batch["text_hash"] = torch.tensor(text_hash, dtype=torch.long)
         if self.label_field:
-            batch["label_hash"] = torch.tensor([stable_hash(str(ex[self.label_field])) for ex in examples])
+            batch["cell_type_hash"] = torch.tensor([stable_hash(str(ex[self.label_field])) for ex in examples])
         batch["cell_ids"] = [str(ex.get("cell_id", "")) for ex in examples]
         return batch
 

@@ -1,24 +1,25 @@
-"""What both pre-training stages share: atomic checkpoints, stage losses routed through the (wrapped) model's
-forward, loss-only evaluation, seeded per-step randomness, cross-rank gathering, the check that ranks train one
-model, and freezing of unused modules."""
+"""What both pre-training stages share: atomic checkpoints, the stage's TrainingArguments written into the model's
+loss settings, loss-only evaluation, seeded per-step randomness, logging of the loss parts over ranks, the check
+that ranks train one model, and freezing of unused modules."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import hashlib
 import json
 import os
 import shutil
-import warnings
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from modeling_scmmgpt import ScMMGPTForPreTraining
+from modeling_scmmgpt.distributed import world
 
 
 STAGING_PREFIX = f".tmp-{PREFIX_CHECKPOINT_DIR}"
@@ -38,87 +39,13 @@ def stable_hash(items) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
-# --- distributed helpers ----------------------------------------------------------------------------------------------
-def world() -> tuple[int, int]:
-    """`(rank, world_size)`, `(0, 1)` without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _pad_dim(tensor: torch.Tensor, dim: int, size: int, value) -> torch.Tensor:
-    if tensor.shape[dim] == size:
-        return tensor
-    pad_shape = list(tensor.shape)
-    pad_shape[dim] = size - tensor.shape[dim]
-    return torch.cat([tensor, tensor.new_full(pad_shape, value)], dim=dim)
-
-
-def gather_batch(tensor: torch.Tensor, with_grad: bool, pad_value=0, pad_dims: tuple[int, ...] = ()) -> tuple:
-    """Concatenates `tensor` (`(local_batch, ...)`) from all ranks along dim 0, in rank order.
-
-    Ranks may hold different batch sizes (the last batch) and, along `pad_dims`, different lengths (genes, tokens):
-    both are padded with `pad_value` before gathering and the batch padding is dropped after.
-    With `with_grad`, gradients flow back to every rank's local slice through
-    `torch.distributed.nn.functional.all_gather` (its backward sums the gradients that all ranks computed for a slice;
-    DDP's gradient averaging then divides by the world size, so each rank computing the *global* loss gives exactly
-    the single-process gradient: open_clip's `gather_features(local_loss=False, gather_with_grad=True)`).
-
-    Returns:
-        `(gathered, offset)`: `gathered` of shape `(global_batch, ...)` and the local slice's start in it.
-    """
-    rank, world_size = world()
-    if world_size == 1:
-        return tensor, 0
-    sizes = torch.tensor([tensor.shape[0], *(tensor.shape[d] for d in pad_dims)], device=tensor.device)
-    all_sizes = [torch.zeros_like(sizes) for _ in range(world_size)]
-    dist.all_gather(all_sizes, sizes)
-    all_sizes = torch.stack(all_sizes).tolist()
-    padded = _pad_dim(tensor, 0, max(s[0] for s in all_sizes), pad_value)
-    for i, d in enumerate(pad_dims, start=1):
-        padded = _pad_dim(padded, d, max(s[i] for s in all_sizes), pad_value)
-    if with_grad:
-        import torch.distributed.nn.functional as dist_nn
-
-        with (
-            warnings.catch_warnings()
-        ):  # deprecated for _functional_collectives, whose backward needs reduce_scatter (not in gloo)
-            warnings.simplefilter("ignore", FutureWarning)
-            parts = dist_nn.all_gather(padded)
-    else:
-        parts = [torch.empty_like(padded) for _ in range(world_size)]
-        dist.all_gather(parts, padded.contiguous())
-    gathered = torch.cat([part[: s[0]] for part, s in zip(parts, all_sizes)])
-    return gathered, sum(s[0] for s in all_sizes[:rank])
-
-
 # --- model access -----------------------------------------------------------------------------------------------------
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The `ScMMGPTModel` inside a `ScMMGPTForConditionalGeneration` (or the model itself)."""
+    """The `ScMMGPTModel` inside a `ScMMGPTForConditionalGeneration` or `ScMMGPTForPreTraining` (or the model itself)."""
     inner = getattr(model, "model", model)
     if not hasattr(inner, "cell_tower"):
         raise TypeError(f"{type(model).__name__} is not an scMMGPT model (no `cell_tower`).")
     return inner
-
-
-@contextlib.contextmanager
-def routed_forward(module: torch.nn.Module, fn):
-    """Temporarily makes `module(**inputs)` run `fn(**inputs)`.
-
-    The stage losses use parts of the model that its `forward` (the LM path) does not run. They must still be called
-    *through* the wrapper's forward: DDP only synchronises gradients after a forward of the wrapper (it arms its
-    reducer there), and FSDP/accelerate hooks live there too. An instance attribute shadows the class's `forward`;
-    an existing instance `forward` (accelerate's mixed-precision wrapper) is put back afterwards.
-    """
-    previous = module.__dict__.get("forward")
-    module.forward = fn
-    try:
-        yield
-    finally:
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
 
 
 def freeze_unused(model: torch.nn.Module, used: list[torch.nn.Module | torch.nn.Parameter]) -> list[str]:
@@ -260,19 +187,35 @@ def check_ranks_agree(model: torch.nn.Module) -> None:
 
 # --- the trainer base -------------------------------------------------------------------------------------------------
 class ScMMGPTStageTrainer(RanksInStepMixin, AtomicCheckpointsMixin, Trainer):
-    """Base of the stage trainers. Subclasses implement `stage_loss(**inputs) -> dict` (a `loss` plus named parts)
-    and `used_modules(model)`.
+    """Base of the stage trainers, around a [`ScMMGPTForPreTraining`] whose `forward` computes the stage's loss (a
+    plain `Trainer` trains it too). What only a trainer can add:
 
-    - The stage loss runs through the wrapped model's forward (see [`routed_forward`]).
-    - `evaluate()` reports the stage loss (`eval_loss`, plus `eval_<part>`): `prediction_step` is loss-only.
-    - Checkpoints are atomic ([`AtomicCheckpointsMixin`]); with several ranks, training fails unless they train one
-      model ([`RanksInStepMixin`]).
-    - Random choices (negatives, masks) come from [`step_generator`], seeded from `args.seed` and the step.
+    - the stage's loss options given as TrainingArguments (`loss_arguments`; None keeps the model's) are written into the
+      model's config, the one place the losses read them from, and are saved with the model;
+    - random choices (negatives, masks) come from [`step_generator`], seeded from `args.seed` and the step;
+    - the loss parts are logged (`eval_<part>` too: `prediction_step` is loss-only), averaged over ranks;
+    - checkpoints are atomic ([`AtomicCheckpointsMixin`]); with several ranks, training fails unless they train one
+      model ([`RanksInStepMixin`]); parameters the stage does not use can be frozen.
+
+    Subclasses set `loss_arguments` (the `ScMMGPTConfig` fields their arguments override, by the same names),
+    `per_rank_draws` and `used_modules`.
     """
+
+    loss_arguments: tuple[str, ...] = ()
+    per_rank_draws: bool = True
 
     def __init__(self, model=None, args=None, processor=None, **kwargs):
         if model is None or args is None:
             raise ValueError(f"{type(self).__name__} needs a model and its stage's TrainingArguments.")
+        if not isinstance(model, ScMMGPTForPreTraining):
+            raise TypeError(
+                f"{type(self).__name__} trains a ScMMGPTForPreTraining, whose forward computes the stage's loss, not a "
+                f"{type(model).__name__}: load it with ScMMGPTForPreTraining.from_pretrained(folder) (the same weights)."
+            )
+        for name in self.loss_arguments:
+            if getattr(args, name) is not None:
+                setattr(model.config, name, getattr(args, name))
+        model.config.validate()
         if getattr(args, "freeze_unused_modules", False):
             freeze_unused(model, self.used_modules(base_model(model), args))
         for params, rate in self._parameter_groups(model, args):
@@ -321,9 +264,6 @@ class ScMMGPTStageTrainer(RanksInStepMixin, AtomicCheckpointsMixin, Trainer):
     def used_modules(self, model, args) -> list:
         raise NotImplementedError
 
-    def stage_loss(self, **inputs) -> dict:
-        raise NotImplementedError
-
     # --- loss -------------------------------------------------------------------------------------------------------
     def step_generator(self, per_rank: bool) -> torch.Generator:
         """Generator for this micro-batch: training keys on (seed, global step, micro-step), so a run resumed at a
@@ -339,19 +279,14 @@ class ScMMGPTStageTrainer(RanksInStepMixin, AtomicCheckpointsMixin, Trainer):
         return seeded_generator(self.args.seed, "eval", self._eval_batches, rank)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {k: v for k, v in inputs.items() if k not in ("cell_ids",)}  # bookkeeping only
-
-        def forward(**kwargs):
-            with self.accelerator.autocast():
-                return self.stage_loss(**kwargs)
-
-        with routed_forward(self.accelerator.unwrap_model(model), forward):
-            outputs = model(**inputs)
+        """The model's own loss, with this step's seeded generator; its parts are kept for `log`."""
+        inputs = {k: v for k, v in inputs.items() if k != "cell_ids"}  # bookkeeping only
+        outputs = model(**inputs, generator=self.step_generator(per_rank=self.per_rank_draws))
         mode = "train" if model.training else "eval"
         for name, value in outputs.items():
-            if name != "loss" and value is not None:
+            if name != "loss":
                 self._metrics[mode][name].append(float(value.detach()))
-        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Loss only: the stages have no predictions worth gathering."""
@@ -418,18 +353,20 @@ def _fsync_tree(path: str):
 
 
 # --- example scripts --------------------------------------------------------------------------------------------------
-def load_model_and_data(model_args, seed: int):
+def load_model_and_data(model_args, seed: int, model_class=None):
     """`(model, processor, datasets)` for the training entry points: a saved model (`model_name_or_path`) or the
-    embedded default model, and the cells `model_args` names (the embedded PBMC demo by default), read with *that
-    model's* gene vocabulary (so gene ids agree)."""
+    embedded default model, as `model_class` (default `ScMMGPTForConditionalGeneration`; `ScMMGPTForPreTraining`
+    for the pre-training stages), and the cells `model_args` names (the embedded PBMC demo by default), read with
+    *that model's* gene vocabulary (so gene ids agree)."""
 
     from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 
     from .data import load_cell_text_splits, load_pbmc
     from .default_model import build_model
 
+    model_class = model_class or ScMMGPTForConditionalGeneration
     if model_args.model_name_or_path:
-        model = ScMMGPTForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        model = model_class.from_pretrained(model_args.model_name_or_path)
         processor = ScMMGPTProcessor.from_pretrained(model_args.model_name_or_path)
         processor.check_model_config(model.config)
     else:
@@ -438,6 +375,7 @@ def load_model_and_data(model_args, seed: int):
             load_pbmc(),
             tiny_lm=model_args.demo_language_model == "tiny",
             num_cell_tokens=model_args.num_cell_tokens,
+            model_class=model_class,
             **model_args.demo_model_options,
         )
     data = load_cell_text_splits(model_args, processor.feature_extractor.gene_vocab, seed)

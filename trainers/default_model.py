@@ -59,10 +59,13 @@ def _demo_texts(adata) -> list[str]:
     return texts + list(DESCRIBE) + list(ANNOTATE) + [g.format(cell_type="", tissue=" from blood") for g in GENERATE]
 
 
-def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8, **config_kwargs):
+def build_model(
+    adata, tiny_lm: bool, num_cell_tokens: int = 8, model_class=ScMMGPTForConditionalGeneration, **config_kwargs
+):
     """Returns (model, processor): a small random cell encoder over the census genes PBMC measures, plus the real
-    SmolLM2 and MiniLM (or a tiny random LM with `tiny_lm`). `config_kwargs` are further `ScMMGPTConfig` fields
-    (e.g. `cell_summary=True`)."""
+    SmolLM2 and MiniLM (or a tiny random LM with `tiny_lm`). `model_class` is `ScMMGPTForConditionalGeneration` or,
+    for the pre-training stages, `ScMMGPTForPreTraining` (the same weights); `config_kwargs` are further
+    `ScMMGPTConfig` fields (e.g. `cell_summary=True`)."""
     census = GeneVocab.from_scgpt_json(census_vocab_path())
     vocab = GeneVocab.from_genes([g for g in adata.raw.var_names if g in census])
     cell_processor = ScMMGPTCellProcessor(vocab, max_genes=256, use_raw=True)
@@ -102,12 +105,12 @@ def build_model(adata, tiny_lm: bool, num_cell_tokens: int = 8, **config_kwargs)
             **config_kwargs,
             **processor.config_token_ids(),
         )
-        return ScMMGPTForConditionalGeneration(config).eval(), processor
+        return model_class(config).eval(), processor
     with tempfile.TemporaryDirectory() as encoder_dir:
         ScMMGPTCellModel(cell_config).save_pretrained(encoder_dir)
         cell_processor.save_pretrained(encoder_dir)
         gguf = smollm2_gguf_path()
-        model, processor = ScMMGPTForConditionalGeneration.from_pretrained_parts(
+        model, processor = model_class.from_pretrained_parts(
             os.path.dirname(gguf),
             encoder_dir,
             qformer=minilm_dir(),

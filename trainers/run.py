@@ -13,6 +13,8 @@ import time
 
 from transformers import HfArgumentParser, TrainerCallback
 
+from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTForPreTraining
+
 from .arguments import ScMMGPTContrastiveArguments, ScMMGPTModelDataArguments, ScMMGPTReconstructionArguments
 from .collators import ScMMGPTContrastiveCollator, ScMMGPTReconstructionCollator
 from .common import load_model_and_data, parse_stage_args, world
@@ -88,7 +90,9 @@ def run_stage(
     if resume is None and stage_is_complete(args.output_dir):
         with open(os.path.join(args.output_dir, COMPLETE), encoding="utf-8") as f:
             return json.load(f)
-    model, processor, data = load_model_and_data(model_args, args.seed)
+    pretraining = stage in ("contrastive", "reconstruction")  # their model computes the stage's loss itself
+    model_class = ScMMGPTForPreTraining if pretraining else ScMMGPTForConditionalGeneration
+    model, processor, data = load_model_and_data(model_args, args.seed, model_class)
     trainer = _trainer(stage, model, processor, args, data, callbacks)
     baseline = BaselineEvaluation(trainer)
     trainer.add_callback(baseline)
