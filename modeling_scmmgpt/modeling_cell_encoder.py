@@ -21,8 +21,10 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
 from .utils import StrictLoadingMixin
@@ -159,8 +161,9 @@ class ScMMGPTCellAttention(nn.Module):
         return self.o_proj(attn_output.reshape(batch, seq_len, -1))
 
 
-class ScMMGPTCellLayer(nn.Module):
-    """Post-norm encoder layer, as torch's `TransformerEncoderLayer(norm_first=False)`."""
+class ScMMGPTCellLayer(GradientCheckpointingLayer):
+    """Post-norm encoder layer, as torch's `TransformerEncoderLayer(norm_first=False)`. `gradient_checkpointing_enable()`
+    checkpoints it (transformers' `GradientCheckpointingLayer`)."""
 
     def __init__(self, config: ScMMGPTCellConfig):
         super().__init__()
@@ -231,7 +234,6 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
         else:
             self.value_encoder = ScMMGPTBinnedValueEncoder(config)
         self.layers = nn.ModuleList(ScMMGPTCellLayer(config) for _ in range(config.num_hidden_layers))
-        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -240,12 +242,13 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.gene_encoder.embedding = value
 
+    @can_return_tuple
     def forward(
         self,
         gene_ids: torch.LongTensor,
         values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         r"""
@@ -254,11 +257,15 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
             values (`torch.Tensor` of shape `(batch_size, num_genes)`): expression values (continuous or bins).
             attention_mask (`torch.Tensor` of shape `(batch_size, num_genes)`, *optional*): 1 for genes, 0 for
                 padding. Defaults to `gene_ids != pad_token_id`, as scGPT does.
+            output_hidden_states (`bool`, *optional*): also return every layer's output (the embeddings first);
+                defaults to `config.output_hidden_states`. `return_dict=False` gives a tuple.
 
         Returns:
             `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, num_genes, hidden_size)` (zero at
             padding when packed), `pooler_output` the `<cls>` output `(batch_size, hidden_size)`.
         """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if attention_mask is None:
             attention_mask = gene_ids.ne(self.config.pad_token_id)
         hidden_states = self.gene_encoder(gene_ids) + self.value_encoder(values)
@@ -273,10 +280,7 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
             )
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, mask)
-            else:
-                hidden_states = layer(hidden_states, mask)
+            hidden_states = layer(hidden_states, mask)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         return BaseModelOutputWithPooling(
@@ -362,10 +366,7 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
 
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
-                hidden = self._gradient_checkpointing_func(layer.__call__, hidden, None, packed)
-            else:
-                hidden = layer(hidden, None, packed)
+            hidden = layer(hidden, None, packed)
             if output_hidden_states:
                 all_hidden_states += (unpack(hidden),)
         hidden_states = all_hidden_states[-1] if output_hidden_states else unpack(hidden)

@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+from transformers.utils import can_return_tuple
 
 from .configuration_scmmgpt import ScMMGPTConfig
 from .distributed import all_reduce_sum, world
@@ -623,6 +624,7 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         first = self.config.cell_token_ids[0]
         return (input_ids >= first) & (input_ids < first + self.config.num_cell_tokens)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -756,6 +758,7 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
     def get_text_features(self, *args, **kwargs) -> torch.Tensor:
         return self.model.get_text_features(*args, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -988,6 +991,7 @@ class ScMMGPTForPreTraining(ScMMGPTForConditionalGeneration):
         self.contrastive_loss = ScMMGPTContrastiveLoss(config)
         self.reconstruction_loss = ScMMGPTReconstructionLoss(config)
 
+    @can_return_tuple
     def forward(
         self,
         cell_gene_ids: torch.LongTensor,

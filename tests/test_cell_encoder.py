@@ -149,3 +149,31 @@ def test_packing_is_automatic_on_gpus_only():
         packed = model(genes, values).last_hidden_state
     assert auto[1, 2:].abs().sum() > 0 and packed[1, 2:].abs().sum() == 0
     torch.testing.assert_close(auto[genes != 28], packed[genes != 28], atol=1e-5, rtol=1e-5)
+
+
+def test_transformers_output_and_checkpointing_conventions():
+    """`return_dict=False` gives a tuple, `config.output_hidden_states` is the default, and
+    `gradient_checkpointing_enable()` checkpoints each layer (transformers' `GradientCheckpointingLayer`: the layer's
+    inside runs again in the backward pass)."""
+    torch.manual_seed(0)
+    config = ScMMGPTCellConfig(
+        vocab_size=30, d_model=16, nhead=2, nlayers=2, d_hid=24, pad_token_id=28, cls_token_id=29, dropout=0.0
+    )
+    model = ScMMGPTCellModel(config).train()
+    genes = torch.cat([torch.full((2, 1), config.cls_token_id), torch.randint(0, 28, (2, 4))], 1)
+    values = torch.rand(2, 5)
+    as_tuple = model(genes, values, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], model(genes, values).last_hidden_state)
+    assert model(genes, values).hidden_states is None
+    model.config.output_hidden_states = True
+    assert len(model(genes, values).hidden_states) == config.num_hidden_layers + 1
+    model.config.output_hidden_states = False
+
+    calls = []
+    model.layers[0].self_attn.register_forward_hook(lambda *unused: calls.append(1))
+    for checkpointing, expected in ((False, 1), (True, 2)):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        calls.clear()
+        model(genes, values).pooler_output.sum().backward()
+        assert len(calls) == expected, checkpointing

@@ -80,7 +80,9 @@ def test_input_cells_change_the_lm(pbmc, tester):
     with torch.no_grad():
         a = model(**inputs).logits[:, -1]
         b = model(**{**inputs, **{k: v for k, v in other.items() if k.startswith("cell_")}}).logits[:, -1]
+        as_tuple = model(**inputs, return_dict=False)  # transformers' @can_return_tuple
     assert not torch.allclose(a, b)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0][:, -1], a)
 
 
 def test_mismatched_placeholders_raise(pbmc, tester):
