@@ -3,7 +3,9 @@
 Stage 1 (cell-text alignment), stage 2 (cell reconstruction) and stage 3 (instruction tuning, TRL's SFTTrainer);
 `run_stage` / `pretrain_all` run them from YAML/JSON configs:
 
+    from modeling_scmmgpt import ScMMGPTForPreTraining
     from trainers import ScMMGPTContrastiveArguments, ScMMGPTContrastiveCollator, ScMMGPTContrastiveTrainer
+    model = ScMMGPTForPreTraining.from_pretrained("model/")  # its forward computes the stage's loss
     args = ScMMGPTContrastiveArguments(output_dir="out", max_steps=100)
     trainer = ScMMGPTContrastiveTrainer(model=model, args=args, processor=processor, train_dataset=ds["train"],
                                         data_collator=ScMMGPTContrastiveCollator(processor, args.max_text_length))
