@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .utils import atomic_write_text
+from .utils import atomic_write_text, read_json
 
 
 GENE_VOCAB_NAME = "gene_vocab.json"
@@ -264,13 +264,7 @@ class GeneVocab:
             path = next((p for p in candidates if os.path.isfile(p)), candidates[0])
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No gene vocabulary at {path}: expected {GENE_VOCAB_NAME} or scGPT's vocab.json.")
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}: not valid JSON ({error}); re-save the processor or re-download the model."
-                ) from error
+        data = read_json(path)
         if "gene_to_id" not in data:
             return cls.from_scgpt_json(path)
         return cls(

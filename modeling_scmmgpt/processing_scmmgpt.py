@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
-import json
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import PROCESSOR_NAME, cached_file
 
 from .gene_vocab import GENE_VOCAB_NAME, GeneCoverage, GeneVocab
-from .utils import atomic_write_text
+from .utils import atomic_write_text, read_json
 
 
 logger = logging.getLogger(__name__)
@@ -136,12 +135,12 @@ def _resolve(path_or_repo, filename: str, kwargs: dict) -> str | None:
     return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **hub)
 
 
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error}); re-save the processor or re-download it.") from error
+def _write_config_and_vocab(json_file_path: str | os.PathLike, config_json: str, gene_vocab: GeneVocab) -> None:
+    """A processor's config and, beside it, the gene vocabulary (`gene_vocab.json`), as a tokenizer writes its vocab
+    next to its config. The library's `save_pretrained` (and so `push_to_hub`) writes the config through
+    `to_json_file`, after it has noted the folder's files and before it uploads the changed ones."""
+    atomic_write_text(json_file_path, config_json)
+    gene_vocab.save_pretrained(os.path.dirname(os.path.abspath(json_file_path)))
 
 
 class ScMMGPTCellProcessor(FeatureExtractionMixin):
@@ -225,10 +224,8 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
         return output
 
     def to_json_file(self, json_file_path: str | os.PathLike) -> None:
-        """Writes the options and, beside them, the gene vocabulary (`gene_vocab.json`), as a tokenizer writes its
-        vocab next to its config. `save_pretrained` and `push_to_hub` write through here, so both get the two."""
-        atomic_write_text(json_file_path, self.to_json_string())
-        self.gene_vocab.save_pretrained(os.path.dirname(os.path.abspath(json_file_path)))
+        """The options and, beside them, the gene vocabulary ([`_write_config_and_vocab`])."""
+        _write_config_and_vocab(json_file_path, self.to_json_string(), self.gene_vocab)
 
     @classmethod
     def get_feature_extractor_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
@@ -245,7 +242,7 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
                     f"{LEGACY_CELL_PROCESSOR_NAME}): it was not saved by ScMMGPTCellProcessor. Save one with "
                     "save_pretrained, or pass the model's own folder."
                 ) from None
-            options = _read_json(legacy)
+            options = read_json(legacy)
             rest = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
         vocab = _resolve(pretrained_model_name_or_path, GENE_VOCAB_NAME, kwargs) or _resolve(
             pretrained_model_name_or_path, "vocab.json", kwargs
@@ -620,10 +617,8 @@ class ScMMGPTProcessor(ProcessorMixin):
 
     # --- persistence: the library's, plus the gene vocabulary and a reader for folders saved before ---------------------
     def to_json_file(self, json_file_path: str | os.PathLike) -> None:
-        """Writes `processor_config.json` and, beside it, the cell processor's gene vocabulary (`save_pretrained`
-        writes the config through here, so `push_to_hub` uploads both)."""
-        atomic_write_text(json_file_path, self.to_json_string())
-        self.feature_extractor.gene_vocab.save_pretrained(os.path.dirname(os.path.abspath(json_file_path)))
+        """`processor_config.json` and, beside it, the cell processor's gene vocabulary ([`_write_config_and_vocab`])."""
+        _write_config_and_vocab(json_file_path, self.to_json_string(), self.feature_extractor.gene_vocab)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ScMMGPTProcessor:
@@ -636,7 +631,7 @@ class ScMMGPTProcessor(ProcessorMixin):
                 f"{pretrained_model_name_or_path}: no {PROCESSOR_NAME}, so no scMMGPT processor was saved there; pass "
                 "the model's own folder or repo id."
             )
-        saved = _read_json(config_file)
+        saved = read_json(config_file)
         if "feature_extractor" not in saved:
             return cls._from_legacy_files(pretrained_model_name_or_path, saved, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -1,6 +1,7 @@
 """Small shared helpers."""
 
 import contextlib
+import json
 import os
 import tempfile
 
@@ -29,6 +30,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes `text` to `path` through a temporary file and a rename, so a crash never leaves half a file."""
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def read_json(path: str | os.PathLike):
+    """A saved JSON file (a config, a vocabulary); a corrupt one raises one line naming the file and the fix."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path}: not valid JSON ({error}); re-save the processor or re-download the model."
+            ) from error
 
 
 def _umask() -> int:
