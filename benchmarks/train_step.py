@@ -112,15 +112,13 @@ def run_one(stage: str, modes: list[str], steps: int, warmup: int, lm: str, cach
     the same machine state and memory layout). Returns the median samples/s per mode and the process's peak RSS."""
     from transformers import HfArgumentParser
 
-    from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTForPreTraining
     from trainers.arguments import ScMMGPTModelDataArguments
     from trainers.common import load_model_and_data, parse_stage_args
-    from trainers.run import STAGES
+    from trainers.run import STAGES, model_class_for
 
     parser = HfArgumentParser((ScMMGPTModelDataArguments, STAGES[stage]))
     model_args, args = parse_stage_args(parser, _stage_args(stage, warmup + steps, lm, cache))
-    model_class = ScMMGPTForConditionalGeneration if stage == "instruction" else ScMMGPTForPreTraining
-    model, processor, data = load_model_and_data(model_args, args.seed, model_class)
+    model, processor, data = load_model_and_data(model_args, args.seed, model_class_for(stage))
     rates = {mode: [] for mode in modes}
     for repeat in range(repeats):
         for mode in modes if repeat % 2 == 0 else modes[::-1]:  # neither always runs first

@@ -10,7 +10,7 @@ import datasets
 import torch
 import torch.distributed as dist
 
-from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTForPreTraining, ScMMGPTProcessor
+from modeling_scmmgpt import ScMMGPTProcessor
 from trainers import (
     ScMMGPTInstructionArguments,
     ScMMGPTInstructionCollator,
@@ -19,6 +19,7 @@ from trainers import (
     ScMMGPTReconstructionCollator,
     ScMMGPTReconstructionTrainer,
 )
+from trainers.run import model_class_for
 
 
 def recording(collator, seen: list):
@@ -44,8 +45,7 @@ def main(stage, model_dir, data_dir, out_dir):
         disable_tqdm=True,
         logging_steps=1,
     )
-    model_class = ScMMGPTForPreTraining if stage == "reconstruction" else ScMMGPTForConditionalGeneration
-    model = model_class.from_pretrained(model_dir)
+    model = model_class_for(stage).from_pretrained(model_dir)
     processor = ScMMGPTProcessor.from_pretrained(model_dir)
     data, seen = datasets.load_from_disk(data_dir), []
     if stage == "reconstruction":

@@ -19,6 +19,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from modeling_scmmgpt import ScMMGPTForPreTraining
+from modeling_scmmgpt.configuration_scmmgpt import PRETRAINING_LOSS_SETTINGS
 from modeling_scmmgpt.distributed import world
 
 
@@ -185,23 +186,29 @@ def check_ranks_agree(model: torch.nn.Module) -> None:
         )
 
 
+def write_loss_settings(model, args) -> None:
+    """Writes the loss settings that `args` gives (not None; `PRETRAINING_LOSS_SETTINGS`, the config's own field
+    names) into the model's config, the one place the losses read them from, so they are saved with the model."""
+    for name in PRETRAINING_LOSS_SETTINGS:
+        if getattr(args, name, None) is not None:
+            setattr(model.config, name, getattr(args, name))
+
+
 # --- the trainer base -------------------------------------------------------------------------------------------------
 class ScMMGPTStageTrainer(RanksInStepMixin, AtomicCheckpointsMixin, Trainer):
     """Base of the stage trainers, around a [`ScMMGPTForPreTraining`] whose `forward` computes the stage's loss (a
     plain `Trainer` trains it too). What only a trainer can add:
 
-    - the stage's loss options given as TrainingArguments (`loss_arguments`; None keeps the model's) are written into the
-      model's config, the one place the losses read them from, and are saved with the model;
+    - the stage's loss options given as TrainingArguments (None keeps the model's) are written into the model's
+      config ([`write_loss_settings`]);
     - random choices (negatives, masks) come from [`step_generator`], seeded from `args.seed` and the step;
     - the loss parts are logged (`eval_<part>` too: `prediction_step` is loss-only), averaged over ranks;
     - checkpoints are atomic ([`AtomicCheckpointsMixin`]); with several ranks, training fails unless they train one
       model ([`RanksInStepMixin`]); parameters the stage does not use can be frozen.
 
-    Subclasses set `loss_arguments` (the `ScMMGPTConfig` fields their arguments override, by the same names),
-    `per_rank_draws` and `used_modules`.
+    Subclasses set `per_rank_draws` and `used_modules`.
     """
 
-    loss_arguments: tuple[str, ...] = ()
     per_rank_draws: bool = True
 
     def __init__(self, model=None, args=None, processor=None, **kwargs):
@@ -212,9 +219,7 @@ class ScMMGPTStageTrainer(RanksInStepMixin, AtomicCheckpointsMixin, Trainer):
                 f"{type(self).__name__} trains a ScMMGPTForPreTraining, whose forward computes the stage's loss, not a "
                 f"{type(model).__name__}: load it with ScMMGPTForPreTraining.from_pretrained(folder) (the same weights)."
             )
-        for name in self.loss_arguments:
-            if getattr(args, name) is not None:
-                setattr(model.config, name, getattr(args, name))
+        write_loss_settings(model, args)
         model.config.validate()
         if getattr(args, "freeze_unused_modules", False):
             freeze_unused(model, self.used_modules(base_model(model), args))

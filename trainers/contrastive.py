@@ -12,7 +12,6 @@ class ScMMGPTContrastiveTrainer(ScMMGPTStageTrainer):
 
     The ITM negatives are drawn over the global batch, so every rank draws them alike (`per_rank_draws = False`)."""
 
-    loss_arguments = ("itc_loss_weight", "itm_loss_weight", "max_logit_scale")
     per_rank_draws = False
 
     def __init__(self, model=None, args=None, **kwargs):

@@ -20,7 +20,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .arguments import ScMMGPTRunOptions
 from .bridges import fit_bridges
-from .common import AtomicCheckpointsMixin, RanksInStepMixin, mean_over_ranks, regroup_optimizer
+from .common import AtomicCheckpointsMixin, RanksInStepMixin, mean_over_ranks, regroup_optimizer, write_loss_settings
 from .data.instructions import instruction_examples
 
 
@@ -278,8 +278,7 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
         data_collator = data_collator or ScMMGPTInstructionCollator(
             processor, tasks=args.tasks, seed=args.instruction_seed, max_length=args.max_length
         )
-        if args.expression_loss_weight is not None:
-            model.config.expression_loss_weight = args.expression_loss_weight
+        write_loss_settings(model, args)  # its expression_loss_weight
         if train_dataset is not None:  # saved with the model: pipelines then write whole descriptions by default
             model.generation_config.max_new_tokens = response_token_budget(
                 processor, train_dataset, args.bridge_init_cells

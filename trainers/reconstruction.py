@@ -23,7 +23,6 @@ class ScMMGPTReconstructionTrainer(ScMMGPTStageTrainer):
     Masks come from a generator seeded by (seed, step, micro-step, rank): a resumed run masks what the uninterrupted
     run masked, and evaluation uses the same masks at every `evaluate()`."""
 
-    loss_arguments = ("mask_ratio", "unexpressed_genes", "masked_value_loss_weight", "expression_loss_weight")
     per_rank_draws = True
 
     def __init__(self, model=None, args=None, processor=None, train_dataset=None, **kwargs):

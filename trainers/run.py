@@ -59,6 +59,11 @@ class BaselineEvaluation(TrainerCallback):
         self.metrics = self.trainer.evaluate()
 
 
+def model_class_for(stage: str):
+    """The model class a stage trains: the pre-training stages' model computes their loss itself."""
+    return ScMMGPTForConditionalGeneration if stage == "instruction" else ScMMGPTForPreTraining
+
+
 def stage_is_complete(output_dir: str) -> bool:
     return os.path.isfile(os.path.join(output_dir, COMPLETE))
 
@@ -90,9 +95,7 @@ def run_stage(
     if resume is None and stage_is_complete(args.output_dir):
         with open(os.path.join(args.output_dir, COMPLETE), encoding="utf-8") as f:
             return json.load(f)
-    pretraining = stage in ("contrastive", "reconstruction")  # their model computes the stage's loss itself
-    model_class = ScMMGPTForPreTraining if pretraining else ScMMGPTForConditionalGeneration
-    model, processor, data = load_model_and_data(model_args, args.seed, model_class)
+    model, processor, data = load_model_and_data(model_args, args.seed, model_class_for(stage))
     trainer = _trainer(stage, model, processor, args, data, callbacks)
     baseline = BaselineEvaluation(trainer)
     trainer.add_callback(baseline)
