@@ -1,30 +1,35 @@
-"""Cells/s of the cell encoder plus Q-Former at scGPT whole-human sizes, in fp32 and in bf16, and the fraction of
-this machine's GEMM FLOP/s (measured in the same run) that the encoder reaches.
+"""Cells/s of the cell encoder plus Q-Former at scGPT whole-human sizes, in fp32 and in the fast mode, and the
+fraction of this machine's GEMM FLOP/s (measured in the same run) that the encoder reaches.
 
-    python benchmarks/encode_cells.py [--batch-size 8] [--genes 1200] [--repeats 3] [--vs-scgpt]
+    python benchmarks/encode_cells.py [--batch-size 8] [--genes 1200] [--repeats 3] [--vs-scgpt] [--remeasure]
 
 Sizes: d_model 512, 12 layers, 8 heads, d_hid 512, vocab 60,697 (scGPT's whole-human checkpoint), and BLIP-2's
 default Q-Former (768 wide, 12 layers, cross-attention every 2nd layer) with 32 queries. FLOPs are counted by
-torch's FlopCounterMode on one forward pass. For scale, scGPT's own implementation ran at about 1.07 cells/s on
-this 2-core CPU in fp32 (shared/scgpt_oracle/README.md).
+torch's FlopCounterMode on one forward pass.
 
 `--vs-scgpt [--device cuda]` runs scGPT's own `TransformerModel` (from the installed `scgpt` package) and our
 encoder side by side on the same converted random weights and the same cells, twice: real PBMC expression values
 (binned per cell) on 1,200 census genes per cell, and real cells with their expressed genes only (padded to the
-longest; ours packs them, so no compute goes to padding). It prints cells/s for scGPT (fp32, torch's fast path),
-ours in fp32 and ours in its fast mode (`fast_autocast()`: bf16 on GPUs and on CPUs that compute it natively, else
-fp32), their ratios, the fp32 difference to scGPT and the cosine of fast-mode to fp32 cell embeddings.
+longest). It prints cells/s for scGPT (fp32, torch's fast path), ours in fp32, ours in the fast mode that
+`modeling_scmmgpt.fast_mode.choose_fast_mode` picks on this machine (printed, with the timings behind it), ours
+packed, and on CPUs ours with int8 dynamic-quantised linears (an option the library does not pick, for its
+accuracy cost); the ratios to scGPT, the fp32 difference to scGPT and each mode's cosine to our fp32 cell
+embeddings. All modes run in alternation in one process, several rounds; a rate is the median [min, max] over
+rounds, so a noisy machine shows as spread instead of a wrong ratio. The first line names the date, device, torch,
+threads and CPU flags.
 """
 
 import argparse
+import copy
+import statistics
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from modeling_scmmgpt import ScMMGPTConfig
+from modeling_scmmgpt.fast_mode import interleaved_medians
 from modeling_scmmgpt.modeling_scmmgpt import ScMMGPTCellTower
-from modeling_scmmgpt.utils import cpu_has_native_bf16, fast_autocast
 
 
 def gemm_flops_per_second(autocast: bool, size: int = 1024, seconds: float = 2.0) -> float:
@@ -56,15 +61,6 @@ def make_batch(config: ScMMGPTConfig, batch_size: int, genes: int):
     values = torch.randint(1, cell.n_bins, (batch_size, genes), generator=generator).float()
     values[:, 0] = cell.pad_value
     return gene_ids, values, torch.ones(batch_size, genes, dtype=torch.long)
-
-
-def time_forward(tower, batch, autocast: bool, repeats: int) -> float:
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        tower(*batch)  # warm-up
-        start = time.perf_counter()
-        for _ in range(repeats):
-            tower(*batch)
-    return (time.perf_counter() - start) / repeats
 
 
 def pbmc_cells(batch_size: int, genes: int):
@@ -105,12 +101,34 @@ def pbmc_batch(real, genes: int, vocab_size: int, cls_id: int, pad_value: float)
     return gene_ids, values, torch.ones(batch_size, genes, dtype=torch.long)
 
 
+def _spread(values: list[float]) -> str:
+    """`median [min, max]` of per-round rates."""
+    return f"{statistics.median(values):8.2f} [{min(values):.2f}, {max(values):.2f}]"
+
+
+def machine_line(device: torch.device) -> str:
+    """What a figure was measured on: the date, the device, torch, the threads and the CPU's precision flags."""
+    import datetime
+
+    from modeling_scmmgpt.utils import cpu_flags, cpu_info
+
+    flags = " ".join(
+        sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"))
+    )
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info("model name") or "CPU"
+    return (
+        f"{datetime.date.today()}, {where}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+        f"CPU flags: {flags or 'none of avx2/avx512/amx'}"
+    )
+
+
 def vs_scgpt(args) -> None:
     import os
     import sys
 
     from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel
     from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict
+    from modeling_scmmgpt.fast_mode import apply_fast_mode, choose_fast_mode
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
     from scgpt_reference import load_scgpt_model_module  # the tests' loader of scGPT's own model code
@@ -138,63 +156,71 @@ def vs_scgpt(args) -> None:
     scgpt, ours = scgpt.to(device), ours.to(device)
     real = pbmc_cells(args.batch_size, args.genes)
     full = pbmc_batch(real, args.genes, config.vocab_size, config.cls_token_id, config.pad_value)
-    fast_dtype = "bf16 autocast" if device.type == "cuda" or cpu_has_native_bf16() else "fp32 (no native bf16 here)"
+    print(machine_line(device))
     print(
-        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-        f"{torch.get_num_threads()} CPU threads; batch {args.batch_size}; fast mode = {fast_dtype}"
+        f"batch {args.batch_size}; cells/s as median [min, max] over {args.repeats} rounds that run the modes in "
+        "alternation (rotated order) in this process, after one warm-up call each"
     )
 
-    def timed(fn):
-        def sync():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        with torch.inference_mode():
-            out = fn()
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.repeats):
-                fn()
-            sync()
-        return out, args.batch_size * args.repeats / (time.perf_counter() - start)
-
-    for title, batch in (
-        (f"{args.genes} genes per cell (real PBMC genes, then census genes)", full),
+    for title, batch, genes in (
+        (f"{args.genes} genes per cell (real PBMC genes, then census genes)", full, args.genes),
         (
             f"expressed genes only (real PBMC cells, {int(real[2].sum(1).min())}-{int(real[2].sum(1).max())} genes, "
             f"padded to the longest)",
             real,
+            int(real[2].sum(1).max()),
         ),
     ):
         gene_ids, values, mask = (t.to(device) for t in batch)
         pad_mask = gene_ids.eq(config.pad_token_id)
+        mode = choose_fast_mode(config, device, genes=genes, refresh=args.remeasure)
+        fast = apply_fast_mode(copy.deepcopy(ours), mode)
+        models = {"ours fp32": ours, f"ours fast mode ({mode.linear} weights, {mode.attention} attention)": fast}
+        if device.type == "cpu":
+            # Not a mode the library picks (its cosine to fp32 is below 0.9999): shown for its accuracy cost.
+            int8 = copy.deepcopy(ours)
+            int8.layers = torch.ao.quantization.quantize_dynamic(int8.layers, {torch.nn.Linear}, dtype=torch.qint8)
+            models["ours, int8 dynamic-quantised linears (opt-in option, not chosen)"] = int8
+        if not bool(mask.all()):
+            packed = copy.deepcopy(fast)
+            packed.config.pack_padded_cells = True
+            models["ours fast mode, packed"] = packed
 
-        def run_scgpt(autocast=False):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                return scgpt._encode(gene_ids, values, src_key_padding_mask=pad_mask)
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
 
-        def run_ours(fast: bool):
-            with fast_autocast(device.type, enabled=fast):
-                return ours(gene_ids, values, mask).last_hidden_state
+        outputs = {}
 
-        reference, scgpt_rate = timed(run_scgpt)
-        fp32, fp32_rate = timed(lambda: run_ours(False))
-        fast, fast_rate = timed(lambda: run_ours(True))
+        def timed(name, fn):
+            def call():
+                outputs[name] = fn()
+                sync()
+
+            return call
+
+        calls = {"scGPT TransformerModel (fp32)": timed("scGPT", lambda: scgpt._encode(gene_ids, values, pad_mask))}
+        for name, model in models.items():
+            calls[name] = timed(name, lambda model=model: model(gene_ids, values, mask).last_hidden_state)
+        with torch.inference_mode():
+            seconds = interleaved_medians(calls, args.repeats)
+        rates = {name: [args.batch_size / s for s in values] for name, values in seconds.items()}
+        scgpt_rate = statistics.median(rates["scGPT TransformerModel (fp32)"])
         keep = mask.bool()
-        cosine = torch.nn.functional.cosine_similarity(fast[:, 0].float(), fp32[:, 0], dim=-1).min()
+        reference = outputs["ours fp32"]
         print(f"\n{title}")
-        print(f"  scGPT TransformerModel (fp32):  {scgpt_rate:9.2f} cells/s")
-        if device.type == "cuda":
-            _, scgpt_bf16_rate = timed(lambda: run_scgpt(autocast=True))
-            print(f"  scGPT under bf16 autocast:     {scgpt_bf16_rate:9.2f} cells/s  (for reference)")
-        print(
-            f"  ours fp32:                     {fp32_rate:9.2f} cells/s  ({fp32_rate / scgpt_rate:.2f}x scGPT), "
-            f"max |diff| vs scGPT {float((fp32[keep] - reference[keep]).abs().max()):.2e}"
-        )
-        print(
-            f"  ours fast mode:                {fast_rate:9.2f} cells/s  ({fast_rate / scgpt_rate:.2f}x scGPT; "
-            f"target 3x), min cosine to fp32 cell embeddings {float(cosine):.5f}"
-        )
+        print(f"  {mode.describe()}")
+        for name, values in rates.items():
+            line = f"  {name:66s} {_spread(values)} cells/s"
+            if name != "scGPT TransformerModel (fp32)":
+                cells = outputs[name][:, 0].float()
+                cosine = torch.nn.functional.cosine_similarity(cells, reference[:, 0], dim=-1).min()
+                line += (
+                    f"  {statistics.median(values) / scgpt_rate:5.2f}x scGPT, min cosine to fp32 {float(cosine):.6f}"
+                )
+            print(line)
+        difference = (reference[keep] - outputs["scGPT"][keep]).abs().max()
+        print(f"  fp32 max |difference| to scGPT: {float(difference):.2e}; target: fast mode >= 3x scGPT")
 
 
 def main():
@@ -204,6 +230,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vs-scgpt", action="store_true", help="time scGPT's own implementation side by side")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --vs-scgpt")
+    parser.add_argument("--remeasure", action="store_true", help="measure the fast mode again, not from its cache")
     args = parser.parse_args()
     if args.vs_scgpt:
         return vs_scgpt(args)
@@ -223,30 +250,35 @@ def main():
 
     peak = {"fp32": gemm_flops_per_second(False), "bf16": gemm_flops_per_second(True)}
     print(f"threads: {torch.get_num_threads()}  batch {args.batch_size} x {args.genes} genes")
-    print(
-        f"CPU has native bf16 (AVX512-BF16/AMX): {cpu_has_native_bf16()}; fast_autocast() uses "
-        f"{'bf16' if cpu_has_native_bf16() else 'fp32'} here"
-    )
+    print(machine_line(torch.device("cpu")))
     print(f"GEMM peak measured now: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s")
     print(
         f"FLOPs per cell: encoder {encoder_flops / args.batch_size / 1e9:.1f} G, "
         f"encoder + Q-Former {total_flops / args.batch_size / 1e9:.1f} G"
     )
-    results = {}
-    for mode, autocast in (("fp32", False), ("bf16", True)):
-        seconds = time_forward(tower, batch, autocast, args.repeats)
-        enc_seconds = time_forward(tower.cell_model, batch, autocast, args.repeats)
-        results[mode] = args.batch_size / seconds
+    from modeling_scmmgpt.fast_mode import apply_fast_mode, choose_fast_mode
+
+    mode = choose_fast_mode(config.cell_config, genes=args.genes, refresh=args.remeasure)
+    print(mode.describe())
+    fast = apply_fast_mode(copy.deepcopy(tower), mode)
+    calls = {
+        "fp32": lambda: tower(*batch),
+        "fast": lambda: fast(*batch),
+        "fp32 encoder": lambda: tower.cell_model(*batch),
+        "fast encoder": lambda: fast.cell_model(*batch),
+    }
+    with torch.inference_mode():
+        seconds = {
+            name: statistics.median(values) for name, values in interleaved_medians(calls, args.repeats).items()
+        }
+    for name, peak_name in (("fp32", "fp32"), ("fast", mode.linear)):
         print(
-            f"{mode}: {args.batch_size / seconds:.2f} cells/s (encoder + Q-Former); encoder alone "
-            f"{args.batch_size / enc_seconds:.2f} cells/s = {encoder_flops / enc_seconds / peak[mode]:.0%} of {mode} GEMM peak"
+            f"{name}: {args.batch_size / seconds[name]:.2f} cells/s (encoder + Q-Former); encoder alone "
+            f"{args.batch_size / seconds[name + ' encoder']:.2f} cells/s = "
+            f"{encoder_flops / seconds[name + ' encoder'] / peak[peak_name]:.0%} of {peak_name} GEMM peak"
         )
     print(
-        f"bf16 / fp32 speed: {results['bf16'] / results['fp32']:.2f}x; GEMM bf16 / fp32: {peak['bf16'] / peak['fp32']:.2f}x"
-    )
-    print(
-        f"fp32 vs scGPT's own implementation (1.07 cells/s quoted for this CPU class, not measured in this run): "
-        f"{results['fp32'] / 1.07:.2f}x"
+        f"fast / fp32 speed: {seconds['fp32'] / seconds['fast']:.2f}x; GEMM bf16 / fp32: {peak['bf16'] / peak['fp32']:.2f}x"
     )
 
 

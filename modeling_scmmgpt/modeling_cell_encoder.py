@@ -4,10 +4,10 @@ Same maths as scGPT's `TransformerModel._encode` (post-norm, ReLU, no positional
 attention written as explicit `q_proj`/`k_proj`/`v_proj`/`o_proj` linears: `nn.MultiheadAttention` calls its
 `out_proj` functionally, so a PEFT LoRA adapter on it silently never trains.
 
-Padded batches can run packed (`config.pack_padded_cells`; by default on GPUs): only real gene tokens go through
-the layers (cells have very different numbers of expressed genes, so padding to the longest cell can cost more than
-the cells themselves), with attention kept within each cell by flash-attention's variable-length kernel on GPUs and
-by one attention call per cell elsewhere.
+Padded batches can run packed (`config.pack_padded_cells`; by default on GPUs, and where the fast mode measured it
+faster): only real gene tokens go through the layers (cells have very different numbers of expressed genes, so
+padding to the longest cell can cost more than the cells themselves), with attention kept within each cell by
+flash-attention's variable-length kernel on GPUs and by one attention call per cell elsewhere.
 """
 
 import math
@@ -27,6 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
+from .fast_mode import FastModeMixin
 from .utils import StrictLoadingMixin
 
 
@@ -64,8 +65,11 @@ def packed_attention(query, key, value, packed: PackedCells, scaling: float, dro
     bounds = packed.cu_seqlens.tolist()
     outputs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
-        outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling).transpose(0, 1))
+        # 4-D `(1, heads, genes, head_dim)`: CPU SDPA takes its flash kernel only for 4-D inputs (3-D ones fall to
+        # the math path, 2.7x slower at 230 genes).
+        q, k, v = (t[start:end].transpose(0, 1)[None] for t in (query, key, value))
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        outputs.append(attended[0].transpose(0, 1))
     return torch.cat(outputs)
 
 
@@ -130,6 +134,9 @@ class ScMMGPTCellAttention(nn.Module):
         for projection in (self.q_proj, self.k_proj, self.v_proj):
             projection.fused_in_projection = True
         self.o_proj.zero_bias = True
+        # The dtype attention computes in, when not the weights' (None): set by `apply_fast_mode` where bf16 linears
+        # are faster but bf16 attention is not (CPU attention kernels are).
+        self.attention_dtype: torch.dtype | None = None
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, packed: PackedCells | None = None
@@ -137,14 +144,20 @@ class ScMMGPTCellAttention(nn.Module):
         dropout = self.config.attention_dropout if self.training else 0.0
         if packed is not None:
             shape = (hidden_states.shape[0], -1, self.head_dim)
-            query, key, value = (proj(hidden_states).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+            query, key, value = (
+                self._in_attention_dtype(proj(hidden_states).view(shape))
+                for proj in (self.q_proj, self.k_proj, self.v_proj)
+            )
             attn_output = packed_attention(query, key, value, packed, self.scaling, dropout)
-            return self.o_proj(attn_output.flatten(1))
+            return self.o_proj(attn_output.flatten(1).to(hidden_states.dtype))
         batch, seq_len, _ = hidden_states.shape
         shape = (batch, seq_len, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        query, key, value = (
+            self._in_attention_dtype(proj(hidden_states).view(shape).transpose(1, 2))
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.to(query.dtype)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -158,7 +171,10 @@ class ScMMGPTCellAttention(nn.Module):
             scaling=self.scaling,
             is_causal=False,
         )
-        return self.o_proj(attn_output.reshape(batch, seq_len, -1))
+        return self.o_proj(attn_output.reshape(batch, seq_len, -1).to(hidden_states.dtype))
+
+    def _in_attention_dtype(self, states: torch.Tensor) -> torch.Tensor:
+        return states if self.attention_dtype is None else states.to(self.attention_dtype)
 
 
 class ScMMGPTCellLayer(GradientCheckpointingLayer):
@@ -185,7 +201,7 @@ class ScMMGPTCellLayer(GradientCheckpointingLayer):
         return self.norm2(hidden_states + self.dropout(feed_forward))
 
 
-class ScMMGPTCellPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+class ScMMGPTCellPreTrainedModel(StrictLoadingMixin, FastModeMixin, PreTrainedModel):
     config: ScMMGPTCellConfig
     config_class = ScMMGPTCellConfig
     base_model_prefix = "cell_model"
@@ -228,6 +244,9 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
 
     def __init__(self, config: ScMMGPTCellConfig):
         super().__init__(config)
+        # Whether to pack padded batches when `config.pack_padded_cells` is None: set by `apply_fast_mode` from a
+        # measurement on this machine; never saved, since it belongs to the machine, not the weights.
+        self.fast_mode_packing: bool | None = None
         self.gene_encoder = ScMMGPTGeneEncoder(config)
         if config.value_embedding == "continuous":
             self.value_encoder = ScMMGPTContinuousValueEncoder(config)
@@ -343,9 +362,12 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
         return (matrix.to(embedding) @ embedding).mean(0)
 
     def _can_pack(self, hidden_states: torch.Tensor) -> bool:
-        """`config.pack_padded_cells`, or with `None` (auto): on GPUs where the variable-length kernel applies."""
+        """`config.pack_padded_cells`, or with `None` (auto): the fast mode's measured choice, else on GPUs where
+        the variable-length kernel applies."""
         if self.config.pack_padded_cells is not None:
             return self.config.pack_padded_cells
+        if self.fast_mode_packing is not None:
+            return self.fast_mode_packing
         if not hidden_states.is_cuda:
             return False
         half = (torch.float16, torch.bfloat16)

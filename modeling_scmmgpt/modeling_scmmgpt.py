@@ -21,6 +21,7 @@ from transformers.utils import can_return_tuple
 
 from .configuration_scmmgpt import ScMMGPTConfig
 from .distributed import all_reduce_sum, world
+from .fast_mode import FastModeMixin
 from .from_parts import build_from_parts
 from .loss_scmmgpt import ScMMGPTContrastiveLoss, ScMMGPTReconstructionLoss
 from .modeling_cell_encoder import ScMMGPTCellModel
@@ -463,7 +464,7 @@ class ScMMGPTCellTower(nn.Module):
 
 
 # --- pre-trained base -------------------------------------------------------------------------------------------------
-class ScMMGPTPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+class ScMMGPTPreTrainedModel(StrictLoadingMixin, FastModeMixin, PreTrainedModel):
     config: ScMMGPTConfig
     config_class = ScMMGPTConfig
     base_model_prefix = "model"

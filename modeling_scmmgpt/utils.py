@@ -52,13 +52,32 @@ def _umask() -> int:
 PRECISION_ENV = "SCMMGPT_CPU_BF16"
 
 
+def precision_forced() -> bool:
+    """Whether `SCMMGPT_CPU_BF16` forces the precision (see [`cpu_has_native_bf16`])."""
+    return bool(os.environ.get(PRECISION_ENV, "").strip())
+
+
+def cpu_info(field: str) -> str:
+    """The first value of `field` (e.g. `"model name"`, `"flags"`) in `/proc/cpuinfo`; empty where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":")[0].strip() == field), "")
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (`/proc/cpuinfo`)."""
+    return set(cpu_info("flags").split())
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX). Without them (e.g. AVX2-only
-    CPUs), bf16 autocast is emulated and several times slower than fp32.
+    CPUs), bf16 is emulated and several times slower than fp32.
 
     `SCMMGPT_CPU_BF16=1` or `0` overrides the answer, in this process and the processes it starts: every choice of
-    precision made from it (stage 3's default `bf16`, `fast_autocast`) then takes the bf16 or the fp32 path on any
-    CPU, e.g. to run the tests of the path this machine would not take."""
+    precision made from it (stage 3's default `bf16`, the inference fast mode) then takes the bf16 or the fp32 path
+    on any CPU, e.g. to run the tests of the path this machine would not take."""
     forced = os.environ.get(PRECISION_ENV, "").strip().lower()
     if forced in ("1", "true", "bf16"):
         return True
@@ -66,21 +85,7 @@ def cpu_has_native_bf16() -> bool:
         return False
     if forced:
         raise ValueError(f"{PRECISION_ENV}={forced!r}: use 1 (bf16) or 0 (fp32), or unset it to follow the CPU.")
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def fast_autocast(device_type: str = "cpu", enabled: bool = True):
-    """`torch.autocast` in bf16 where that is faster than fp32 (GPUs, CPUs with native bf16), else a no-op, so the
-    same code runs at the best precision-speed trade-off on each machine. `enabled=False` forces fp32."""
-    import torch
-
-    enabled = enabled and (device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16()))
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 class StrictLoadingMixin:

@@ -151,6 +151,9 @@ def _cell_pipeline(task: str, args):
         use_raw=use_raw,
         min_vocab_coverage=args.min_vocab_coverage,
     )
+    if args.fast:
+        mode = model.enable_fast_mode(genes=processor.feature_extractor.max_genes)
+        print(mode.describe(), file=sys.stderr)
     return pipeline(task, model=model, processor=processor)
 
 
@@ -419,6 +422,12 @@ def _add_cell_io(sub, output_help: str):
         "--overwrite",
         action="store_true",
         help="allow --output to be the --input file (replaced only once the result is complete)",
+    )
+    sub.add_argument(
+        "--fast",
+        action="store_true",
+        help="run in the fast mode: bf16 and packing wherever a measurement on this machine found them faster "
+        "(measured once, then cached; the choice is printed)",
     )
 
 

@@ -135,8 +135,8 @@ def test_packed_padding_matches_masked_batch_and_each_cell_alone(checkpointing):
 
 
 def test_packing_is_automatic_on_gpus_only():
-    """`pack_padded_cells=None` keeps CPU batches padded (per-cell attention calls cost small encoders more than the
-    padding); `True` packs anywhere, which shows as zeros at padding."""
+    """`pack_padded_cells=None` keeps CPU batches padded (unless the fast mode measured packing faster, see
+    test_fast_mode.py); `True` packs anywhere, which shows as zeros at padding."""
     config = ScMMGPTCellConfig(
         vocab_size=30, d_model=16, nhead=2, nlayers=1, d_hid=16, pad_token_id=28, cls_token_id=29
     )

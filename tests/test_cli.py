@@ -79,12 +79,17 @@ def test_demo_rerun_reuses_finished_work(demo_dir, capsys):
     assert os.path.getmtime(demo_dir / "instruction" / "model.safetensors") == stamp
 
 
-def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, tmp_path):
+def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, tmp_path, monkeypatch, capsys):
     model = str(demo_dir / "instruction")
     assert main(["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "e.h5ad")]) == 0
     assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_scmmgpt"].shape[0] == 12
     assert main(["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "e.npy")]) == 0
     assert np.load(tmp_path / "e.npy").shape[0] == 12
+    monkeypatch.setenv("SCMMGPT_CACHE_DIR", str(tmp_path / "cache"))
+    fast = ["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "f.npy"), "--fast"]
+    assert main(fast) == 0 and "fast mode: linear" in capsys.readouterr().err
+    assert (tmp_path / "cache" / "fast_mode.json").exists()
+    assert float((np.load(tmp_path / "f.npy") * np.load(tmp_path / "e.npy")).sum(1).min()) > 0.99
     assert (
         main(
             [
