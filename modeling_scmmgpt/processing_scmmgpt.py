@@ -43,24 +43,39 @@ def _is_examples(cells) -> bool:
     return isinstance(cells, (list, tuple)) and len(cells) > 0 and isinstance(cells[0], dict)
 
 
-def _iter_examples(cells):
-    """Yields (gene ids, values, where) per example. Arrow tables (`dataset.with_format("arrow")`) are sliced
-    without copying into Python lists, which is what keeps streaming tokenisation fast."""
+def _ragged_examples(cells):
+    """Sparse examples as flat arrays: `(gene ids, values, offsets, where)`, example `i` at
+    `offsets[i]:offsets[i + 1]` and `where(i)` its name for errors. Arrow tables (`dataset.with_format("arrow")`)
+    are read without copying into Python lists, which is what keeps streaming tokenisation fast."""
     if hasattr(cells, "column_names"):
         ids = cells.column("cell_id").to_pylist() if "cell_id" in cells.column_names else None
-        genes, values = (_flat_list_column(cells.column(name)) for name in ("gene_ids", "values"))
-        for i in range(len(genes[0]) - 1):
-            where = f"example {i} ({ids[i] if ids else 'no id'})"
-            yield genes[1][genes[0][i] : genes[0][i + 1]], values[1][values[0][i] : values[0][i + 1]], where
-        return
-    if isinstance(cells, dict):
-        ids = cells.get("cell_id")
-        cells = [
-            {"gene_ids": g, "values": v, **({"cell_id": ids[i]} if ids else {})}
-            for i, (g, v) in enumerate(zip(cells["gene_ids"], cells["values"]))
-        ]
-    for i, cell in enumerate(cells):
-        yield cell["gene_ids"], cell["values"], f"example {i} ({cell.get('cell_id', 'no id')})"
+        (gene_offsets, genes), (value_offsets, values) = (
+            _flat_list_column(cells.column(n)) for n in ("gene_ids", "values")
+        )
+    else:
+        if isinstance(cells, dict):
+            ids, genes_per_cell, values_per_cell = cells.get("cell_id"), cells["gene_ids"], cells["values"]
+        else:
+            ids = [cell.get("cell_id", "no id") for cell in cells]
+            genes_per_cell, values_per_cell = [c["gene_ids"] for c in cells], [c["values"] for c in cells]
+        gene_offsets, value_offsets = (
+            np.cumsum([0] + [len(x) for x in col]) for col in (genes_per_cell, values_per_cell)
+        )
+        genes = np.concatenate(
+            [np.asarray(g, dtype=np.int64).ravel() for g in genes_per_cell] or [np.zeros(0, np.int64)]
+        )
+        values = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in values_per_cell] or [np.zeros(0)])
+
+    def where(i: int) -> str:
+        return f"example {i} ({ids[i] if ids else 'no id'})"
+
+    if not np.array_equal(gene_offsets, value_offsets):
+        i = int(np.flatnonzero(np.diff(gene_offsets) != np.diff(value_offsets))[0])
+        raise ValueError(
+            f"{where(i)} has {gene_offsets[i + 1] - gene_offsets[i]} gene_ids but "
+            f"{value_offsets[i + 1] - value_offsets[i]} values; each gene needs its value."
+        )
+    return genes.astype(np.int64, copy=False), values.astype(np.float64, copy=False), gene_offsets, where
 
 
 def _flat_list_column(column):
@@ -82,25 +97,20 @@ def check_expression_values(values: np.ndarray, where: str) -> None:
         )
 
 
+def check_ragged_values(values: np.ndarray, offsets: np.ndarray, where) -> None:
+    """[`check_expression_values`] over many cells at once (cell `i` at `offsets[i]:offsets[i + 1]`); the error
+    names the first bad cell, `where(i)`."""
+    bad = ~np.isfinite(values) | (values < 0)
+    if bad.any():
+        first = int(np.searchsorted(offsets, np.flatnonzero(bad)[0], side="right") - 1)
+        check_expression_values(values[offsets[first] : offsets[first + 1]], where(first))
+
+
 @lru_cache(maxsize=8)
 def _quantile_levels(n_bins: int) -> np.ndarray:
     levels = np.linspace(0, 1, n_bins - 1)
     levels.flags.writeable = False
     return levels
-
-
-def _linear_quantiles(sorted_x: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """`np.quantile(x, q)` (method "linear") on already sorted data, with numpy's own index and lerp arithmetic so
-    the bin edges are bit-identical, at a fraction of its per-call overhead (this runs once per cell)."""
-    n = len(sorted_x)
-    virtual = (n - 1) * q
-    lo = np.floor(virtual)
-    t = virtual - lo
-    lo = lo.astype(np.intp)
-    hi = np.minimum(lo + 1, n - 1)
-    a, b = sorted_x[lo], sorted_x[hi]
-    diff = b - a
-    return np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
 
 
 def bin_values(values: np.ndarray, n_bins: int) -> np.ndarray:
@@ -115,15 +125,67 @@ def bin_values(values: np.ndarray, n_bins: int) -> np.ndarray:
     Returns:
         `np.ndarray` of shape `(num_genes,)`, int64 bins in `[0, n_bins - 1]`.
     """
+    return bin_ragged(np.asarray(values, dtype=np.float64), np.array([0, len(values)]), n_bins)
+
+
+def bin_ragged(values: np.ndarray, offsets: np.ndarray, n_bins: int) -> np.ndarray:
+    """[`bin_values`] for many cells at once, each cell binned on its own: cell `i` is
+    `values[offsets[i]:offsets[i + 1]]`. The same bins, bit for bit, without a Python step per cell (which made
+    tokenisation, not reading, the bottleneck of streaming)."""
     binned = np.zeros(values.shape, dtype=np.int64)
+    cell = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     nonzero = values > 0
-    if not nonzero.any():
+    x, x_cell = values[nonzero], cell[nonzero]
+    if not len(x):
         return binned
-    x = values[nonzero]
-    edges = _linear_quantiles(np.sort(x), _quantile_levels(n_bins))
-    left, right = np.searchsorted(edges, x, side="right"), np.searchsorted(edges, x, side="left")
+    order = np.lexsort((x, x_cell))  # each cell's nonzero values, sorted, cell after cell
+    sorted_x = x[order]
+    counts = np.bincount(x_cell, minlength=len(offsets) - 1)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    edges = _linear_quantiles_ragged(sorted_x, starts, counts, _quantile_levels(n_bins))
+    # searchsorted(edges, x, side="right") and side="left" per value within its own cell, for all cells in one
+    # call: numpy orders complex numbers by real part, then imaginary part, so `cell + 1j * value` sorts cell by
+    # cell, each cell by value (the integer real part and the value are both exact).
+    flat_edges = (np.arange(len(edges))[:, None] + 1j * edges).ravel()
+    keys = x_cell + 1j * x
+    before = x_cell * edges.shape[1]  # the edges of the cells before
+    left = np.searchsorted(flat_edges, keys, side="right") - before
+    right = np.searchsorted(flat_edges, keys, side="left") - before
     binned[nonzero] = np.ceil(left + 0.5 * (right - left)).astype(np.int64)
     return binned
+
+
+def _linear_quantiles_ragged(sorted_x, starts, counts, q) -> np.ndarray:
+    """`np.quantile(x, q)` (method "linear") of each cell's sorted float64 segment
+    `x = sorted_x[starts[i]:starts[i] + counts[i]]`, `(num_cells, len(q))`, with numpy's own index and lerp
+    arithmetic, so the bin edges are bit-identical, for all cells in one step (cells without values get edges
+    that are never read)."""
+    n = np.maximum(counts, 1)[:, None]
+    virtual = (n - 1) * q
+    lo = np.floor(virtual)
+    t = virtual - lo
+    lo = lo.astype(np.intp)
+    hi = np.minimum(lo + 1, n - 1)
+    last = len(sorted_x) - 1  # an empty cell's start may lie past the end
+    a, b = sorted_x[np.minimum(starts[:, None] + lo, last)], sorted_x[np.minimum(starts[:, None] + hi, last)]
+    diff = b - a
+    return np.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+
+
+def _keep(keep: np.ndarray, token_ids, expression, cell, n_cells: int):
+    """The kept entries of ragged cells, and the cells' new offsets (a cell may end up empty)."""
+    cell = cell[keep]
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
+    return token_ids[keep], expression[keep], cell, offsets
+
+
+def _concatenate_ragged(parts):
+    """One `(ids, values, expression, offsets)` of ragged cells from consecutive parts."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0), np.zeros(1, np.int64)
+    ends = np.cumsum([0] + [part[3][-1] for part in parts[:-1]])
+    offsets = np.concatenate([[0]] + [part[3][1:] + end for part, end in zip(parts, ends)])
+    return tuple(np.concatenate([part[k] for part in parts]) for k in range(3)) + (offsets,)
 
 
 def _resolve(path_or_repo, filename: str, kwargs: dict) -> str | None:
@@ -335,39 +397,47 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
         matrix = cells if sp.issparse(cells) else np.atleast_2d(np.asarray(cells))
         return matrix, [str(g) for g in gene_names], "the input matrix"
 
-    def _process_cell(self, token_ids: np.ndarray, expression: np.ndarray, where: str):
-        """One cell from its vocabulary genes' ids and values: (gene ids, model values, expression), unpadded.
+    def _process_ragged(self, token_ids, expression, offsets, where, totals=None):
+        """Cells from their vocabulary genes' ids and values, cell `i` at `offsets[i]:offsets[i + 1]` of the flat
+        arrays; all cells at once, with no Python step per cell. Returns `(gene ids, model values, expression,
+        offsets)` of the genes kept, without `<cls>`.
 
-        As in scGPT, `normalize_total` scales over the genes in the vocabulary (scGPT drops the others first)."""
-        check_expression_values(expression, where)
+        As in scGPT, `normalize_total` scales over the genes in the vocabulary (scGPT drops the others first);
+        `totals` are those sums, where the caller has them over whole rows with their zeros."""
+        check_ragged_values(expression, offsets, where)
+        cell = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         if self.normalize_total is not None:
-            total = expression.sum()
-            expression = expression * (self.normalize_total / total) if total > 0 else expression
+            if totals is None:
+                totals = np.array([expression[a:b].sum() for a, b in zip(offsets[:-1], offsets[1:])])
+            scale = np.where(totals > 0, self.normalize_total / np.where(totals > 0, totals, 1.0), 1.0)
+            expression = expression * scale[cell]
         if self.log1p:
             expression = np.log1p(expression)
         if not self.include_zero_genes:
             keep = expression > 0
-            expression, token_ids = expression[keep], token_ids[keep]
-        values = bin_values(expression, self.n_bins).astype(np.float32) if self.binning else expression
-        if len(token_ids) > self.max_genes - 1:
-            # Highest-expressed first; a stable sort keeps column order among ties.
-            top = np.sort(np.argsort(-expression, kind="stable")[: self.max_genes - 1])
-            token_ids, values, expression = token_ids[top], values[top], expression[top]
-        gene_ids = np.concatenate([[self.gene_vocab.cls_token_id], token_ids])
-        values = np.concatenate([[self.cls_value], values]).astype(np.float32)
-        expression = np.concatenate([[0.0], expression]).astype(np.float32)
-        return gene_ids, values, expression
+            token_ids, expression, cell, offsets = _keep(keep, token_ids, expression, cell, len(offsets) - 1)
+        values = bin_ragged(expression, offsets, self.n_bins).astype(np.float32) if self.binning else expression
+        lengths = np.diff(offsets)
+        if (lengths > self.max_genes - 1).any():
+            keep = np.ones(len(expression), dtype=bool)
+            for i in np.flatnonzero(lengths > self.max_genes - 1):
+                # Highest-expressed first; a stable sort keeps column order among ties.
+                segment = expression[offsets[i] : offsets[i + 1]]
+                top = np.argsort(-segment, kind="stable")[: self.max_genes - 1]
+                keep[offsets[i] : offsets[i + 1]] = np.isin(np.arange(len(segment)), top)
+            (token_ids, expression, cell, offsets), values = (
+                _keep(keep, token_ids, expression, cell, len(lengths)),
+                values[keep],
+            )
+        return token_ids, values, expression, offsets
 
-    def _process_examples(self, cells) -> list:
-        """Rows from sparse examples (`gene_ids` already vocabulary ids, as the data builders yield them)."""
+    def _process_examples(self, cells):
+        """Cells from sparse examples (`gene_ids` already vocabulary ids, as the data builders yield them)."""
         if self.include_zero_genes:
             raise ValueError(
                 "include_zero_genes needs a matrix: sparse examples do not say which genes were measured."
             )
-        return [
-            self._process_cell(np.asarray(genes, dtype=np.int64), np.asarray(values, dtype=np.float64), where)
-            for genes, values, where in _iter_examples(cells)
-        ]
+        return self._process_ragged(*_ragged_examples(cells))
 
     def _process_matrix(self, cells, gene_names) -> list:
         """Rows from AnnData / numpy / scipy input, mapping its columns to the vocabulary."""
@@ -396,7 +466,7 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
         columns = np.flatnonzero(token_ids >= 0)
         known_ids = token_ids[columns]
 
-        rows = []
+        parts = []
         for start in range(0, matrix.shape[0], 1024):  # dense conversion a chunk at a time
             chunk = matrix[start : start + 1024]
             if sp.issparse(chunk) or hasattr(chunk, "toarray"):
@@ -410,9 +480,17 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
                     "normalised. Pass a counts layer (layer='counts') or turn normalize_total and log1p off.",
                     source,
                 )
-            for offset, row in enumerate(chunk):
-                rows.append(self._process_cell(known_ids, row.astype(np.float64), f"cell {start + offset}"))
-        return rows
+            chunk = chunk.astype(np.float64)
+            # Only the measured genes go on (NaN and negatives too, to be refused), unless zeros are kept.
+            rows, cols = np.indices(chunk.shape).reshape(2, -1) if self.include_zero_genes else np.nonzero(chunk)
+            offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(chunk)))])
+            parts.append(
+                self._process_ragged(
+                    known_ids[cols], chunk[rows, cols], offsets, lambda i, start=start: f"cell {start + i}",
+                    totals=chunk.sum(axis=1),
+                )
+            )  # fmt: skip
+        return _concatenate_ragged(parts)
 
     def __call__(
         self,
@@ -437,28 +515,31 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
             (int64), each `(num_cells, length)`. `expression` is the value before binning (0 at `<cls>`).
         """
         if _is_examples(cells):
-            rows = self._process_examples(cells)
+            token_ids, vals, expr, offsets = self._process_examples(cells)
         else:
-            rows = self._process_matrix(cells, gene_names)
-        if not rows:
+            token_ids, vals, expr, offsets = self._process_matrix(cells, gene_names)
+        if len(offsets) < 2:
             raise ValueError("No cells to process.")
 
-        empty = [i for i, (genes, _, _) in enumerate(rows) if len(genes) == 1]
-        if empty and check_nonempty:
+        lengths = np.diff(offsets) + 1  # with <cls>
+        empty = np.flatnonzero(lengths == 1)
+        if len(empty) and check_nonempty:
             logger.warning(
                 "%d of %d cells express none of the known genes (e.g. rows %s); they are kept with <cls> only.",
                 len(empty),
-                len(rows),
-                empty[:5],
+                len(lengths),
+                empty[:5].tolist(),
             )
-        length = self.max_genes if padding == "max_length" else max(len(genes) for genes, _, _ in rows)
-        gene_ids = np.full((len(rows), length), self.gene_vocab.pad_token_id, dtype=np.int64)
-        values = np.full((len(rows), length), self.pad_value, dtype=np.float32)
-        expression = np.zeros((len(rows), length), dtype=np.float32)
-        attention_mask = np.zeros((len(rows), length), dtype=np.int64)
-        for i, (genes, vals, expr) in enumerate(rows):
-            gene_ids[i, : len(genes)], values[i, : len(genes)], expression[i, : len(genes)] = genes, vals, expr
-            attention_mask[i, : len(genes)] = 1
+        length = self.max_genes if padding == "max_length" else int(lengths.max())
+        shape = (len(lengths), length)
+        gene_ids = np.full(shape, self.gene_vocab.pad_token_id, dtype=np.int64)
+        values = np.full(shape, self.pad_value, dtype=np.float32)
+        expression = np.zeros(shape, dtype=np.float32)
+        gene_ids[:, 0], values[:, 0] = self.gene_vocab.cls_token_id, self.cls_value
+        attention_mask = (np.arange(length) < lengths[:, None]).astype(np.int64)
+        cell = np.repeat(np.arange(len(lengths)), lengths - 1)
+        column = np.arange(len(token_ids)) - offsets[cell] + 1
+        gene_ids[cell, column], values[cell, column], expression[cell, column] = token_ids, vals, expr
         data = {"gene_ids": gene_ids, "values": values, "expression": expression, "attention_mask": attention_mask}
         return BatchFeature(data=data, tensor_type=return_tensors)
 

@@ -320,17 +320,48 @@ def test_sparse_examples_give_the_same_tensors_as_the_matrix(pbmc, pbmc_cell_pro
 
 
 def test_fast_quantiles_are_bit_identical_to_numpy():
-    from modeling_scmmgpt.processing_scmmgpt import _linear_quantiles
+    """Each cell's bin edges, computed for many cells at once, equal numpy's quantiles of that cell alone."""
+    from modeling_scmmgpt.processing_scmmgpt import _linear_quantiles_ragged
 
     rng = np.random.default_rng(0)
-    for _ in range(500):
-        n = int(rng.integers(1, 1500))
-        dtype = rng.choice([np.float32, np.float64])
-        x = np.sort(np.round(rng.gamma(1.0, 2.0, n), int(rng.integers(0, 4))).astype(dtype) + dtype(0.001))
+    for _ in range(50):
+        cells = [
+            np.sort(np.round(rng.gamma(1.0, 2.0, int(n)), int(rng.integers(0, 4))) + 0.001)
+            for n in rng.integers(1, 1500, size=int(rng.integers(1, 12)))
+        ]
         q = np.linspace(0, 1, int(rng.integers(2, 60)))
-        expected = np.quantile(x, q)
-        got = _linear_quantiles(x, q)
-        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+        counts = np.array([len(c) for c in cells])
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        got = _linear_quantiles_ragged(np.concatenate(cells), starts, counts, q)
+        for row, x in zip(got, cells):
+            expected = np.quantile(x, q)
+            assert row.dtype == expected.dtype and np.array_equal(row, expected)
+
+
+def test_cells_binned_together_get_the_bins_each_gets_alone():
+    """Binning a batch at once (flat arrays, one searchsorted for all cells) is the per-cell binning, cell by cell:
+    no value is binned against another cell's edges, with ties, empty and all-zero cells, and extreme values."""
+    from modeling_scmmgpt.processing_scmmgpt import bin_ragged
+
+    rng = np.random.default_rng(1)
+    cells = [
+        np.round(rng.gamma(0.5, 3.0, int(n)) * (rng.random(int(n)) < 0.6), int(rng.integers(0, 3)))
+        for n in rng.integers(0, 300, size=300)
+    ]
+    cells += [np.array([]), np.zeros(4), np.array([7.0]), np.full(5, 2.0), np.array([1e-300, 1e300, 0.0, 3.0])]
+    cells += [np.zeros(3), np.array([])]  # empty cells last: their edges would start past the end
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in cells])])
+    together = bin_ragged(np.concatenate(cells), offsets, 51)
+    for i, cell in enumerate(cells):
+        alone = bin_values(cell, 51)
+        assert np.array_equal(together[offsets[i] : offsets[i + 1]], alone), i
+        assert alone.min(initial=0) >= 0 and alone.max(initial=0) <= 50 and (alone[cell == 0] == 0).all()
+
+
+def test_examples_with_unequal_genes_and_values_are_refused(pbmc_cell_processor):
+    bad = [{"gene_ids": [1, 2], "values": [1.0, 2.0]}, {"gene_ids": [1, 2, 3], "values": [1.0], "cell_id": "X-1"}]
+    with pytest.raises(ValueError, match=r"example 1 \(X-1\) has 3 gene_ids but 1 values"):
+        pbmc_cell_processor(bad)
 
 
 def test_processor_reads_and_writes_cells_from_examples(pbmc, pbmc_cell_processor, tokenizer):
