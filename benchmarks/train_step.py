@@ -2,6 +2,7 @@
 forward and backward on the same model, batches, optimiser and schedule.
 
     python benchmarks/train_step.py [--steps 20] [--lm tiny|smollm2] [--stages contrastive reconstruction instruction]
+        [--precision]
 
 "Ours" is the stage trainer as `scmmgpt train` builds it (loss parts collected and averaged over ranks for logging,
 seeded per-step draws, unused modules frozen). "Bare" is a plain `Trainer` on the same model: for the pre-training
@@ -10,6 +11,10 @@ with the same LoRA adapters from peft. Neither saves checkpoints. Speed: both
 trainers alternate `--repeats` times in one process on copies of one model (separate processes differed by up to
 30% on this shared 2-core machine); samples/s is at the median step time after `--warmup`, median over repeats.
 Peak RSS: one process per trainer. Target: ours at most 10% slower than bare.
+
+`--precision` instead times our trainer per stage in fp32 and in bf16 (Trainer's `bf16=True`, autocast), the same
+way (alternating in one process, medians), and prints the precision each stage picks by default on this machine,
+so that a default is backed by a measurement. The first line names the CPU and its flags.
 """
 
 import argparse
@@ -23,6 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = {"contrastive": 16, "reconstruction": 32, "instruction": 2}  # cells per step, as the demo trains
+PRECISIONS = ("fp32", "bf16")
 
 
 def _stage_args(stage: str, steps: int, lm: str, cache: str) -> list[str]:
@@ -90,6 +96,7 @@ def _median_step_samples_per_s(stage, mode, model, processor, args, data, warmup
     """Trains a fresh copy of `model` for `args.max_steps`; samples/s at the median step time after `warmup` (the
     median is robust to the odd stall of a shared machine)."""
     import copy
+    import dataclasses
 
     from transformers import TrainerCallback
 
@@ -101,7 +108,9 @@ def _median_step_samples_per_s(stage, mode, model, processor, args, data, warmup
         def on_step_end(self, *unused, **kwargs):
             stamps.append(time.perf_counter())
 
-    build = _trainer if mode == "ours" else _bare_trainer
+    if mode in PRECISIONS:  # our trainer in that precision (Trainer's bf16 autocast, or fp32)
+        args = dataclasses.replace(args, bf16=mode == "bf16", use_cpu=args.use_cpu or mode == "bf16")
+    build = _bare_trainer if mode == "bare" else _trainer
     build(stage, copy.deepcopy(model), processor, args, data, [Clock()]).train()
     step_seconds = sorted(b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:]))
     return BATCH[stage] / step_seconds[len(step_seconds) // 2]
@@ -160,6 +169,7 @@ def main():
     parser.add_argument("--lm", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--stages", nargs="+", default=["contrastive", "reconstruction", "instruction"])
     parser.add_argument("--cache", default=os.path.join(ROOT, "runs", "train_step_benchmark"))
+    parser.add_argument("--precision", action="store_true", help="fp32 against bf16 per stage, not against bare")
     parser.add_argument("--run", nargs=2, metavar=("STAGE", "MODES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
@@ -167,10 +177,17 @@ def main():
         print(json.dumps(run_one(stage, modes, args.steps, args.warmup, args.lm, args.cache, args.repeats)))
         return
 
+    from modeling_scmmgpt.utils import cpu_flags, cpu_info
+
+    flags = " ".join(sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")))
+    print(f"{cpu_info('model name') or 'CPU'} ({flags or 'no avx2/avx512/amx'}), torch threads {os.cpu_count()}")
     print(
         f"LM: {args.lm}; samples/s at the median of {args.steps} step times after {args.warmup} warm-up steps, "
-        f"median of {args.repeats} alternating runs in one process; peak RSS from one process per mode"
+        f"median of {args.repeats} alternating runs in one process"
+        + ("" if args.precision else "; peak RSS from one process per mode")
     )
+    if args.precision:
+        return _precision_table(args)
     print(f"{'stage':<15}{'bare samples/s':>16}{'ours samples/s':>16}{'overhead':>10}{'bare MB':>10}{'ours MB':>10}")
     for stage in args.stages:
         speed = _child(stage, ["bare", "ours"], args.repeats, args)
@@ -182,6 +199,24 @@ def main():
             flush=True,
         )
     print("overhead = bare samples/s / ours - 1; target <= +10%")
+
+
+def _precision_table(args) -> None:
+    """Our trainer per stage in fp32 and in bf16, and the precision the stage takes by default here."""
+    import tempfile
+
+    from trainers.run import STAGES
+
+    print(f"{'stage':<15}{'fp32 samples/s':>16}{'bf16 samples/s':>16}{'bf16/fp32':>11}  default here")
+    for stage in args.stages:
+        speed = _child(stage, list(PRECISIONS), args.repeats, args)
+        with tempfile.TemporaryDirectory() as tmp:
+            default = STAGES[stage](output_dir=tmp, report_to="none", use_cpu=True).bf16
+        print(
+            f"{stage:<15}{speed['fp32']:>16.2f}{speed['bf16']:>16.2f}{speed['bf16'] / speed['fp32']:>10.2f}x  "
+            f"{'bf16' if default else 'fp32'}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
