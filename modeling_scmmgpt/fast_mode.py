@@ -124,8 +124,8 @@ def measure_components(cell_config, genes: int, repeats: int = 5) -> dict[str, d
     with torch.inference_mode():
         seconds = interleaved_medians(functions, repeats)
     timings = {}
-    for (component, option), values in seconds.items():
-        timings.setdefault(component, {})[option] = statistics.median(values)
+    for (component, option), rounds in seconds.items():
+        timings.setdefault(component, {})[option] = statistics.median(rounds)
     return timings
 
 
@@ -160,7 +160,8 @@ def choose_fast_mode(cell_config, device: str | torch.device = "cpu", genes: int
     GPUs take bf16 throughout, packed. On a CPU, each component is measured (about a second) and the choice cached
     per machine in `$SCMMGPT_CACHE_DIR/fast_mode.json` (default `~/.cache/scmmgpt`); `refresh=True` measures
     again. `SCMMGPT_CPU_BF16=1`/`0` forces bf16/fp32 precision (to test either path on any CPU), and a CPU without
-    native bf16 takes fp32 without measuring the precisions; packing is measured either way."""
+    native bf16 keeps fp32 whatever its measurement says (bf16 is still timed once, so the cache shows why); packing
+    follows the measurement either way."""
     if torch.device(device).type == "cuda":
         return FastMode("bf16", "bf16", "packed", "GPU")
     path, key = _cache_path(), _machine_key(cell_config, genes)

@@ -467,8 +467,11 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
         known_ids = token_ids[columns]
 
         parts = []
-        for start in range(0, matrix.shape[0], 1024):  # dense conversion a chunk at a time
-            chunk = matrix[start : start + 1024]
+        # Dense conversion a chunk at a time, of at most about 4M entries (and 1,024 cells), so memory stays bounded
+        # for inputs with many genes.
+        step = max(1, min(1024, 2**22 // max(1, len(columns))))
+        for start in range(0, matrix.shape[0], step):
+            chunk = matrix[start : start + step]
             if sp.issparse(chunk) or hasattr(chunk, "toarray"):
                 # Known columns first, then densify: a 60k-gene row block stays sparse until it is cut down.
                 chunk = sp.csr_matrix(chunk)[:, columns].toarray()
