@@ -173,7 +173,7 @@ def vs_scgpt(args) -> None:
     ):
         gene_ids, values, mask = (t.to(device) for t in batch)
         pad_mask = gene_ids.eq(config.pad_token_id)
-        mode = choose_fast_mode(config, device, genes=genes, refresh=args.remeasure)
+        mode = choose_fast_mode(ScMMGPTCellModel, config, device, genes=genes, refresh=args.remeasure)
         fast = apply_fast_mode(copy.deepcopy(ours), mode)
         models = {"ours fp32": ours, f"ours fast mode ({mode.linear} weights, {mode.attention} attention)": fast}
         if not bool(mask.all()):  # the packing the fast mode did not choose, for reference
@@ -258,9 +258,10 @@ def main():
         f"FLOPs per cell: encoder {encoder_flops / args.batch_size / 1e9:.1f} G, "
         f"encoder + Q-Former {total_flops / args.batch_size / 1e9:.1f} G"
     )
+    from modeling_scmmgpt import ScMMGPTCellModel
     from modeling_scmmgpt.fast_mode import apply_fast_mode, choose_fast_mode
 
-    mode = choose_fast_mode(config.cell_config, genes=args.genes, refresh=args.remeasure)
+    mode = choose_fast_mode(ScMMGPTCellModel, config.cell_config, genes=args.genes, refresh=args.remeasure)
     print(mode.describe())
     fast = apply_fast_mode(copy.deepcopy(tower), mode)
     calls = {

@@ -92,12 +92,10 @@ def select_options(timings: dict[str, dict[str, float]]) -> dict[str, str]:
     return chosen
 
 
-def measure_components(cell_config, genes: int, repeats: int = 5) -> dict[str, dict[str, float]]:
+def measure_components(cell_model_class, cell_config, genes: int, repeats: int = 5) -> dict[str, dict[str, float]]:
     """Median seconds of the encoder's kinds of work at `cell_config`'s sizes, each way: its linears and its
-    attention in fp32 and bf16 (two cells of `genes` genes), and one encoder layer on a padded batch run padded and
-    packed (two cells, of 60% and 100% of `genes` genes, as cells' expressed genes vary)."""
-    from .modeling_cell_encoder import ScMMGPTCellModel
-
+    attention in fp32 and bf16 (two cells of `genes` genes), and one encoder layer of `cell_model_class` on a padded
+    batch run padded and packed (two cells, of 60% and 100% of `genes` genes, as cells' expressed genes vary)."""
     hidden, heads = cell_config.hidden_size, cell_config.num_attention_heads
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(2 * genes, hidden, generator=generator)
@@ -112,7 +110,7 @@ def measure_components(cell_config, genes: int, repeats: int = 5) -> dict[str, d
     layer_config = copy.deepcopy(cell_config)
     layer_config.update({"vocab_size": 6, "pad_token_id": 4, "cls_token_id": 5, "num_hidden_layers": 1})
     layer_config.pack_padded_cells = None
-    layer = ScMMGPTCellModel(layer_config).eval()
+    layer = cell_model_class(layer_config).eval()
     lengths = torch.tensor([0.6, 1.0]).mul(genes).long()
     mask = (torch.arange(genes)[None] < lengths[:, None]).long()
     gene_ids = torch.randint(0, 4, (2, genes), generator=generator).masked_fill(mask == 0, 4)
@@ -154,8 +152,11 @@ def _machine_key(config, genes: int) -> str:
     return "|".join(parts)
 
 
-def choose_fast_mode(cell_config, device: str | torch.device = "cpu", genes: int = 1200, refresh: bool = False):
-    """The [`FastMode`] for a cell encoder of `cell_config`'s sizes on `device`, with cells of about `genes` genes.
+def choose_fast_mode(
+    cell_model_class, cell_config, device: str | torch.device = "cpu", genes: int = 1200, refresh: bool = False
+):
+    """The [`FastMode`] for a cell encoder (`cell_model_class`, e.g. `ScMMGPTCellModel`) of `cell_config`'s sizes on
+    `device`, with cells of about `genes` genes.
 
     GPUs take bf16 throughout, packed. On a CPU, each component is measured (about a second) and the choice cached
     per machine in `$SCMMGPT_CACHE_DIR/fast_mode.json` (default `~/.cache/scmmgpt`); `refresh=True` measures
@@ -175,7 +176,7 @@ def choose_fast_mode(cell_config, device: str | torch.device = "cpu", genes: int
     if key in cache and not refresh:
         timings, source = cache[key], f"cached ({path})"
     else:
-        timings, source = measure_components(cell_config, genes), "measured"
+        timings, source = measure_components(cell_model_class, cell_config, genes), "measured"
         cache[key] = timings
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_text(path, json.dumps(cache, indent=1))
@@ -191,14 +192,14 @@ def choose_fast_mode(cell_config, device: str | torch.device = "cpu", genes: int
 def apply_fast_mode(model: torch.nn.Module, mode: FastMode) -> torch.nn.Module:
     """Casts `model`'s weights to `mode.linear`'s precision and sets the cell encoder's attention precision and
     packing, in place. Meant for inference: training keeps fp32 weights (stage 3 uses autocast instead)."""
-    from .modeling_cell_encoder import ScMMGPTCellAttention, ScMMGPTCellModel
-
     model.to(_DTYPES[mode.linear])
+    # A machine's choices, not properties of the weights: set at run time, never saved in the config. The modules
+    # are found by these run-time attributes (the cell attention's and the cell encoder's), so that this module
+    # needs no import of the models that mix `FastModeMixin` in.
     for module in model.modules():
-        # A machine's choices, not properties of the weights: set at run time, never saved in the config.
-        if isinstance(module, ScMMGPTCellAttention):
+        if hasattr(module, "attention_dtype"):
             module.attention_dtype = _DTYPES[mode.attention] if mode.attention != mode.linear else None
-        if isinstance(module, ScMMGPTCellModel):
+        if hasattr(module, "fast_mode_packing"):
             module.fast_mode_packing = mode.packing == "packed"
     return model
 
@@ -211,7 +212,8 @@ class FastModeMixin:
         for inference; returns the [`FastMode`] chosen (`.describe()` says what and why), also kept as
         `self.fast_mode`. `genes`: about how many genes the cells have (the attention's share grows with it)."""
         cell_config = getattr(self.config, "cell_config", self.config)
-        mode = choose_fast_mode(cell_config, self.device, genes, refresh)
+        cell_model = next(m for m in self.modules() if hasattr(m, "fast_mode_packing"))
+        mode = choose_fast_mode(type(cell_model), cell_config, self.device, genes, refresh)
         apply_fast_mode(self, mode)
         self.fast_mode = mode
         return mode

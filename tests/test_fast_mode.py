@@ -40,7 +40,7 @@ def test_the_measured_choice_is_never_slower_than_its_baseline(cache_dir, monkey
     """On this machine, unforced: every component's chosen option took no longer than its baseline in the very
     measurement the choice came from (the cache holds it)."""
     monkeypatch.delenv(PRECISION_ENV, raising=False)
-    mode = fm.choose_fast_mode(ScMMGPTCellConfig(), genes=256, refresh=True)
+    mode = fm.choose_fast_mode(ScMMGPTCellModel, ScMMGPTCellConfig(), genes=256, refresh=True)
     assert mode.source == "measured" or "no native bf16" in mode.source
     saved = json.loads((cache_dir / "fast_mode.json").read_text())
     assert list(saved.values()) == [mode.timings]
@@ -55,29 +55,32 @@ def test_the_measured_choice_is_never_slower_than_its_baseline(cache_dir, monkey
 def test_the_choice_is_cached_per_machine_and_model_shape(cache_dir, monkeypatch):
     calls = []
 
-    def fake_measure(cell_config, genes, repeats=5):
+    def fake_measure(cell_model_class, cell_config, genes, repeats=5):
         calls.append((cell_config.hidden_size, genes))
         return {"linear": {"fp32": 2.0, "bf16": 1.0}, "attention": {"fp32": 1.0, "bf16": 2.0},
                 "packing": {"padded": 2.0, "packed": 1.0}}  # fmt: skip
 
     monkeypatch.setattr(fm, "measure_components", fake_measure)
     monkeypatch.delenv(PRECISION_ENV, raising=False)
-    first = fm.choose_fast_mode(tiny_config(), genes=100)
-    again = fm.choose_fast_mode(tiny_config(), genes=100)
+    first = fm.choose_fast_mode(ScMMGPTCellModel, tiny_config(), genes=100)
+    again = fm.choose_fast_mode(ScMMGPTCellModel, tiny_config(), genes=100)
     assert calls == [(32, 100)] and again.source.startswith("cached") and again.timings == first.timings
-    fm.choose_fast_mode(tiny_config(d_model=64), genes=100)  # another shape measures again
-    fm.choose_fast_mode(tiny_config(), genes=100, refresh=True)
+    fm.choose_fast_mode(ScMMGPTCellModel, tiny_config(d_model=64), genes=100)  # another shape measures again
+    fm.choose_fast_mode(ScMMGPTCellModel, tiny_config(), genes=100, refresh=True)
     assert calls == [(32, 100), (64, 100), (32, 100)]
     (cache_dir / "fast_mode.json").write_text("{not json")  # a damaged cache costs a measurement, not an error
-    assert fm.choose_fast_mode(tiny_config(), genes=100).source == "measured" or not cpu_has_native_bf16()
+    assert (
+        fm.choose_fast_mode(ScMMGPTCellModel, tiny_config(), genes=100).source == "measured"
+        or not cpu_has_native_bf16()
+    )
     assert len(calls) == 4
-    assert fm.choose_fast_mode(tiny_config(), device="cuda").source == "GPU" and len(calls) == 4
+    assert fm.choose_fast_mode(ScMMGPTCellModel, tiny_config(), device="cuda").source == "GPU" and len(calls) == 4
 
 
 @pytest.mark.parametrize("forced", ["1", "0"])
 def test_the_precision_switch_decides_the_path(cache_dir, monkeypatch, forced):
     monkeypatch.setenv(PRECISION_ENV, forced)
-    mode = fm.choose_fast_mode(tiny_config(), genes=64)
+    mode = fm.choose_fast_mode(ScMMGPTCellModel, tiny_config(), genes=64)
     precision = "bf16" if forced == "1" else "fp32"
     assert mode.linear == mode.attention == precision and f"forced by {PRECISION_ENV}" in mode.source
     assert mode.packing in ("padded", "packed") and precision in mode.describe()
