@@ -16,6 +16,8 @@ from .utils import atomic_write_text, read_json
 
 
 GENE_VOCAB_NAME = "gene_vocab.json"
+# Where a saved cell processor keeps its vocabulary (the library's feature-extractor and processor config names).
+PREPROCESSOR_CONFIG_NAME, PROCESSOR_CONFIG_NAME = "preprocessor_config.json", "processor_config.json"
 SCGPT_SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
 
@@ -256,23 +258,44 @@ class GeneVocab:
         return path
 
     @classmethod
-    def from_pretrained(cls, directory_or_file: str | os.PathLike) -> GeneVocab:
-        """Loads our `gene_vocab.json` (from a folder or the file itself), or a scGPT `vocab.json`."""
-        path = str(directory_or_file)
-        if os.path.isdir(path):
-            candidates = [os.path.join(path, name) for name in (GENE_VOCAB_NAME, "vocab.json")]
-            path = next((p for p in candidates if os.path.isfile(p)), candidates[0])
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No gene vocabulary at {path}: expected {GENE_VOCAB_NAME} or scGPT's vocab.json.")
-        data = read_json(path)
-        if "gene_to_id" not in data:
-            return cls.from_scgpt_json(path)
+    def from_dict(cls, data: Mapping) -> GeneVocab:
+        """The inverse of `to_dict`."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("gene_to_id"), Mapping):
+            raise ValueError(
+                "The gene vocabulary has no 'gene_to_id' mapping of gene to id; save it again with "
+                "GeneVocab.save_pretrained or the processor's save_pretrained."
+            )
         return cls(
             data["gene_to_id"],
             ensembl_to_symbol=data.get("ensembl_to_symbol"),
             pad_token=data.get("pad_token", "<pad>"),
             cls_token=data.get("cls_token", "<cls>"),
         )
+
+    @classmethod
+    def from_pretrained(cls, directory_or_file: str | os.PathLike) -> GeneVocab:
+        """Loads a `gene_vocab.json` or a scGPT `vocab.json` (the file, or a folder holding it), or the vocabulary
+        inside a saved cell processor's config (a model folder: `preprocessor_config.json`, or the
+        `feature_extractor` entry of `processor_config.json`)."""
+        path = str(directory_or_file)
+        if os.path.isdir(path):
+            names = (GENE_VOCAB_NAME, "vocab.json", PREPROCESSOR_CONFIG_NAME, PROCESSOR_CONFIG_NAME)
+            candidates = [os.path.join(path, name) for name in names]
+            path = next((p for p in candidates if os.path.isfile(p)), candidates[0])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"No gene vocabulary at {path}: expected {GENE_VOCAB_NAME}, scGPT's vocab.json or a saved scMMGPT "
+                "processor's config."
+            )
+        data = read_json(path)
+        if os.path.basename(path) in (PREPROCESSOR_CONFIG_NAME, PROCESSOR_CONFIG_NAME):
+            data = data.get("feature_extractor", data)
+            if not isinstance(data.get("gene_vocab"), dict):
+                raise FileNotFoundError(f"No gene vocabulary in {path} (nor a {GENE_VOCAB_NAME} beside it).")
+            return cls.from_dict(data["gene_vocab"])
+        if "gene_to_id" not in data:
+            return cls.from_scgpt_json(path)
+        return cls.from_dict(data)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, GeneVocab) and self.to_dict() == other.to_dict()

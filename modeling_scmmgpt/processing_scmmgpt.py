@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import json
 import logging
 import os
 import re
@@ -197,14 +198,6 @@ def _resolve(path_or_repo, filename: str, kwargs: dict) -> str | None:
     return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **hub)
 
 
-def _write_config_and_vocab(json_file_path: str | os.PathLike, config_json: str, gene_vocab: GeneVocab) -> None:
-    """A processor's config and, beside it, the gene vocabulary (`gene_vocab.json`), as a tokenizer writes its vocab
-    next to its config. The library's `save_pretrained` (and so `push_to_hub`) writes the config through
-    `to_json_file`, after it has noted the folder's files and before it uploads the changed ones."""
-    atomic_write_text(json_file_path, config_json)
-    gene_vocab.save_pretrained(os.path.dirname(os.path.abspath(json_file_path)))
-
-
 class ScMMGPTCellProcessor(FeatureExtractionMixin):
     """Cells to cell-encoder inputs (`gene_ids`, `values`, `attention_mask`) with scGPT's preprocessing.
 
@@ -228,9 +221,12 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
         layer (`str`, *optional*): read `adata.layers[layer]` instead of `adata.X`.
         use_raw (`bool`, defaults to `False`): read `adata.raw` (its `X` and `var_names`).
 
-    A transformers feature extractor: `save_pretrained` writes the options to `preprocessor_config.json` (inside a
-    [`ScMMGPTProcessor`], to the `feature_extractor` entry of `processor_config.json`) and the vocabulary to
-    `gene_vocab.json` beside it; `from_pretrained` and `AutoFeatureExtractor` read both, from a folder or the Hub.
+    A transformers feature extractor: `save_pretrained` writes the options and the gene vocabulary to
+    `preprocessor_config.json` (inside a [`ScMMGPTProcessor`], to the `feature_extractor` entry of
+    `processor_config.json`); `from_pretrained` and `AutoFeatureExtractor` read it from a folder or the Hub. The
+    vocabulary is part of the config, not a file beside it, because the library builds a feature extractor from its
+    config alone; folders saved with a `gene_vocab.json` (or scGPT's `vocab.json`) still load through
+    `from_pretrained` and `AutoProcessor`.
     """
 
     model_input_names = ["gene_ids", "values", "attention_mask"]
@@ -280,20 +276,22 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
 
     def to_dict(self) -> dict:
         output = {name: getattr(self, name) for name in self.option_names()}
+        output["gene_vocab"] = self.gene_vocab.to_dict()
         output["feature_extractor_type"] = type(self).__name__
         if getattr(self, "auto_map", None):  # set by `register_for_auto_class` saves, for trust_remote_code users
             output["auto_map"] = self.auto_map
         return output
 
     def to_json_file(self, json_file_path: str | os.PathLike) -> None:
-        """The options and, beside them, the gene vocabulary ([`_write_config_and_vocab`])."""
-        _write_config_and_vocab(json_file_path, self.to_json_string(), self.gene_vocab)
+        """The library's `save_pretrained` (and so `push_to_hub`) writes the config here: whole or not at all."""
+        atomic_write_text(json_file_path, self.to_json_string())
 
     @classmethod
     def get_feature_extractor_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
         """The library's lookup (`preprocessor_config.json`, or the `feature_extractor` entry of a processor's
-        `processor_config.json`), then the legacy `cell_processor_config.json`; the dict also carries the
-        `gene_vocab` read from the same folder or repo (`gene_vocab.json`, or scGPT's `vocab.json`)."""
+        `processor_config.json`), then the legacy `cell_processor_config.json`. A config without its `gene_vocab`
+        (saved before the vocabulary moved into it) takes the one beside it (`gene_vocab.json`, or scGPT's
+        `vocab.json`)."""
         try:
             options, rest = super().get_feature_extractor_dict(pretrained_model_name_or_path, **kwargs)
         except OSError:
@@ -306,6 +304,8 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
                 ) from None
             options = read_json(legacy)
             rest = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS}
+        if "gene_vocab" in options:
+            return options, rest
         vocab = _resolve(pretrained_model_name_or_path, GENE_VOCAB_NAME, kwargs) or _resolve(
             pretrained_model_name_or_path, "vocab.json", kwargs
         )
@@ -327,8 +327,14 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
         for key in ("feature_extractor_type", "processor_class", "auto_map"):
             options.pop(key, None)
         gene_vocab = options.pop("gene_vocab", None)
+        if isinstance(gene_vocab, dict):
+            gene_vocab = GeneVocab.from_dict(gene_vocab)
         if not isinstance(gene_vocab, GeneVocab):
-            raise ValueError("ScMMGPTCellProcessor needs a gene_vocab (a GeneVocab); load it with from_pretrained.")
+            raise ValueError(
+                "ScMMGPTCellProcessor: this config has no gene vocabulary (a folder saved before it moved into the "
+                "config keeps it in gene_vocab.json); load it with ScMMGPTCellProcessor.from_pretrained or "
+                "AutoProcessor.from_pretrained, which read that file, and save it again."
+            )
         known = cls.option_names()
         misspelt = [key for key in kwargs if key not in known and difflib.get_close_matches(key, known, n=1)]
         for key in sorted(set(options) - set(known)) + sorted(misspelt):
@@ -547,7 +553,8 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def __repr__(self) -> str:
-        return f"ScMMGPTCellProcessor({self.gene_vocab!r}, {self.to_dict()})"
+        options = {k: v for k, v in self.to_dict().items() if k != "gene_vocab"}  # the vocabulary only as a summary
+        return f"ScMMGPTCellProcessor({self.gene_vocab!r}, {options})"
 
 
 class ScMMGPTProcessor(ProcessorMixin):
@@ -699,10 +706,17 @@ class ScMMGPTProcessor(ProcessorMixin):
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
 
-    # --- persistence: the library's, plus the gene vocabulary and a reader for folders saved before ---------------------
+    # --- persistence: the library's, written whole, and a reader for folders saved before ---------------------------
     def to_json_file(self, json_file_path: str | os.PathLike) -> None:
-        """`processor_config.json` and, beside it, the cell processor's gene vocabulary ([`_write_config_and_vocab`])."""
-        _write_config_and_vocab(json_file_path, self.to_json_string(), self.feature_extractor.gene_vocab)
+        """`processor_config.json` (the cell processor's options and gene vocabulary in its `feature_extractor`
+        entry), whole or not at all."""
+        atomic_write_text(json_file_path, self.to_json_string())
+
+    def __repr__(self) -> str:
+        config = self.to_dict()
+        config.get("feature_extractor", {}).pop("gene_vocab", None)  # summarised by the cell processor's repr
+        parts = "\n".join(f"- {name}: {getattr(self, name)!r}" for name in self.get_attributes())
+        return f"{type(self).__name__}:\n{parts}\n\n{json.dumps(config, indent=2, sort_keys=True, default=str)}"
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ScMMGPTProcessor:
@@ -718,6 +732,15 @@ class ScMMGPTProcessor(ProcessorMixin):
         saved = read_json(config_file)
         if "feature_extractor" not in saved:
             return cls._from_legacy_files(pretrained_model_name_or_path, saved, kwargs)
+        if kwargs.get("feature_extractor") is None:
+            # The cell processor's own loader, because it reads the gene vocabulary beside the config: the library
+            # (transformers >= 5.2x) builds a sub-processor from its nested config entry alone. Keyword arguments
+            # that name a cell processor option go to it, as the library routes a sub-processor's options.
+            options = {k: kwargs.pop(k) for k in ScMMGPTCellProcessor.option_names() if k in kwargs}
+            hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+            kwargs["feature_extractor"] = ScMMGPTCellProcessor.from_pretrained(
+                pretrained_model_name_or_path, **hub, **options
+            )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod

@@ -331,7 +331,7 @@ def _swap_two_genes(folder):
         a, b = genes[0], genes[1]
         vocab["gene_to_id"][a], vocab["gene_to_id"][b] = vocab["gene_to_id"][b], vocab["gene_to_id"][a]
 
-    _edit_json(os.path.join(folder, "gene_vocab.json"), swap)
+    _edit_vocab(folder, swap)
 
 
 def _grow_vocab(folder):
@@ -339,7 +339,12 @@ def _grow_vocab(folder):
         top = max(vocab["gene_to_id"].values())
         vocab["gene_to_id"].update({f"EXTRA{i}": top + 1 + i for i in range(5)})
 
-    _edit_json(os.path.join(folder, "gene_vocab.json"), grow)
+    _edit_vocab(folder, grow)
+
+
+def _edit_vocab(folder, edit):
+    """Edits the gene vocabulary saved in the processor's config (its `feature_extractor` entry)."""
+    _edit_json(os.path.join(folder, "processor_config.json"), lambda c: edit(c["feature_extractor"]["gene_vocab"]))
 
 
 MODEL_CASES = [
@@ -376,11 +381,17 @@ MODEL_CASES = [
     ("a weight of the wrong shape", _wrong_shape, r"mismatched keys|size mismatch|shape"),
     ("gene vocabulary permuted", _swap_two_genes, r"gene vocabulary \(fingerprint [0-9a-f]+\) is not the one"),
     ("gene vocabulary past the embeddings", _grow_vocab, r"ids up to \d+, but the model has \d+ gene embeddings"),
-    ("gene vocabulary missing", lambda f: os.remove(os.path.join(f, "gene_vocab.json")), r"No gene vocabulary"),
     (
-        "gene vocabulary not JSON",
-        lambda f: open(os.path.join(f, "gene_vocab.json"), "w").write("[1,"),
-        r"gene_vocab\.json",
+        "gene vocabulary missing",
+        lambda f: _edit_json(
+            os.path.join(f, "processor_config.json"), lambda c: c["feature_extractor"].pop("gene_vocab")
+        ),
+        r"No gene vocabulary",
+    ),
+    (
+        "gene vocabulary without its genes",
+        lambda f: _edit_vocab(f, lambda vocab: vocab.pop("gene_to_id")),
+        r"gene vocabulary.*no 'gene_to_id'",
     ),
     (
         "processor's cell tokens differ",

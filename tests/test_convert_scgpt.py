@@ -48,7 +48,6 @@ def test_converted_checkpoint_matches_scgpt(tmp_path, pbmc, layout, sizes, seed,
     assert report.missing == [] and all(k.startswith(("decoder", "mvc_decoder", "cls_decoder")) for k in report.unused)
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
-        "gene_vocab.json",
         "model.safetensors",
         "preprocessor_config.json",
     ]

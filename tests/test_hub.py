@@ -138,7 +138,6 @@ def test_publish_then_load_gives_identical_outputs(hub_env, tmp_path):
     assert len(shards) > 1 and "model.safetensors.index.json" in files  # sharded above max_shard_size
     for name in (
         "processor_config.json",
-        "gene_vocab.json",
         "qformer_tokenizer/tokenizer.json",
         "tokenizer.json",
         "modeling_scmmgpt.py",
@@ -182,7 +181,6 @@ def test_processor_push_to_hub_round_trips_through_the_library(hub_env):
         files = hub.repos[repo].files
         assert {
             "processor_config.json",
-            "gene_vocab.json",
             "tokenizer.json",
             "qformer_tokenizer/tokenizer.json",
         } <= set(files)

@@ -171,13 +171,16 @@ def test_scgpt_preprocessor_path_gives_the_same_tokens(oracle):
 
 
 def test_cell_processor_save_load(pbmc, pbmc_cell_processor, tmp_path):
-    """A transformers feature extractor: the library's save writes its options and the vocabulary beside them, and
+    """A transformers feature extractor: the library's save writes its options and the vocabulary in one config, and
     both `from_pretrained` and `AutoFeatureExtractor` read them back, with keyword overrides of the options."""
     assert isinstance(pbmc_cell_processor, FeatureExtractionMixin)
     pbmc_cell_processor.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["gene_vocab.json", "preprocessor_config.json"]
+    assert sorted(os.listdir(tmp_path)) == ["preprocessor_config.json"]
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["feature_extractor_type"] == "ScMMGPTCellProcessor" and saved["max_genes"] == 64
+    assert saved["gene_vocab"] == pbmc_cell_processor.gene_vocab.to_dict()
+    assert GeneVocab.from_pretrained(tmp_path) == pbmc_cell_processor.gene_vocab
+    assert "CD3E" not in repr(pbmc_cell_processor)  # the vocabulary only as a summary
     for reloaded in (ScMMGPTCellProcessor.from_pretrained(tmp_path), AutoFeatureExtractor.from_pretrained(tmp_path)):
         assert type(reloaded) is ScMMGPTCellProcessor
         assert reloaded.gene_vocab == pbmc_cell_processor.gene_vocab
@@ -188,6 +191,21 @@ def test_cell_processor_save_load(pbmc, pbmc_cell_processor, tmp_path):
         ScMMGPTCellProcessor.from_pretrained(tmp_path, max_gene=16)
     # The loaders' own keywords (pipeline() passes dtype to every part) are not options and are left alone.
     assert ScMMGPTCellProcessor.from_pretrained(tmp_path, dtype="float32").to_dict() == pbmc_cell_processor.to_dict()
+
+
+def test_cell_processor_folders_with_the_vocabulary_beside_the_config_still_load(pbmc, pbmc_cell_processor, tmp_path):
+    """Folders saved before the vocabulary moved into the config keep it in `gene_vocab.json`: `from_pretrained`
+    reads it; `AutoFeatureExtractor`, which builds from the config alone, says how to load and re-save it."""
+    pbmc_cell_processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    config.pop("gene_vocab")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    pbmc_cell_processor.gene_vocab.save_pretrained(tmp_path)
+    reloaded = ScMMGPTCellProcessor.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == pbmc_cell_processor.to_dict()
+    _cells_equal(reloaded(pbmc[:3]), pbmc_cell_processor(pbmc[:3]))
+    with pytest.raises(ValueError, match=r"no gene vocabulary.*gene_vocab\.json.*save it again"):
+        AutoFeatureExtractor.from_pretrained(tmp_path)
 
 
 def test_processor_expands_placeholders_and_builds_prompts(pbmc, pbmc_cell_processor, tokenizer):
@@ -234,7 +252,12 @@ def test_processor_roundtrip_with_autoprocessor(pbmc, pbmc_cell_processor, token
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert saved["processor_class"] == "ScMMGPTProcessor" and saved["num_cell_tokens"] == 3
     assert saved["feature_extractor"]["feature_extractor_type"] == "ScMMGPTCellProcessor"
-    assert (tmp_path / "gene_vocab.json").is_file() and (tmp_path / "qformer_tokenizer" / "tokenizer.json").is_file()
+    assert saved["feature_extractor"]["gene_vocab"] == pbmc_cell_processor.gene_vocab.to_dict()
+    assert (
+        not (tmp_path / "gene_vocab.json").exists() and (tmp_path / "qformer_tokenizer" / "tokenizer.json").is_file()
+    )
+    assert "CD3E" not in repr(processor)  # the vocabulary only as a summary
+    assert GeneVocab.from_pretrained(tmp_path) == pbmc_cell_processor.gene_vocab  # a model folder is a vocabulary
     reloaded = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(reloaded, ScMMGPTProcessor)
     assert reloaded.config_token_ids() == processor.config_token_ids()
@@ -247,6 +270,12 @@ def test_processor_roundtrip_with_autoprocessor(pbmc, pbmc_cell_processor, token
     b = reloaded(text=reloaded.build_prompt("Describe."), cells=pbmc[:1])
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    assert AutoProcessor.from_pretrained(tmp_path, max_genes=16).feature_extractor.max_genes == 16
+    # A folder saved before the vocabulary moved into the config (gene_vocab.json beside it) still loads.
+    saved["feature_extractor"].pop("gene_vocab")
+    (tmp_path / "processor_config.json").write_text(json.dumps(saved))
+    pbmc_cell_processor.gene_vocab.save_pretrained(tmp_path)
+    assert AutoProcessor.from_pretrained(tmp_path).feature_extractor.to_dict() == pbmc_cell_processor.to_dict()
 
 
 def test_processor_without_qformer_tokenizer_reads_text_with_the_lm_tokenizer(

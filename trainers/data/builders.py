@@ -51,8 +51,8 @@ class ScMMGPTCellTextConfig(datasets.BuilderConfig):
         h5ad_files (`list[str]` or `dict[str, list[str]]`): `.h5ad` files, or split name to files (h5ad builder).
         experiment_uris (`list[str]` or `dict[str, list[str]]`): SOMA experiments, or split name to them (SOMA).
         measurement_name (`str`, defaults to `"RNA"`), x_name (`str`, defaults to `"raw"`): SOMA matrix to read.
-        gene_vocab (`str`, *optional*): a `gene_vocab.json`/scGPT `vocab.json` file or folder; defaults to scGPT's
-            census vocabulary.
+        gene_vocab (`str`, *optional*): a `gene_vocab.json`/scGPT `vocab.json` file or folder, or a saved scMMGPT
+            model folder; defaults to scGPT's census vocabulary.
         gene_id_column (`str`, *optional*): `var` column with gene names (SOMA defaults to `feature_name`).
         use_raw (`bool`), layer (`str`): read `.raw.X` or a layer instead of `X` (h5ad).
         label_column (`str`, defaults to `"cell_type"`): obs column with the cell type label (after `column_map`).
