@@ -15,7 +15,7 @@ setup(
     package_data={"hub_cards": ["*.md", "space/*"]},
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.24,<6",
+        "transformers>=5.25,<6",
         "datasets>=4",
         "peft>=0.17",
         "trl>=1.0",
