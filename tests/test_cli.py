@@ -192,9 +192,18 @@ def _run(*args):
 
 
 @pytest.mark.parametrize("command", sorted(EXAMPLES))
-def test_every_subcommand_has_help_with_an_example(command):
-    result = _run(command, "--help")
-    assert result.returncode == 0 and "example:" in result.stdout and f"scmmgpt {command}" in result.stdout
+def test_every_subcommand_has_help_with_an_example(command, capsys):
+    # In process: a subprocess per subcommand cost about 12 s each (the imports); the console entry point itself
+    # is run as a subprocess below (test_errors_are_one_line_with_a_hint) and for `embed --help` here.
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "example:" in out and f"scmmgpt {command}" in out
+
+
+def test_help_through_the_entry_point():
+    result = _run("embed", "--help")
+    assert result.returncode == 0 and "example:" in result.stdout and "scmmgpt embed" in result.stdout
 
 
 def test_errors_are_one_line_with_a_hint(demo_dir, cells_h5ad, tmp_path, pbmc):
