@@ -11,13 +11,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from transformers.utils import FEATURE_EXTRACTOR_NAME, PROCESSOR_NAME
 
 from .utils import atomic_write_text, read_json
 
 
 GENE_VOCAB_NAME = "gene_vocab.json"
-# Where a saved cell processor keeps its vocabulary (the library's feature-extractor and processor config names).
-PREPROCESSOR_CONFIG_NAME, PROCESSOR_CONFIG_NAME = "preprocessor_config.json", "processor_config.json"
 SCGPT_SPECIAL_TOKENS = ("<pad>", "<cls>", "<eoc>")
 
 
@@ -279,7 +278,7 @@ class GeneVocab:
         `feature_extractor` entry of `processor_config.json`)."""
         path = str(directory_or_file)
         if os.path.isdir(path):
-            names = (GENE_VOCAB_NAME, "vocab.json", PREPROCESSOR_CONFIG_NAME, PROCESSOR_CONFIG_NAME)
+            names = (GENE_VOCAB_NAME, "vocab.json", FEATURE_EXTRACTOR_NAME, PROCESSOR_NAME)
             candidates = [os.path.join(path, name) for name in names]
             path = next((p for p in candidates if os.path.isfile(p)), candidates[0])
         if not os.path.isfile(path):
@@ -288,7 +287,7 @@ class GeneVocab:
                 "processor's config."
             )
         data = read_json(path)
-        if os.path.basename(path) in (PREPROCESSOR_CONFIG_NAME, PROCESSOR_CONFIG_NAME):
+        if os.path.basename(path) in (FEATURE_EXTRACTOR_NAME, PROCESSOR_NAME):
             data = data.get("feature_extractor", data)
             if not isinstance(data.get("gene_vocab"), dict):
                 raise FileNotFoundError(f"No gene vocabulary in {path} (nor a {GENE_VOCAB_NAME} beside it).")

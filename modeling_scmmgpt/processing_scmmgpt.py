@@ -733,9 +733,9 @@ class ScMMGPTProcessor(ProcessorMixin):
         if "feature_extractor" not in saved:
             return cls._from_legacy_files(pretrained_model_name_or_path, saved, kwargs)
         if kwargs.get("feature_extractor") is None:
-            # The cell processor's own loader, because it reads the gene vocabulary beside the config: the library
-            # (transformers >= 5.2x) builds a sub-processor from its nested config entry alone. Keyword arguments
-            # that name a cell processor option go to it, as the library routes a sub-processor's options.
+            # The cell processor's own loader: folders saved before the vocabulary moved into the config keep it in
+            # gene_vocab.json, which the library (transformers 5.25 builds a sub-processor from its nested config
+            # entry alone) cannot see. Keyword arguments that name a cell processor option go to it.
             options = {k: kwargs.pop(k) for k in ScMMGPTCellProcessor.option_names() if k in kwargs}
             hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
             kwargs["feature_extractor"] = ScMMGPTCellProcessor.from_pretrained(
