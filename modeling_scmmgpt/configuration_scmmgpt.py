@@ -266,6 +266,21 @@ class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
             starting each entry from the LM's embeddings of its label's tokens and the classifier from a logistic
             regression on training cells, so a cell reads like the name of the type it most resembles, as a
             confident mixture rather than a least-squares blur of all names. `None` (default): no codebook.
+        open_set_labels (`list[str]`, *optional*):
+            The cell types (labels and Cell Ontology ids) of the cells the model was trained on, set with an open-set
+            reference ([`ScMMGPTModel.set_open_set_reference`]; the stage trainers do it after training). Zero-shot
+            annotation then knows which candidates are new to the model: a cell that resembles no training cell
+            (see `open_set_threshold`) is named among the new candidates only. Contrastive heads learn their training
+            texts, so without this a cell of a type never trained on goes to the nearest trained type (the demo's
+            held-out B and NK cells: 0 of 19 named right). `None` (default): no reference.
+        open_set_reference_size (`int`, *optional*, defaults to 0):
+            Number of reference cells kept (their contrastive cell features, a buffer saved with the weights).
+        open_set_neighbours (`int`, *optional*, defaults to 5):
+            A cell's similarity to the training cells is its mean cosine similarity to its `open_set_neighbours`
+            nearest reference cells (deep nearest-neighbour out-of-distribution detection, Sun et al. 2022).
+        open_set_threshold (`float`, *optional*):
+            Cells below this similarity are new to the model: by default the 5% quantile of held-out validation
+            cells of the training types, so about 1 in 20 cells of a known type is taken for a new one.
         freeze_cell_encoder (`bool`, *optional*, defaults to `False`):
             Keep the cell encoder's weights fixed.
         freeze_qformer (`bool`, *optional*, defaults to `False`):
@@ -319,6 +334,10 @@ class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
     bilinear_expression_readout: bool = False
     gene_expression_readout: bool = False
     cell_codebook_labels: list[str] | None = None
+    open_set_labels: list[str] | None = None
+    open_set_reference_size: int = 0
+    open_set_neighbours: int = 5
+    open_set_threshold: float | int | None = None
     freeze_cell_encoder: bool = False
     freeze_qformer: bool = False
     freeze_language_model: bool = False
@@ -338,6 +357,14 @@ class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
     def validate_loss_settings(self):
         """Part of `@strict` validation: the pre-training losses' weights and settings."""
         check_loss_settings({name: getattr(self, name) for name in PRETRAINING_LOSS_SETTINGS})
+
+    def validate_open_set(self):
+        """Part of `@strict` validation: the open-set reference's sizes."""
+        if self.open_set_neighbours < 1 or self.open_set_reference_size < 0:
+            raise ValueError(
+                f"open_set_neighbours={self.open_set_neighbours} and open_set_reference_size="
+                f"{self.open_set_reference_size}: need at least 1 neighbour and a size of 0 or more."
+            )
 
     @property
     def cell_token_ids(self) -> list[int]:

@@ -169,6 +169,24 @@ class ScMMGPTCellCodebook(nn.Module):
         return torch.einsum("nc,ckh->nkh", weights, self.entries.to(weights.dtype))
 
 
+class ScMMGPTOpenSetReference(nn.Module):
+    """Contrastive features of `config.open_set_reference_size` training cells, to tell a cell of a known type from
+    one of a type the model never trained on: a cell's similarity to the training cells is its mean cosine similarity
+    to its `config.open_set_neighbours` nearest reference cells (Sun et al. 2022, "Out-of-Distribution Detection with
+    Deep Nearest Neighbors").
+    """
+
+    def __init__(self, config: ScMMGPTConfig):
+        super().__init__()
+        self.neighbours = config.open_set_neighbours
+        self.register_buffer("features", torch.zeros(config.open_set_reference_size, config.projection_dim))
+
+    def forward(self, cell_features: torch.Tensor) -> torch.Tensor:
+        """`(num_cells, projection_dim)` L2-normalised cell features to `(num_cells,)` similarities."""
+        similarity = cell_features @ self.features.to(cell_features).T
+        return similarity.topk(min(self.neighbours, self.features.shape[0]), dim=-1).values.mean(-1)
+
+
 class ScMMGPTExpressionDecoder(nn.Module):
     """Cell tokens plus any list of genes to expression per gene.
 
@@ -535,6 +553,7 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
             config.qformer_config.hidden_size, config.text_config.hidden_size, config.projector_hidden_act
         )
         self.cell_codebook = ScMMGPTCellCodebook(config) if config.cell_codebook_labels else None
+        self.open_set_reference = ScMMGPTOpenSetReference(config) if config.open_set_labels else None
         self.expression_decoder = ScMMGPTExpressionDecoder(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -594,6 +613,39 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
         codebook.classifier.bias.copy_(classifier_bias)
         codebook.entries.copy_(entries)
         self.cell_codebook = codebook
+
+    @torch.no_grad()
+    def set_open_set_reference(self, labels: list[str], reference_features: torch.Tensor, threshold: float) -> None:
+        """Records the training cells' types and features, so zero-shot annotation can tell new types from known ones
+        (config `open_set_labels`, `open_set_reference_size`, `open_set_threshold`; saved with the model).
+
+        Args:
+            labels (`list[str]`): the cell types trained on, as labels and/or Cell Ontology ids.
+            reference_features (`(num_reference_cells, projection_dim)`): `get_cell_features` of training cells.
+            threshold (`float`): cells whose [`open_set_similarity`] is below it are taken for a new type.
+        """
+        if (
+            reference_features.ndim != 2
+            or reference_features.shape[1] != self.config.projection_dim
+            or not len(reference_features)
+        ):
+            raise ValueError(
+                f"reference_features has shape {tuple(reference_features.shape)}; need at least one cell of "
+                f"{self.config.projection_dim} features (the model's get_cell_features)."
+            )
+        self.config.open_set_labels = sorted(set(labels))
+        self.config.open_set_reference_size = reference_features.shape[0]
+        self.config.open_set_threshold = float(threshold)
+        reference = ScMMGPTOpenSetReference(self.config).to(reference_features.device)
+        reference.features.copy_(reference_features)
+        self.open_set_reference = reference
+
+    def open_set_similarity(self, cell_features: torch.Tensor) -> torch.Tensor:
+        """`(num_cells,)` similarity of each cell (`(num_cells, projection_dim)` `get_cell_features`) to the training
+        cells; raises if the model has no open-set reference."""
+        if self.open_set_reference is None:
+            raise ValueError("This model has no open-set reference: set one with set_open_set_reference.")
+        return self.open_set_reference(cell_features)
 
     def decode_expression(
         self, cell_queries: torch.Tensor, gene_ids: torch.LongTensor, return_log_variance: bool = False
@@ -758,6 +810,9 @@ class ScMMGPTForConditionalGeneration(ScMMGPTPreTrainedModel, GenerationMixin):
 
     def get_text_features(self, *args, **kwargs) -> torch.Tensor:
         return self.model.get_text_features(*args, **kwargs)
+
+    def open_set_similarity(self, cell_features: torch.Tensor) -> torch.Tensor:
+        return self.model.open_set_similarity(cell_features)
 
     @can_return_tuple
     def forward(

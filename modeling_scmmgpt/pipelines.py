@@ -293,9 +293,21 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
     `mode="zero-shot"` ranks candidates by contrastive similarity between cells and their text (a Cell Ontology id
     or label is described with its definition, so types never seen in training can be named); `mode="generative"`
     lets the LM name the type and maps its answer to the closest candidate.
+
+    Open set (zero-shot): a model saved with an open-set reference (`config.open_set_labels`, which the stage
+    trainers fit) knows which candidates are types it never trained on. When the candidates mix both, a cell whose
+    similarity to the training cells is below `config.open_set_threshold` is taken for a new type and ranked among
+    the new candidates only (the trained ones score 0 for it). `open_set=False` ranks every cell over all candidates.
     """
 
-    def _sanitize_parameters(self, gene_names=None, candidate_labels=None, top_k: int = 1, mode: str = "zero-shot"):
+    def _sanitize_parameters(
+        self,
+        gene_names=None,
+        candidate_labels=None,
+        top_k: int = 1,
+        mode: str = "zero-shot",
+        open_set: bool | None = None,
+    ):
         if candidate_labels is None:  # pipeline() construction: the labels come with each call
             return {}, {}, {}
         if not candidate_labels:
@@ -312,6 +324,9 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         forward = {"mode": mode}
         if mode == "zero-shot":  # the labels' text features, once per call rather than once per chunk of cells
             forward["text_features"] = self._label_features(labels)
+            forward["new_labels"] = self._new_labels(labels, open_set)
+        elif open_set:
+            raise ValueError("open_set applies to mode='zero-shot'; the generative mode names trained types.")
         preprocess = {"gene_names": gene_names, "labels": labels, "mode": mode}
         return preprocess, forward, {"labels": labels, "top_k": min(top_k, len(labels))}
 
@@ -340,6 +355,30 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
             features.append(self.model.get_text_features(texts["input_ids"], texts["attention_mask"]))
         return torch.cat(features)
 
+    def _new_labels(self, labels: list[str], open_set: bool | None) -> torch.Tensor | None:
+        """`(len(labels),)` bool, True for the candidates the model never trained on, where the open set applies:
+        `open_set` is not False, the model has a reference, and the candidates mix new and trained types."""
+        if open_set is False:
+            return None
+        known = getattr(self.model.config, "open_set_labels", None)
+        if not known:
+            if open_set:
+                raise ValueError(
+                    "open_set=True, but this model has no open-set reference (config.open_set_labels): it was "
+                    "trained with open_set_reference_cells 0 or before the reference existed; pass open_set=False."
+                )
+            return None
+        from .ontology import CellOntology
+
+        ontology, known = CellOntology.load(), set(known)
+        new = torch.tensor(
+            [
+                label not in known and (label if label in ontology else ontology.resolve(label, None)) not in known
+                for label in labels
+            ]
+        )
+        return new if 0 < int(new.sum()) < len(labels) else None
+
     @staticmethod
     def _describe(label: str) -> str:
         """`cell type: {label}. {definition}` for Cell Ontology ids or labels, the label alone otherwise."""
@@ -349,11 +388,15 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         term = label if label in ontology else ontology.resolve(label, None)
         return ontology.describe({"cell_type": label, "cell_type_ontology_term_id": term})
 
-    def _forward(self, inputs, mode="zero-shot", text_features=None):
+    def _forward(self, inputs, mode="zero-shot", text_features=None, new_labels=None):
         if mode == "zero-shot":
             cells = self.model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
             scale = getattr(self.model, "model", self.model).cell_tower.logit_scale.exp()
-            return (scale * cells @ text_features.to(cells).T).softmax(-1)
+            logits = scale * cells @ text_features.to(cells).T
+            if new_labels is not None:
+                novel = self.model.open_set_similarity(cells) < self.model.config.open_set_threshold
+                logits = logits.masked_fill(novel[:, None] & ~new_labels.to(cells.device)[None], float("-inf"))
+            return logits.softmax(-1)
         answers = self.processor.batch_decode(self._generate(inputs, max_new_tokens=16), skip_special_tokens=True)
         return torch.tensor(
             [

@@ -180,6 +180,7 @@ def cmd_annotate(args):
         candidate_labels=args.labels,
         top_k=args.top_k,
         mode=args.mode,
+        open_set=args.open_set,
         batch_size=args.batch_size,
         write_to_adata=True,
     )
@@ -483,6 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", required=True, help="candidate cell types")
     p.add_argument("--mode", choices=["zero-shot", "generative"], default="zero-shot")
     p.add_argument("--top-k", type=int, default=1)
+    p.add_argument(
+        "--no-open-set",
+        dest="open_set",
+        action="store_const",
+        const=False,
+        default=None,
+        help="zero-shot: rank every cell over all labels, even cells unlike any training cell (by default, when "
+        "the labels include types the model never trained on, such cells are named among those types)",
+    )
     p.set_defaults(func=cmd_annotate)
 
     p = sub("describe", "A generated text description per cell, in obs['scmmgpt_description'].")

@@ -189,7 +189,10 @@ def run_demo(output_dir: str, fast: bool = False, seed: int = 0, holdout_types=(
         holdout = results["zero_shot_holdout"]
         print(
             f"held-out types {holdout['holdout_types']}: zero-shot accuracy {holdout['accuracy']:.3f} on "
-            f"{holdout['n_cells']} test cells (chance {holdout['chance_accuracy']:.3f})"
+            f"{holdout['n_cells']} test cells (chance {holdout['chance_accuracy']:.3f}; without the open-set "
+            f"reference {holdout['accuracy_without_open_set']:.3f}); test cells of the trained types, same "
+            f"candidates: {holdout.get('trained_types_accuracy', float('nan')):.3f} (without "
+            f"{holdout.get('trained_types_accuracy_without_open_set', float('nan')):.3f})"
         )
 
     card = render_model_card(

@@ -178,23 +178,45 @@ def evaluate_generation(model, processor, train, test, cells_per_type: int = 4, 
 
 def evaluate_zero_shot_holdout(model, processor, test, holdout_types, batch_size: int = 16) -> dict:
     """Zero-shot annotation of test cells whose types were kept out of training: candidates are the Cell Ontology ids
-    of every test type, seen or not, so a right answer means the model matched the cell to an unseen definition."""
-    cells = test.filter(lambda r: r["cell_type"] in set(holdout_types))
+    of every test type, seen or not, so a right answer means the model matched the cell to an unseen definition.
+
+    Scored with the model's open-set reference where it has one (the pipeline's default) and without it
+    (`*_without_open_set`), and, for what the open set costs, on the test cells of the trained types against the
+    same candidates (`trained_types_accuracy*`)."""
+    held_out = set(holdout_types)
+    cells = test.filter(lambda r: r["cell_type"] in held_out)
     if len(cells) == 0:
         raise ValueError(f"No test cells of the held-out types {list(holdout_types)}; check the label spelling.")
+    trained = test.filter(lambda r: r["cell_type"] not in held_out)
     column = _zero_shot_column(test)
     candidates = sorted(set(test[column]))
     annotator = _pipeline(CellTypeAnnotationPipeline, model, processor)
-    ranked = annotator(cells, candidate_labels=candidates, mode="zero-shot", batch_size=batch_size, progress=False)
-    result = CellTypeAnnotationMetric().compute(
-        predictions=[r[0]["label"] for r in ranked], references=list(cells[column])
-    )
+    metric = CellTypeAnnotationMetric()
+
+    def score(split, open_set):
+        ranked = annotator(
+            split,
+            candidate_labels=candidates,
+            mode="zero-shot",
+            open_set=open_set,
+            batch_size=batch_size,
+            progress=False,
+        )
+        return metric.compute(predictions=[r[0]["label"] for r in ranked], references=list(split[column]))
+
+    result = score(cells, None)
+    extra = {"accuracy_without_open_set": score(cells, False)["accuracy"]}
+    if len(trained):
+        extra["trained_types_accuracy"] = score(trained, None)["accuracy"]
+        extra["trained_types_accuracy_without_open_set"] = score(trained, False)["accuracy"]
     return {
         "holdout_types": list(holdout_types),
         "n_cells": len(cells),
         "n_candidates": len(candidates),
         "chance_accuracy": 1 / len(candidates),
+        "open_set": bool(getattr(model.config, "open_set_labels", None)),
         **result,
+        **extra,
     }
 
 

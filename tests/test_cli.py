@@ -60,6 +60,49 @@ def test_demo_fast_model_knows_its_cells(demo_dir):
     assert accuracy >= 2 * majority_share, (accuracy, majority_share)
 
 
+def test_demo_fast_model_keeps_its_open_set_reference(demo_dir):
+    """The contrastive stage fits the open-set reference on its training cells (`trainers.open_set`), so the final
+    model knows the demo's ten types (labels and Cell Ontology ids) and holds all 489 training cells' features."""
+    import json
+
+    from trainers.data.builders import PBMC_LABEL_TO_CELL_ONTOLOGY
+    from trainers.run import COMPLETE
+
+    config = json.loads((demo_dir / "instruction" / "config.json").read_text())
+    expected = set(PBMC_LABEL_TO_CELL_ONTOLOGY) | set(PBMC_LABEL_TO_CELL_ONTOLOGY.values())
+    assert set(config["open_set_labels"]) == expected
+    assert config["open_set_reference_size"] == 489 and -1 < config["open_set_threshold"] < 1
+    fitted = {
+        s: json.loads((demo_dir / s / COMPLETE).read_text())["open_set"]
+        for s in ("contrastive", "reconstruction", "instruction")
+    }
+    # Stage 1 aligns cells and texts; stages 2 and 3 keep the cell path frozen, so they keep its reference.
+    assert fitted["contrastive"]["open_set_reference_cells"] == 489
+    assert "kept" in fitted["reconstruction"] and "kept" in fitted["instruction"]
+
+
+def test_annotate_names_new_types_for_unfamiliar_cells_unless_told_not_to(demo_dir, cells_h5ad, tmp_path):
+    """`annotate` follows the model's open-set reference: with a threshold every cell falls below, each cell is named
+    among the candidates the model never trained on; `--no-open-set` ranks all candidates as before."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_dir / "instruction", model)
+    config = json.loads((model / "config.json").read_text())
+    config["open_set_threshold"] = 2.0  # above any cosine similarity: every cell is unlike the training cells
+    (model / "config.json").write_text(json.dumps(config))
+    new = "hepatocyte"  # not a demo type, nor like one
+    argv = ["annotate", "--model", str(model), "--input", cells_h5ad, "--labels", "CL:0000236", "CL:0001054", new]
+    labels = {}
+    for flag in ([], ["--no-open-set"]):
+        out = tmp_path / f"a{len(flag)}.csv"
+        assert main([*argv, "--output", str(out), *flag]) == 0
+        labels[bool(flag)] = [row.split(",")[1] for row in out.read_text().splitlines()[1:]]
+    assert labels[False] == [new] * 12
+    assert set(labels[True]) != {new}
+
+
 def test_architecture_figure_matches_the_readme(tmp_path):
     from PIL import Image
 

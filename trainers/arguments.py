@@ -331,6 +331,21 @@ class ScMMGPTModelDataArguments(ScMMGPTDataArguments):
         default_factory=list,
         metadata={"help": "Cell types (cell_type values) removed from the training split, for zero-shot tests."},
     )
+    open_set_reference_cells: int = field(
+        default=2048,
+        metadata={
+            "help": "After training, keep the contrastive features of this many training cells (the first ones) "
+            "and the training types in the model, so zero-shot annotation can name types it never trained on "
+            "(ScMMGPTModel.set_open_set_reference; trainers.open_set). 0: no reference."
+        },
+    )
+    open_set_quantile: float = field(
+        default=0.05,
+        metadata={
+            "help": "The share of validation cells (of the training types) that the open-set threshold takes "
+            "for a new type: higher names more new types and misses more known ones."
+        },
+    )
 
     @property
     def demo_model_options(self) -> dict:
@@ -353,5 +368,10 @@ class ScMMGPTModelDataArguments(ScMMGPTDataArguments):
             raise ValueError(f"demo_language_model={self.demo_language_model!r}: use 'tiny' or 'smollm2'.")
         if self.gene_embedding_init not in ("random", "pca"):
             raise ValueError(f"gene_embedding_init={self.gene_embedding_init!r}: use 'random' or 'pca'.")
+        if self.open_set_reference_cells < 0 or not 0 < self.open_set_quantile < 1:
+            raise ValueError(
+                f"open_set_reference_cells={self.open_set_reference_cells}, open_set_quantile="
+                f"{self.open_set_quantile}: need 0 or more cells and a quantile between 0 and 1."
+            )
         if self.gene_embedding_init == "pca" and not self.cell_summary:
             raise ValueError("gene_embedding_init='pca' initialises the cell summary: set cell_summary true too.")

@@ -17,9 +17,10 @@ from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTForPreTrain
 
 from .arguments import ScMMGPTContrastiveArguments, ScMMGPTModelDataArguments, ScMMGPTReconstructionArguments
 from .collators import ScMMGPTContrastiveCollator, ScMMGPTReconstructionCollator
-from .common import load_model_and_data, parse_stage_args, world
+from .common import data_parallel_wrapper, load_model_and_data, parse_stage_args, world
 from .contrastive import ScMMGPTContrastiveTrainer
 from .instruction import ScMMGPTInstructionArguments, ScMMGPTInstructionTrainer
+from .open_set import contrastive_features_trained, fit_open_set_reference_
 from .reconstruction import ScMMGPTReconstructionTrainer
 
 
@@ -88,8 +89,9 @@ def run_stage(
 ) -> dict:
     """Trains one stage from `arguments` (parsed, as [`parse_stage`] returns them) or from `argv`, and saves the
     final model and processor in `output_dir` (the instruction stage merges its LoRA adapters, which it also keeps
-    in `output_dir/adapter`, when it trains with LoRA). Returns the validation metrics before training (of the
-    checkpoint it resumes from, if any) and after."""
+    in `output_dir/adapter`, when it trains with LoRA), with its open-set reference (`trainers.open_set`). Returns
+    the validation metrics before training (of the checkpoint it resumes from, if any) and after, and what the
+    open-set reference was fitted on."""
     model_args, args = arguments if arguments is not None else parse_stage(stage, argv)
     resume = _resume_point(stage, args)
     if resume is None and stage_is_complete(args.output_dir):
@@ -101,13 +103,14 @@ def run_stage(
     trainer.add_callback(baseline)
     trainer.train(resume_from_checkpoint=resume or None)
     before, after = baseline.metrics, trainer.evaluate()
+    open_set = _fit_open_set(trainer, model_args, data)
     if stage == "instruction":
         if hasattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config"):  # LoRA: keep the adapters too
             trainer.save_model(os.path.join(args.output_dir, "adapter"))
         trainer.save_merged(args.output_dir)
     else:
         trainer.save_model(args.output_dir)  # gathers sharded (FSDP/DeepSpeed) weights
-    metrics = {"stage": stage, "before": before, "after": after}
+    metrics = {"stage": stage, "before": before, "after": after, "open_set": open_set}
     if trainer.is_world_process_zero():
         from modeling_scmmgpt.utils import atomic_write_text
 
@@ -120,6 +123,34 @@ def run_stage(
     # The next stage loads this one's saved model on every rank: none may go on before rank 0 has written it.
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def _fit_open_set(trainer, model_args, data) -> dict:
+    """The open-set reference of the trained model (`trainers.open_set`), fitted where this stage trained the
+    contrastive features or the model has none yet (a stage on a frozen cell path keeps the reference of the stage
+    that trained it, and so the types that stage aligned), and where every rank holds whole weights (the ranks
+    compute the same reference); sharded runs skip it, with a warning."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not model_args.open_set_reference_cells:
+        return {}
+    if model.config.open_set_labels and not contrastive_features_trained(model):
+        return {"kept": "this stage did not train the contrastive features; the reference of the stage that did"}
+    wrapper = data_parallel_wrapper(trainer.model_wrapped)
+    if wrapper not in (None, "DDP"):
+        logger.warning(
+            "%s shards the weights: no open-set reference is saved, so zero-shot annotation will not tell new cell "
+            "types from trained ones (trainers.open_set.fit_open_set_reference_ on the saved model adds one).",
+            wrapper,
+        )
+        return {}
+    return fit_open_set_reference_(
+        model,
+        trainer.processing_class,
+        data["train"],
+        data["validation"],
+        reference_cells=model_args.open_set_reference_cells,
+        quantile=model_args.open_set_quantile,
+    )
 
 
 def parse_stage_for_plan(stage: str, argv: list[str]) -> tuple:
