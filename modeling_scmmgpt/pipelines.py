@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import Pipeline
+from transformers import Pipeline, StoppingCriteria, StoppingCriteriaList
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTModel
@@ -141,6 +141,38 @@ def _candidate_labels(candidate_labels) -> list[str]:
     return unique
 
 
+class _LabelChoice(StoppingCriteria):
+    """Constrained decoding of a label: after `prompt_length` prompt tokens, a row may only write the tokens of one
+    of `sequences` (each label as the LM tokenizes a response) and then `end` (`allowed`, for `generate`'s
+    `prefix_allowed_tokens_fn`); as a stopping criterion it ends a row as soon as one label is left, and records it
+    in `chosen` (the first, where labels tokenize alike)."""
+
+    def __init__(self, sequences: list[list[int]], end: int, prompt_length: int):
+        self.sequences = [list(s) + [end] for s in sequences]
+        self.end, self.prompt_length = end, prompt_length
+        self.chosen: list[int | None] = []
+
+    def _consistent(self, written: list[int]) -> list[int]:
+        return [i for i, s in enumerate(self.sequences) if s[: len(written)] == written]
+
+    def allowed(self, batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        written = input_ids[self.prompt_length :].tolist()
+        n = len(written)
+        return sorted({self.sequences[i][n] for i in self._consistent(written) if len(self.sequences[i]) > n}) or [
+            self.end
+        ]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if not self.chosen:
+            self.chosen = [None] * input_ids.shape[0]
+        for row, ids in enumerate(input_ids[:, self.prompt_length :].tolist()):
+            if self.chosen[row] is None:
+                left = self._consistent(ids)
+                if len({tuple(self.sequences[i]) for i in left}) == 1:
+                    self.chosen[row] = left[0]
+        return torch.tensor([c is not None for c in self.chosen], device=input_ids.device)
+
+
 class ScMMGPTCellPipeline(Pipeline):
     """Cells to per-cell results, on transformers' `Pipeline` contract.
 
@@ -173,8 +205,9 @@ class ScMMGPTCellPipeline(Pipeline):
         text = self.processor(text=[self.processor.build_prompt(instruction)] * n_cells, padding_side="left")
         return {"input_ids": text["input_ids"], "prompt_attention_mask": text["attention_mask"]}
 
-    def _generate(self, inputs, max_new_tokens: int) -> torch.Tensor:
-        """The tokens the LM writes after each cell's prompt, greedily."""
+    def _generate(self, inputs, max_new_tokens: int, labels: _LabelChoice | None = None) -> torch.Tensor:
+        """The tokens the LM writes after each cell's prompt, greedily; with `labels`, only a candidate label's
+        tokens (transformers' constrained decoding), each row stopping once its label is decided."""
         generated = self.model.generate(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["prompt_attention_mask"],
@@ -183,6 +216,8 @@ class ScMMGPTCellPipeline(Pipeline):
             cell_attention_mask=inputs["attention_mask"],
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            prefix_allowed_tokens_fn=labels.allowed if labels is not None else None,
+            stopping_criteria=StoppingCriteriaList([labels]) if labels is not None else None,
         )
         return generated[:, inputs["input_ids"].shape[1] :]
 
@@ -292,7 +327,10 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
 
     `mode="zero-shot"` ranks candidates by contrastive similarity between cells and their text (a Cell Ontology id
     or label is described with its definition, so types never seen in training can be named); `mode="generative"`
-    lets the LM name the type and maps its answer to the closest candidate.
+    lets the LM name the type, decoding within the candidates' tokens (`constrained=True`, the default: the answer
+    is one whole candidate, the LM's own choice) or freely (`constrained=False`: its answer is mapped to the closest
+    candidate by string similarity, which reads a cut-short answer such as "CD8+/CD45RA+" by spelling alone).
+    Candidates are ranked by string similarity to the answer.
 
     Open set (zero-shot): a model saved with an open-set reference (`config.open_set_labels`, which the stage
     trainers fit) knows which candidates are types it never trained on. When the candidates mix both, a cell whose
@@ -307,6 +345,7 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         top_k: int = 1,
         mode: str = "zero-shot",
         open_set: bool | None = None,
+        constrained: bool = True,
     ):
         if candidate_labels is None:  # pipeline() construction: the labels come with each call
             return {}, {}, {}
@@ -325,8 +364,10 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         if mode == "zero-shot":  # the labels' text features, once per call rather than once per chunk of cells
             forward["text_features"] = self._label_features(labels)
             forward["new_labels"] = self._new_labels(labels, open_set)
-        elif open_set:
-            raise ValueError("open_set applies to mode='zero-shot'; the generative mode names trained types.")
+        else:
+            if open_set:
+                raise ValueError("open_set applies to mode='zero-shot'; the generative mode names trained types.")
+            forward["constrained"] = constrained
         preprocess = {"gene_names": gene_names, "labels": labels, "mode": mode}
         return preprocess, forward, {"labels": labels, "top_k": min(top_k, len(labels))}
 
@@ -388,7 +429,7 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         term = label if label in ontology else ontology.resolve(label, None)
         return ontology.describe({"cell_type": label, "cell_type_ontology_term_id": term})
 
-    def _forward(self, inputs, mode="zero-shot", text_features=None, new_labels=None):
+    def _forward(self, inputs, mode="zero-shot", text_features=None, new_labels=None, constrained=True):
         if mode == "zero-shot":
             cells = self.model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
             scale = getattr(self.model, "model", self.model).cell_tower.logit_scale.exp()
@@ -397,7 +438,18 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
                 novel = self.model.open_set_similarity(cells) < self.model.config.open_set_threshold
                 logits = logits.masked_fill(novel[:, None] & ~new_labels.to(cells.device)[None], float("-inf"))
             return logits.softmax(-1)
-        answers = self.processor.batch_decode(self._generate(inputs, max_new_tokens=16), skip_special_tokens=True)
+        if constrained:
+            labels = list(inputs["labels"])
+            end = self.model.generation_config.eos_token_id
+            choice = _LabelChoice(
+                [self.processor.tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels],
+                end[0] if isinstance(end, (list, tuple)) else end,
+                inputs["input_ids"].shape[1],
+            )
+            self._generate(inputs, max(map(len, choice.sequences)), choice)
+            answers = [labels[i] for i in choice.chosen]
+        else:
+            answers = self.processor.batch_decode(self._generate(inputs, max_new_tokens=16), skip_special_tokens=True)
         return torch.tensor(
             [
                 [difflib.SequenceMatcher(None, a.lower().strip(), c.lower()).ratio() for c in inputs["labels"]]

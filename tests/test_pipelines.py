@@ -235,3 +235,44 @@ def test_a_call_resolves_its_options_and_label_texts_once(saved_model, pbmc):
         [[r["score"] for r in sorted(row, key=lambda r: labels.index(r["label"]))] for row in ranked[16:]]
     )
     torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-4)
+
+
+def test_label_choice_allows_only_label_continuations_and_stops_once_one_is_left():
+    from modeling_scmmgpt.pipelines import _LabelChoice
+
+    end, prompt = 0, [9, 9]
+    choice = _LabelChoice([[5, 6], [5, 7, 8], [4]], end, prompt_length=2)
+    assert choice.allowed(0, torch.tensor(prompt)) == [4, 5]
+    assert choice.allowed(0, torch.tensor([*prompt, 5])) == [6, 7]
+    assert choice.allowed(0, torch.tensor([*prompt, 5, 6])) == [end]  # a whole label: only the end
+    assert choice.allowed(0, torch.tensor([*prompt, 3])) == [end]  # off the labels (a finished, padded row)
+    rows = torch.tensor([[*prompt, 5], [*prompt, 4]])
+    assert choice(rows, None).tolist() == [False, True] and choice.chosen == [None, 2]
+    assert choice(torch.tensor([[*prompt, 5, 7], [*prompt, 4, end]]), None).tolist() == [True, True]
+    assert choice.chosen == [1, 2]
+
+
+def test_constrained_generative_annotation_names_a_whole_candidate_the_lm_prefers(saved_model, pbmc):
+    """Constrained decoding: every answer is one whole candidate, the one the LM's tokens lead to. Pushing the LM
+    towards the first word of one candidate makes it that candidate for every cell; pushing it towards a word no
+    candidate has still gives whole candidates, where free decoding writes that word."""
+    annotator = pipeline("cell-type-annotation", model=saved_model)
+    tokenizer, lm_head = annotator.processor.tokenizer, annotator.model.lm_head
+    labels = ["B cell", "dendritic cell", "natural killer cell"]
+    cells = pbmc[:6].copy()
+    for word, expected in (("natural", {"natural killer cell"}), ("Describe", None)):
+        token = tokenizer.convert_tokens_to_ids(word)
+        hook = lm_head.register_forward_hook(
+            lambda module, args, out: out.index_add(-1, torch.tensor([token]), torch.full((*out.shape[:-1], 1), 100.0))
+        )
+        try:
+            ranked = annotator(cells, candidate_labels=labels, mode="generative", progress=False)
+            free = annotator.processor.batch_decode(
+                annotator._generate(annotator.preprocess(cells, labels=labels, mode="generative"), 4),
+                skip_special_tokens=True,
+            )
+        finally:
+            hook.remove()
+        answers = {r[0]["label"] for r in ranked}
+        assert answers <= set(labels) and all(r[0]["score"] == 1.0 for r in ranked)
+        assert answers == expected if expected else all(a.split()[0] == word for a in free)
