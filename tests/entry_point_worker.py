@@ -7,6 +7,8 @@ tests/test_trainers.py:
 ENTRY is `examples/pretrain_all.py` (run as a script) or `scmmgpt` (the CLI's `main`), with its own ARGS. For each
 stage and rank r it writes to OUT_DIR:
 - `<stage>_rank<r>.safetensors`: the rank's weights when `train()` returns;
+- `<stage>_fitted_rank<r>.safetensors`: the rank's weights and buffers once the stage has fitted its open-set
+  reference (what the stage saves);
 - `<stage>_cells_rank<r>.json`: the cell ids of each training batch it collated, in order;
 - `<stage>_log_rank<r>.json`: the trainer's log history;
 - `contrastive_start.safetensors` (rank 0): the weights stage 1 starts from.
@@ -96,7 +98,17 @@ def main(out_dir, fault, entry, *argv):
         trainer.train = recorded_train
         return trainer
 
+    fit_open_set = trainers.run._fit_open_set
+
+    def recording_fit_open_set(trainer, model_args, data):
+        result = fit_open_set(trainer, model_args, data)
+        stage = trainer.args.output_dir.rstrip(os.sep).split(os.sep)[-1]
+        path = os.path.join(out_dir, f"{stage}_fitted_rank{dist.get_rank()}.safetensors")
+        save_file(_tensors(trainer.accelerator.unwrap_model(trainer.model)), path)
+        return result
+
     trainers.run._trainer = recording_trainer
+    trainers.run._fit_open_set = recording_fit_open_set
     if entry == "scmmgpt":
         from scmmgpt.cli import main as cli_main
 

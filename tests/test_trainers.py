@@ -390,7 +390,11 @@ def stage1_loss_in_one_process(record_dir, runs_dir, batches, tmp_path) -> tuple
     model_args, args = parse_stage_args(parser, [config, *ENTRY_FLAGS, "--output_dir", str(tmp_path / "one")])
     _, processor, data = load_model_and_data(model_args, args.seed)
     model = ScMMGPTForPreTraining.from_pretrained(os.path.join(runs_dir, "contrastive"))
-    model.load_state_dict(load_file(os.path.join(record_dir, "contrastive_start.safetensors")))
+    # The saved model also holds the open-set reference fitted after training, which the start lacks.
+    missing, unexpected = model.load_state_dict(
+        load_file(os.path.join(record_dir, "contrastive_start.safetensors")), strict=False
+    )
+    assert missing == [OPEN_SET_KEY] and not unexpected, (missing, unexpected)
     no_dropout(model)
     collator = ScMMGPTContrastiveCollator(
         processor, max_text_length=args.max_text_length, text_field=args.text_field, label_field=args.label_field
@@ -401,6 +405,9 @@ def stage1_loss_in_one_process(record_dir, runs_dir, batches, tmp_path) -> tuple
         model, collator([by_id[i] for i in batches[0] + batches[1]]), return_outputs=True
     )
     return float(loss.detach()), float(parts["itc_loss"])
+
+
+OPEN_SET_KEY = "model.open_set_reference.features"
 
 
 @pytest.mark.slow
@@ -423,8 +430,15 @@ def test_entry_points_train_one_model_on_two_ranks(entry, tmp_path):
         for key in weights[0]:
             assert torch.equal(weights[0][key], weights[1][key]), (stage, key)
         assert any(not torch.equal(weights[0][k], start[k]) for k in start if k in weights[0]), stage
+        # After training, every rank fits the same open-set reference (a buffer, not a trained weight) and the
+        # stage saves rank 0's weights with it.
+        fitted = [load_file(record / f"{stage}_fitted_rank{r}.safetensors") for r in (0, 1)]
+        assert fitted[0].keys() == fitted[1].keys() and OPEN_SET_KEY in fitted[0], stage
+        assert all(torch.equal(fitted[0][k], fitted[1][k]) for k in fitted[0]), stage
+        assert all(torch.equal(fitted[0][k], weights[0][k]) for k in weights[0] if k != OPEN_SET_KEY), stage
         saved = load_file(runs / stage / "model.safetensors")
-        assert all(torch.equal(saved[k], weights[0][k]) for k in saved), stage
+        assert saved.keys() <= fitted[0].keys() and all(torch.equal(saved[k], fitted[0][k]) for k in saved), stage
+        assert OPEN_SET_KEY in saved and saved[OPEN_SET_KEY].abs().sum() > 0, stage
         batches = [json.loads((record / f"{stage}_cells_rank{r}.json").read_text()) for r in (0, 1)]
         cells = [{c for batch in b[:3] for c in batch} for b in batches]
         assert len(cells[0]) == len(cells[1]) == 3 * 4 and not cells[0] & cells[1], stage
