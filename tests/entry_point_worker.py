@@ -102,7 +102,7 @@ def main(out_dir, fault, entry, *argv):
 
     def recording_fit_open_set(trainer, model_args, data):
         result = fit_open_set(trainer, model_args, data)
-        stage = trainer.args.output_dir.rstrip(os.sep).split(os.sep)[-1]
+        stage = os.path.basename(os.path.normpath(trainer.args.output_dir))  # pretrain_all writes <root>/<stage>
         path = os.path.join(out_dir, f"{stage}_fitted_rank{dist.get_rank()}.safetensors")
         save_file(_tensors(trainer.accelerator.unwrap_model(trainer.model)), path)
         return result

@@ -338,6 +338,8 @@ def test_other_stages_train_in_step_on_two_ranks(stage, pbmc_demo, saved_model, 
 
 # --- (b') two ranks through the shipped entry points ---------------------------------------------------------------
 # Small enough for CI: 3 steps of 4 cells per rank in each stage, on 48 training cells.
+# The open-set reference's buffer: fitted after training, so in a stage's saved model but not in its trained weights.
+OPEN_SET_KEY = "model.open_set_reference.features"
 ENTRY_FLAGS = [
     "--max_steps",
     "3",
@@ -405,9 +407,6 @@ def stage1_loss_in_one_process(record_dir, runs_dir, batches, tmp_path) -> tuple
         model, collator([by_id[i] for i in batches[0] + batches[1]]), return_outputs=True
     )
     return float(loss.detach()), float(parts["itc_loss"])
-
-
-OPEN_SET_KEY = "model.open_set_reference.features"
 
 
 @pytest.mark.slow
