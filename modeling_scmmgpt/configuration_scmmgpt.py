@@ -247,6 +247,13 @@ class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
             decoder's per-gene standard deviation times this. The variance head learns real cells' residuals around
             their own decoded mean, the decoder's error included; below 1 keeps sampled cells nearer their type's
             profile, 0 gives the mean (clipped at zero).
+        gene_expression_variance (`bool`, *optional*, defaults to `False`):
+            With `expression_variance`: the log-variance is one value per vocabulary gene, the same for every cell (a
+            buffer of `cell_config.vocab_size`, not trained), instead of the head's per-cell prediction. Stage 2's
+            `decoder_init="least_squares"` fits it: each gene's variance of the fitted readout's residuals over the
+            fitting cells, zeros included. The head learns the spread of the genes a training cell lists (its
+            expressed genes and a few unexpressed ones), which is not a whole cell's: sampled at its full spread,
+            generated cells land far from real ones (`docs/recipe.md` has the measurements).
         bilinear_expression_readout (`bool`, *optional*, defaults to `False`):
             Add to each gene's decoded value the dot product of its gene embedding with a linear map of the mean cell
             token: a low-rank readout, like a PCA reconstruction, that starts at zero. The attention readout alone
@@ -331,6 +338,7 @@ class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
     unexpressed_genes: int = 0
     expression_variance: bool = False
     expression_temperature: float | int = 1.0
+    gene_expression_variance: bool = False
     bilinear_expression_readout: bool = False
     gene_expression_readout: bool = False
     cell_codebook_labels: list[str] | None = None
@@ -357,6 +365,11 @@ class ScMMGPTConfig(_RefuseOtherModelTypes, PreTrainedConfig):
     def validate_loss_settings(self):
         """Part of `@strict` validation: the pre-training losses' weights and settings."""
         check_loss_settings({name: getattr(self, name) for name in PRETRAINING_LOSS_SETTINGS})
+
+    def validate_expression_variance(self):
+        """Part of `@strict` validation: a per-gene variance is a kind of predicted variance."""
+        if self.gene_expression_variance and not self.expression_variance:
+            raise ValueError("gene_expression_variance=True needs expression_variance=True: set both, or neither.")
 
     def validate_open_set(self):
         """Part of `@strict` validation: the open-set reference's sizes."""

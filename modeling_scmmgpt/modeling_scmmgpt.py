@@ -206,7 +206,12 @@ class ScMMGPTExpressionDecoder(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=config.qformer_config.layer_norm_eps)
         self.readout = ScMMGPTMLP(hidden, hidden, config.projector_hidden_act)
         self.value_head = nn.Linear(hidden, 1)
-        self.log_variance_head = nn.Linear(hidden, 1) if config.expression_variance else None
+        # The log-variance: one value per gene (`ScMMGPTConfig.gene_expression_variance`) or a per-cell head. The
+        # per-gene one is a buffer, fitted in closed form over whole cells: the likelihood would train it on the genes
+        # a training cell lists, whose spread is not that of a whole generated cell.
+        per_gene = config.expression_variance and config.gene_expression_variance
+        self.register_buffer("gene_log_variance", torch.zeros(config.cell_config.vocab_size) if per_gene else None)
+        self.log_variance_head = nn.Linear(hidden, 1) if config.expression_variance and not per_gene else None
         self.bilinear = None
         if config.bilinear_expression_readout:
             self.bilinear = nn.Linear(hidden, config.cell_config.hidden_size)
@@ -229,7 +234,7 @@ class ScMMGPTExpressionDecoder(nn.Module):
             gene_embeds (`torch.Tensor` of shape `(batch_size, num_genes, cell_hidden_size)`)
             return_log_variance (`bool`): also return the per-gene log-variance (needs `config.expression_variance`).
             gene_ids (`torch.LongTensor` of shape `(batch_size, num_genes)`): the genes' ids, for the per-gene
-                readout (needed with `config.gene_expression_readout`).
+                readout and variance (needed with `config.gene_expression_readout` or `gene_expression_variance`).
 
         Returns:
             `torch.Tensor` of shape `(batch_size, num_genes)`, the expected expression; with `return_log_variance`, a
@@ -251,14 +256,16 @@ class ScMMGPTExpressionDecoder(nn.Module):
             mean = mean + (gene_embeds * self.bilinear(cell_queries.mean(dim=1))[:, None].to(gene_embeds.dtype)).sum(
                 -1
             )
+        if (self.gene_readout is not None or self.gene_log_variance is not None) and gene_ids is None:
+            raise ValueError("This decoder reads out per gene (gene_expression_readout/variance): pass gene_ids.")
         if self.gene_readout is not None:
-            if gene_ids is None:
-                raise ValueError("This decoder reads out per gene (gene_expression_readout): pass gene_ids.")
             readout = self.gene_readout[gene_ids]
             mean = mean + (readout[..., :-1] * cell_queries.mean(dim=1)[:, None].to(readout.dtype)).sum(-1)
             mean = mean + readout[..., -1]
         if not return_log_variance:
             return mean
+        if self.gene_log_variance is not None:
+            return mean, self.gene_log_variance[gene_ids].to(mean.dtype)
         if self.log_variance_head is None:
             raise ValueError("This model predicts no expression variance: build it with expression_variance=True.")
         return mean, self.log_variance_head(hidden).squeeze(-1)
@@ -517,8 +524,11 @@ class ScMMGPTPreTrainedModel(StrictLoadingMixin, FastModeMixin, PreTrainedModel)
             init.zeros_(module.bias)
         elif isinstance(module, ScMMGPTCellCodebook):
             init.zeros_(module.entries)  # adds nothing until set_cell_codebook fills it
-        elif isinstance(module, ScMMGPTExpressionDecoder) and module.gene_readout is not None:
-            init.zeros_(module.gene_readout)  # adds nothing until trained or fitted
+        elif isinstance(module, ScMMGPTExpressionDecoder):
+            if module.gene_readout is not None:
+                init.zeros_(module.gene_readout)  # adds nothing until trained or fitted
+            if module.gene_log_variance is not None:
+                init.zeros_(module.gene_log_variance)  # unit variance until trained or fitted
         elif isinstance(module, Blip2TextEmbeddings):
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
 

@@ -4,6 +4,7 @@ normalised contrastive heads, a sampled expression decoder that knows zeros, and
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from test_trainers import contrastive_trainer, make_model, pbmc_demo, stage_args, stage_processor  # noqa: F401
 from tester import ScMMGPTModelTester, grad_norms
 
@@ -455,15 +456,72 @@ def test_gene_readout_starts_at_zero_and_its_closed_form_fit_reconstructs_cells(
         ScMMGPTReconstructionArguments(output_dir=str(tmp_path / "x"), decoder_init="fit", use_cpu=True)
 
 
+def test_gene_variance_is_fitted_to_the_readouts_residuals_and_sampled_per_gene(tmp_path):
+    """`gene_expression_variance`: the log-variance is one value per gene, the same for every cell and every batch;
+    the least-squares fit sets it to the log of each gene's mean squared residual of the fitted decoder over the
+    fitting cells; sampled cells at temperature 1 deviate from their mean by about that spread."""
+    from conftest import pbmc_cells, tiny_demo
+
+    from trainers.bridges import fit_expression_readout_
+    from trainers.default_model import build_model
+
+    _, processor, splits = tiny_demo(tmp_path)
+    torch.manual_seed(0)
+    options = dict(gene_expression_readout=True, expression_variance=True, gene_expression_variance=True)
+    model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True, **options)
+    model.eval()
+    inner, config = model.model, model.config.cell_config
+    decoder = inner.expression_decoder
+    assert decoder.log_variance_head is None and not decoder.gene_log_variance.any()
+    records = list(splits["train"].select(range(150)))
+    cells = processor.feature_extractor(records)
+    genes = torch.tensor([i for i in range(config.vocab_size) if i not in (config.pad_token_id, config.cls_token_id)])
+    truth = torch.zeros(len(records), config.vocab_size)
+    for row, (ids, values, mask) in enumerate(zip(cells["gene_ids"], cells["expression"], cells["attention_mask"])):
+        truth[row, ids[mask.bool()]] = values[mask.bool()].float()
+    fit_expression_readout_(inner, processor, records)
+    with torch.no_grad():
+        queries = inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output
+        mean, log_variance = inner.decode_expression(queries, genes, return_log_variance=True)
+        _, alone = inner.decode_expression(queries[:1], genes, return_log_variance=True)
+    residual_variance = (truth[:, genes] - mean).square().mean(0)
+    model.save_pretrained(tmp_path / "fitted")  # the fitted buffer is saved with the weights
+    reloaded = type(model).from_pretrained(tmp_path / "fitted").model.expression_decoder.gene_log_variance
+    torch.testing.assert_close(reloaded, decoder.gene_log_variance, atol=0, rtol=0)
+    torch.testing.assert_close(log_variance[0], residual_variance.clamp(min=1e-4).log(), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(log_variance, log_variance[:1].expand_as(log_variance))
+    torch.testing.assert_close(alone[0], log_variance[0])
+    assert residual_variance.max() > 10 * residual_variance.median().clamp(min=1e-4)  # genes do differ
+    # A generated cell samples each gene with that spread (where the mean is far enough from the zero clip).
+    prompt = processor(text=[processor.build_prompt("Generate a cell of type monocyte.", with_cell=False)])
+
+    def generate(**kwargs):
+        return model.generate_cells(prompt["input_ids"], genes, prompt["attention_mask"], **kwargs).expression[0]
+
+    expected, spread = generate(), torch.exp(0.5 * log_variance[0])
+    far = expected > 4 * spread
+    assert far.sum() > 10
+    draws = []
+    for seed in range(64):
+        torch.manual_seed(seed)
+        draws.append(generate(sample=True, temperature=1.0))
+    measured = (torch.stack(draws) - expected)[:, far].std(0)
+    torch.testing.assert_close(measured.mean(), spread[far].mean(), atol=0.0, rtol=0.15)
+    # `@strict` validation wraps the config's own error.
+    with pytest.raises(StrictDataclassClassValidationError, match="needs expression_variance=True"):
+        ScMMGPTConfig(gene_expression_variance=True)
+
+
 def test_reconstruction_trainer_fits_the_gene_readout_when_asked(stage_processor, pbmc_demo, tmp_path):  # noqa: F811
     """`decoder_init least_squares` fits the readout when the trainer is built (before step 0) and reports it; the
     default leaves it at zero."""
     from trainers import ScMMGPTReconstructionCollator, ScMMGPTReconstructionTrainer
 
-    def trainer(**options):
+    def trainer(variance=False, **options):
         config = stage_processor.get_config()
         config.qformer_config.vocab_size = len(stage_processor.processor.qformer_tokenizer)
         config.gene_expression_readout = True
+        config.expression_variance = config.gene_expression_variance = variance
         torch.manual_seed(0)
         return ScMMGPTReconstructionTrainer(
             model=ScMMGPTForPreTraining(config),
@@ -477,3 +535,11 @@ def test_reconstruction_trainer_fits_the_gene_readout_when_asked(stage_processor
     assert 0 < fitted.decoder_fit < 1 and fitted.model.model.expression_decoder.gene_readout.abs().sum() > 0
     default = trainer()
     assert default.decoder_fit is None and not default.model.model.expression_decoder.gene_readout.any()
+    # A per-gene variance is fitted with the readout, and training leaves it as fitted.
+    fitted = trainer(variance=True, decoder_init="least_squares", decoder_init_cells=64)
+    variance = fitted.model.model.expression_decoder.gene_log_variance.clone()
+    assert variance.any()
+    fitted.train()
+    torch.testing.assert_close(fitted.model.model.expression_decoder.gene_log_variance, variance, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="--decoder_init least_squares"):
+        trainer(variance=True)

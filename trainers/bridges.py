@@ -208,7 +208,9 @@ def fit_expression_readout_(
     """Sets the expression decoder's per-gene readout (`inner.expression_decoder.gene_readout`, see
     `ScMMGPTConfig.gene_expression_readout`) so that the decoder, with the rest of it as it is, gives the ridge fit of
     `records`' expression over every vocabulary gene (0 where a cell does not express one) on their real, unmasked
-    mean cell token. `inner` is the `ScMMGPTModel`. Returns the R^2 of the decoded expression over all (cell, gene)
+    mean cell token. With a per-gene variance (`ScMMGPTConfig.gene_expression_variance`), each gene's log-variance
+    becomes that of the fit's residuals over `records` (floored at 1e-4), the Gaussian likelihood's maximum for the
+    fitted mean. `inner` is the `ScMMGPTModel`. Returns the R^2 of the decoded expression over all (cell, gene)
     entries of `records`."""
     decoder = inner.expression_decoder
     if decoder.gene_readout is None:
@@ -249,6 +251,9 @@ def fit_expression_readout_(
     ridge_fit_(ridge, queries.mean(1), targets - rest)
     decoder.gene_readout[genes] = torch.cat([ridge.weight, ridge.bias[:, None]], 1).to(decoder.gene_readout)
     predicted = rest.double() + ridge(queries.mean(1).double())
+    if decoder.gene_log_variance is not None:
+        residual_variance = (targets.double() - predicted).square().mean(0)
+        decoder.gene_log_variance[genes] = residual_variance.clamp(min=1e-4).log().to(decoder.gene_log_variance)
     centred = targets.double() - targets.double().mean()
     return float(1 - (targets.double() - predicted).square().sum() / centred.square().sum())
 

@@ -35,6 +35,12 @@ class ScMMGPTReconstructionTrainer(ScMMGPTStageTrainer):
             self.decoder_fit = fit_expression_readout_(inner.eval(), processor, records)
             inner.train(was_training)
             logger.info("Expression readout fitted on %d training cells: R^2 %.3f", len(records), self.decoder_fit)
+        variance = getattr(base_model(self.model).expression_decoder, "gene_log_variance", None)
+        if variance is not None and self.decoder_fit is None and not variance.any():
+            raise ValueError(
+                "This model's per-gene expression variance (gene_expression_variance) is fitted, not trained, and "
+                "has not been fitted: train with --decoder_init least_squares."
+            )
 
     def used_modules(self, model, args) -> list:
         tower = model.cell_tower
