@@ -132,18 +132,15 @@ def evaluate_generation(model, processor, train, test, cells_per_type: int = 4, 
     tissue = {t: f" from {x}" if x else "" for t, x in zip(train["cell_type"], train["tissue"])}
 
     generator = _pipeline(TextToCellPipeline, model, processor)
-    generated, intended = [], []
-    for cell_type in types:
-        prompts = [
-            GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(
-                cell_type=cell_type, tissue=tissue.get(cell_type, "")
-            )
-            for k in range(cells_per_type)
-        ]
-        cells = generator(prompts, n_cells=1, seed=seed, max_text_tokens=0, genes=names)
-        generated.append(np.asarray(cells.X))
-        intended += [cell_type] * cells_per_type
-    generated = np.concatenate(generated)
+    intended = [cell_type for cell_type in types for _ in range(cells_per_type)]
+    prompts = [
+        GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(cell_type=cell_type, tissue=tissue.get(cell_type, ""))
+        for cell_type in types
+        for k in range(cells_per_type)
+    ]
+    # One call: the pipeline seeds each prompt's draw by its index, so no two generated cells share their noise
+    # (a call per type gave cell k of every type the same draw, which pulled the types' cells together).
+    generated = np.asarray(generator(prompts, n_cells=1, seed=seed, max_text_tokens=0, genes=names).X)
 
     rng = np.random.default_rng(seed)
     train_labels = np.asarray(train["cell_type"])

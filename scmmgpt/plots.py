@@ -194,16 +194,14 @@ def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per
     real.obs["cell_type"], real.obs["source"] = list(test["cell_type"]), "real"
     generator = TextToCellPipeline(model=model, processor=processor, task=None)
     types = sorted(set(test["cell_type"]))
-    generated = []
-    for cell_type in types:
-        prompts = [
-            GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(cell_type=cell_type, tissue=" from blood")
-            for k in range(cells_per_type)
-        ]
-        part = generator(prompts, n_cells=1, max_text_tokens=0, genes=genes)
-        part.obs["cell_type"] = cell_type
-        generated.append(part)
-    fake = ad.concat(generated, index_unique="-")
+    prompts = [
+        GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(cell_type=cell_type, tissue=" from blood")
+        for cell_type in types
+        for k in range(cells_per_type)
+    ]
+    # One call, so every cell has its own draw (the pipeline seeds each prompt by its index).
+    fake = generator(prompts, n_cells=1, max_text_tokens=0, genes=genes)
+    fake.obs["cell_type"] = [cell_type for cell_type in types for _ in range(cells_per_type)]
     fake.obs["source"] = "generated"
     both = ad.concat([real, fake], index_unique="-")
     both.X = _dense(both.X)

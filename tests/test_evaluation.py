@@ -111,3 +111,34 @@ def test_annotated_test_cells_reuse_the_evaluation_descriptions(setup, monkeypat
     cells = annotate_test_cells(model, processor, pbmc_cells(), small, descriptions=partial)
     assert all(isinstance(t, str) for t in cells.obs["scmmgpt_description"])
     assert list(cells.obs["scmmgpt_description"])[:2] != list(partial.values())
+
+
+def test_generated_cells_of_different_types_never_share_a_draw(setup, monkeypatch):
+    """Cell k of each type is drawn with its own seed: at a temperature where the sampled deviation swamps the
+    decoded mean, two cells generated for different types are unrelated. (A call per type gave cell k of every type
+    the same draw: their profiles then correlated almost perfectly, which pulled the types' cells together.)"""
+    import torch
+    from conftest import pbmc_cells
+
+    import scmmgpt.evaluation as evaluation
+    from trainers.default_model import build_model
+
+    _, processor, splits = setup
+    torch.manual_seed(0)
+    model, _ = build_model(pbmc_cells(), tiny_lm=True, expression_variance=True, gene_expression_variance=True)
+    model.config.expression_temperature = 1000.0
+    scored = []
+    compute = evaluation.PseudoCellGenerationMetric.compute
+
+    def recording_compute(self, **kwargs):
+        """Records what is scored (`evaluate` appends to this docstring)."""
+        scored.append(kwargs)
+        return compute(self, **kwargs)
+
+    monkeypatch.setattr(evaluation.PseudoCellGenerationMetric, "compute", recording_compute)
+    evaluation.evaluate_generation(model.eval(), processor, splits["train"], splits["test"], cells_per_type=2)
+    cells, intended = np.asarray(scored[0]["predictions"]), np.asarray(scored[0]["references"])
+    first = cells[::2]  # cell 0 of each type
+    assert len(set(intended[::2])) == len(first) > 2
+    correlation = np.corrcoef(first)[np.triu_indices(len(first), k=1)]
+    assert np.abs(correlation).max() < 0.5
