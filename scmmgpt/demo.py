@@ -31,8 +31,9 @@ STAGE_FLAGS = {
     # Q-Former is MiniLM-sized (19M parameters): a contrastive step over 16 cells and texts takes ~1.2 s on 2 cores,
     # and ~3.6 s with cell-text matching (ITM), which the demo leaves off (about a point of zero-shot accuracy in
     # the ablation, for three times the step).
-    # Stage 2 trains the expression decoder on the frozen cell path (~0.7 s a step); a LoRA step on SmolLM2 over 6
-    # instruction examples takes ~4 s.
+    # Stage 2 fits the expression decoder in closed form on the frozen cell path and takes no step: its steps
+    # (~0.7 s each) train on the genes a cell lists and moved the decoder away from the whole-cell fit, so its step
+    # counts below go unused. A LoRA step on SmolLM2 over 6 instruction examples takes ~4 s.
     "contrastive": (
         [
             "--per_device_train_batch_size",
@@ -58,6 +59,8 @@ STAGE_FLAGS = {
             "256",
             "--decoder_init",
             "least_squares",
+            "--decoder_fit_only",
+            "true",
         ],
         (30, 120),
     ),

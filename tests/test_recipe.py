@@ -543,3 +543,38 @@ def test_reconstruction_trainer_fits_the_gene_readout_when_asked(stage_processor
     torch.testing.assert_close(fitted.model.model.expression_decoder.gene_log_variance, variance, atol=0, rtol=0)
     with pytest.raises(ValueError, match="--decoder_init least_squares"):
         trainer(variance=True)
+
+
+def test_reconstruction_stage_can_save_the_fitted_decoder_without_a_step(tmp_path):
+    """`decoder_fit_only`: the stage saves the model exactly as fitted (the same weights as a step at learning rate
+    0 from the same start), its validation loss is the same before and after, and real steps would have changed the
+    decoder."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    from trainers.run import run_stage
+
+    config = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "reconstruction_tiny.yaml")
+
+    def stage(name, *flags):
+        out = tmp_path / name
+        argv = [config, "--output_dir", str(out), "--max_train_samples", "16", "--max_eval_samples", "8"]
+        argv += ["--save_strategy", "no", "--data_cache_dir", str(tmp_path / "cache"), "--max_steps", "2"]
+        run_stage("reconstruction", argv=argv + ["--decoder_init", "least_squares", *flags])
+        return load_file(out / "model.safetensors"), json.loads((out / "stage_complete.json").read_text())
+
+    fitted, metrics = stage("fit_only", "--decoder_fit_only", "true")
+    still, _ = stage("lr_zero", "--learning_rate", "0")
+    trained, _ = stage("trained")
+    assert metrics["before"] == metrics["after"]
+    assert fitted.keys() == still.keys()
+    for key in fitted:
+        torch.testing.assert_close(fitted[key], still[key], atol=0, rtol=0, msg=key)
+    assert fitted["model.expression_decoder.gene_readout"].abs().sum() > 0
+    assert not torch.equal(
+        fitted["model.expression_decoder.value_head.weight"], trained["model.expression_decoder.value_head.weight"]
+    )
+    with pytest.raises(ValueError, match="decoder_fit_only=True keeps the closed-form fit"):
+        ScMMGPTReconstructionArguments(output_dir=str(tmp_path / "x"), decoder_fit_only=True, use_cpu=True)

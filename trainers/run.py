@@ -99,10 +99,13 @@ def run_stage(
             return json.load(f)
     model, processor, data = load_model_and_data(model_args, args.seed, model_class_for(stage))
     trainer = _trainer(stage, model, processor, args, data, callbacks)
-    baseline = BaselineEvaluation(trainer)
-    trainer.add_callback(baseline)
-    trainer.train(resume_from_checkpoint=resume or None)
-    before, after = baseline.metrics, trainer.evaluate()
+    if getattr(args, "decoder_fit_only", False):  # the trainer has fitted the decoder; no step to take
+        before = after = trainer.evaluate()
+    else:
+        baseline = BaselineEvaluation(trainer)
+        trainer.add_callback(baseline)
+        trainer.train(resume_from_checkpoint=resume or None)
+        before, after = baseline.metrics, trainer.evaluate()
     open_set = _fit_open_set(trainer, model_args, data)
     if stage == "instruction":
         if hasattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config"):  # LoRA: keep the adapters too
