@@ -44,6 +44,11 @@ STAGE_FLAGS = {
             "64",
             "--itm_loss_weight",
             "0",
+            # The model is built here: generated cells sample a per-gene variance, which stage 2 fits.
+            "--gene_expression_variance",
+            "true",
+            "--expression_temperature",
+            "1.0",
         ],
         (60, 150),
     ),
