@@ -412,6 +412,14 @@ def test_codebook_c_by_cross_validation(tmp_path):
         ScMMGPTInstructionArguments(output_dir=str(tmp_path / "x"), bridge_codebook_c=-1, use_cpu=True)
 
 
+def _dense_expression(cells, vocab_size: int) -> torch.Tensor:
+    """`(num_cells, vocab_size)` expression from the cell processor's output, 0 for the genes a cell does not list."""
+    truth = torch.zeros(len(cells["gene_ids"]), vocab_size)
+    for row, (ids, values, mask) in enumerate(zip(cells["gene_ids"], cells["expression"], cells["attention_mask"])):
+        truth[row, ids[mask.bool()]] = values[mask.bool()].float()
+    return truth
+
+
 def test_gene_readout_starts_at_zero_and_its_closed_form_fit_reconstructs_cells(tmp_path):
     """`gene_expression_readout`: the per-gene readout adds nothing until fitted (the decoder's output is the same
     as without it), and stage 2's `decoder_init="least_squares"` fit makes the decoder reproduce the fitting cells'
@@ -435,9 +443,7 @@ def test_gene_readout_starts_at_zero_and_its_closed_form_fit_reconstructs_cells(
         queries = inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output
         before = inner.decode_expression(queries, genes)
         torch.testing.assert_close(before, plain.eval().model.decode_expression(queries, genes))
-    truth = torch.zeros(len(records), config.vocab_size)
-    for row, (ids, values, mask) in enumerate(zip(cells["gene_ids"], cells["expression"], cells["attention_mask"])):
-        truth[row, ids[mask.bool()]] = values[mask.bool()].float()
+    truth = _dense_expression(cells, config.vocab_size)
     truth = truth[:, genes]
 
     def r2(predicted):
@@ -476,9 +482,7 @@ def test_gene_variance_is_fitted_to_the_readouts_residuals_and_sampled_per_gene(
     records = list(splits["train"].select(range(150)))
     cells = processor.feature_extractor(records)
     genes = torch.tensor([i for i in range(config.vocab_size) if i not in (config.pad_token_id, config.cls_token_id)])
-    truth = torch.zeros(len(records), config.vocab_size)
-    for row, (ids, values, mask) in enumerate(zip(cells["gene_ids"], cells["expression"], cells["attention_mask"])):
-        truth[row, ids[mask.bool()]] = values[mask.bool()].float()
+    truth = _dense_expression(cells, config.vocab_size)
     fit_expression_readout_(inner, processor, records)
     with torch.no_grad():
         queries = inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output

@@ -250,12 +250,12 @@ def fit_expression_readout_(
     ridge = torch.nn.Linear(queries.shape[-1], len(genes), dtype=torch.float64)
     ridge_fit_(ridge, queries.mean(1), targets - rest)
     decoder.gene_readout[genes] = torch.cat([ridge.weight, ridge.bias[:, None]], 1).to(decoder.gene_readout)
-    predicted = rest.double() + ridge(queries.mean(1).double())
+    targets = targets.double()
+    squared_residual = (targets - (rest.double() + ridge(queries.mean(1).double()))).square()
     if decoder.gene_log_variance is not None:
-        residual_variance = (targets.double() - predicted).square().mean(0)
+        residual_variance = squared_residual.mean(0)
         decoder.gene_log_variance[genes] = residual_variance.clamp(min=1e-4).log().to(decoder.gene_log_variance)
-    centred = targets.double() - targets.double().mean()
-    return float(1 - (targets.double() - predicted).square().sum() / centred.square().sum())
+    return float(1 - squared_residual.sum() / (targets - targets.mean()).square().sum())
 
 
 __all__ = ["BRIDGE_PARTS", "fit_bridges", "fit_expression_readout_", "ridge_fit_"]
