@@ -400,7 +400,8 @@ def test_codebook_c_by_cross_validation(tmp_path):
         features = _query_outputs(model.eval().model, processor, records).flatten(1).double()
     standardised = ((features - features.mean(0)) / features.std(0).clamp(min=1e-6)).numpy()
     names = [r["cell_type"] for r in records]
-    expected = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=5, max_iter=2000).fit(standardised, names).C_[0]
+    regression = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=5, scoring="accuracy", max_iter=2000)
+    expected = np.ravel(regression.fit(standardised, names).C_)[0]
     assert fits["codebook_c"] == pytest.approx(expected) != 1.0  # the grid picks another C than the default
     assert np.isclose(np.logspace(-4, 2, 7), fits["codebook_c"]).any()
     assert fit_bridges(model, processor, records, parts=("codebook",))["codebook_c"] == 1.0
@@ -410,6 +411,44 @@ def test_codebook_c_by_cross_validation(tmp_path):
         fit_bridges(model, processor, lonely, parts=("codebook",), codebook_c=0)
     with pytest.raises(ValueError, match="bridge_codebook_c=-1"):
         ScMMGPTInstructionArguments(output_dir=str(tmp_path / "x"), bridge_codebook_c=-1, use_cpu=True)
+
+
+def test_codebook_confidence_sharpens_the_mixture_and_keeps_every_choice(tmp_path):
+    """`bridge_codebook_confidence`: a strongly regularised codebook mixes softly; scaling its logits makes the
+    fitting cells' mean top probability the requested one while every cell keeps its most likely label, on the
+    fitting cells and on cells the fit never saw."""
+    from conftest import pbmc_cells, tiny_demo
+
+    from trainers.bridges import _query_outputs, fit_bridges
+    from trainers.default_model import build_model
+    from trainers.instruction import ScMMGPTInstructionArguments
+
+    _, processor, splits = tiny_demo(tmp_path)
+    torch.manual_seed(0)
+    model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)
+    records, unseen = list(splits["train"].select(range(120))), list(splits["test"].select(range(40)))
+    with torch.no_grad():
+        queries = {
+            name: _query_outputs(model.eval().model, processor, cells)
+            for name, cells in (("fit", records), ("unseen", unseen))
+        }
+
+    def mixture(**kwargs):
+        fits = fit_bridges(model, processor, records, parts=("codebook",), codebook_c=1e-3, **kwargs)
+        with torch.no_grad():
+            logits = {k: model.model.cell_codebook.classifier(q.flatten(1)) for k, q in queries.items()}
+        return fits, {k: v.softmax(-1) for k, v in logits.items()}
+
+    soft_fits, soft = mixture()
+    crisp_fits, crisp = mixture(codebook_confidence=0.99)
+    assert soft_fits["codebook_scale"] == 1.0 < crisp_fits["codebook_scale"]
+    assert soft["fit"].amax(-1).mean() < 0.9  # strongly regularised: soft, so the scale has work to do
+    assert crisp["fit"].amax(-1).mean().item() == pytest.approx(0.99, abs=1e-3)
+    for name in queries:
+        assert torch.equal(soft[name].argmax(-1), crisp[name].argmax(-1))
+    assert crisp["unseen"].amax(-1).mean() > soft["unseen"].amax(-1).mean()
+    with pytest.raises(ValueError, match="bridge_codebook_confidence=1.5"):
+        ScMMGPTInstructionArguments(output_dir=str(tmp_path / "x"), bridge_codebook_confidence=1.5, use_cpu=True)
 
 
 def _dense_expression(cells, vocab_size: int) -> torch.Tensor:

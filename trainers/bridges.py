@@ -80,11 +80,13 @@ def fit_bridges(
     batch_size: int = 32,
     parts=("projector", "cell_head"),
     codebook_c: float = 1.0,
+    codebook_confidence: float | None = None,
 ) -> dict[str, float]:
     """Fits `parts` of the bridges ([`BRIDGE_PARTS`]; see the module docstring) on `records`
     (builder examples with `gene_ids`, `values`, `cell_type`, `cell_id`). Returns each fit's R^2 (the codebook: its
-    classifier's accuracy on `records`, and its `C`; `codebook_c` 0 chooses `C` by cross-validation). `model` may
-    carry PEFT adapters; the bridges' trained copies are fitted."""
+    classifier's accuracy on `records`, its `C` and its logit scale; `codebook_c` 0 chooses `C` by cross-validation,
+    `codebook_confidence` sets the scale, see [`_fit_codebook`]). `model` may carry PEFT adapters; the bridges'
+    trained copies are fitted."""
     unknown = set(parts) - set(BRIDGE_PARTS)
     if unknown:
         raise ValueError(f"Unknown bridge parts {sorted(unknown)}; use {', '.join(map(repr, BRIDGE_PARTS))}.")
@@ -101,8 +103,8 @@ def fit_bridges(
         features = projector.act(projector.linear_1(queries.flatten(0, 1).to(projector.linear_1.weight)))
         fits["projector_r2"] = ridge_fit_(projector.linear_2, features, labels.flatten(0, 1))
     if "codebook" in parts:
-        fits["codebook_accuracy"], fits["codebook_c"] = _fit_codebook(
-            model, processor, queries, [r["cell_type"] for r in records], codebook_c
+        fits["codebook_accuracy"], fits["codebook_c"], fits["codebook_scale"] = _fit_codebook(
+            model, processor, queries, [r["cell_type"] for r in records], codebook_c, codebook_confidence
         )
         projector.linear_2.weight.zero_()
         projector.linear_2.bias.zero_()
@@ -162,11 +164,19 @@ def _generate_prompt_states(model, processor, records: list[dict], seed: int, ba
     return torch.cat(states).float()[torch.tensor([index[p] for p in prompts])]
 
 
-def _fit_codebook(model, processor, queries: torch.Tensor, labels: list[str], c: float = 1.0) -> tuple[float, float]:
+def _fit_codebook(
+    model, processor, queries: torch.Tensor, labels: list[str], c: float = 1.0, confidence: float | None = None
+) -> tuple[float, float, float]:
     """Sets the model's cell codebook: entries from the labels' token embeddings, the classifier from a logistic
     regression on the standardised, flattened query outputs (the standardisation folded into its weights), with
-    inverse L2 strength `c` (0: chosen by 5-fold cross-validation). Returns the regression's accuracy on these cells
-    and its `C`."""
+    inverse L2 strength `c` (0: chosen by 5-fold cross-validation).
+
+    `confidence` decouples how sharp the mixture is from how strongly the regression is regularised: the logits are
+    multiplied by the one factor that makes the fitting cells' mean top probability `confidence`, which leaves every
+    cell's most likely label as it is. The regression generalises best strongly regularised, but then its mixtures
+    are soft (mean top probability about 0.75 on the demo's cells at cross-validation's `C`), and the LM reads a
+    blend of label embeddings less well than a near one-hot one. Returns the regression's accuracy on these cells,
+    its `C` and the logit scale (1 without `confidence`)."""
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
     names = list(map(str, labels))
@@ -181,8 +191,10 @@ def _fit_codebook(model, processor, queries: torch.Tensor, labels: list[str], c:
         folds = min(5, min(names.count(n) for n in set(names)))
         if folds < 2:
             raise ValueError("bridge_codebook_c 0 cross-validates: every cell type needs at least 2 fitting cells.")
-        regression = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=folds, max_iter=2000).fit(standardised, names)
-        c = float(regression.C_[0])
+        regression = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=folds, scoring="accuracy", max_iter=2000).fit(
+            standardised, names
+        )
+        c = float(np.ravel(regression.C_)[0])  # an array before scikit-learn 1.10, a float after
     else:
         regression = LogisticRegression(C=c, max_iter=2000).fit(standardised, names)
     coef = torch.from_numpy(regression.coef_).double()
@@ -191,6 +203,10 @@ def _fit_codebook(model, processor, queries: torch.Tensor, labels: list[str], c:
         len(regression.classes_) == 2
     ):  # binary: one logit for the second class; the softmax of (0, z) is the same sigmoid
         coef, bias = torch.cat([torch.zeros_like(coef), coef]), torch.cat([torch.zeros_like(bias), bias])
+    logit_scale = 1.0
+    if confidence is not None:
+        logit_scale = _scale_for_confidence(torch.from_numpy(standardised) @ coef.T + bias, confidence)
+        coef, bias = coef * logit_scale, bias * logit_scale
     weight = coef / scale
     model.model.set_cell_codebook(
         list(regression.classes_),
@@ -198,7 +214,21 @@ def _fit_codebook(model, processor, queries: torch.Tensor, labels: list[str], c:
         bias - weight @ mean,
         _label_embeddings(model, processor, list(regression.classes_)),
     )
-    return float(regression.score(standardised, names)), c
+    return float(regression.score(standardised, names)), c, logit_scale
+
+
+def _scale_for_confidence(logits: torch.Tensor, confidence: float, steps: int = 60) -> float:
+    """The factor `t > 0` for which `softmax(t * logits)`'s top probability averages `confidence` over the rows of
+    `logits` `(num_cells, num_labels)`. Each row's top probability rises with `t` (from 1/num_labels towards 1), so
+    bisection on log t finds it; a confidence out of reach clips to the bracket's end (`t` from 1e-4 to 1e4)."""
+    low, high = -4 * np.log(10), 4 * np.log(10)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if (logits * np.exp(middle)).softmax(-1).amax(-1).mean() < confidence:
+            low = middle
+        else:
+            high = middle
+    return float(np.exp((low + high) / 2))
 
 
 @torch.no_grad()

@@ -72,6 +72,10 @@ class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
         bridge_init_cells (`int`, defaults to 512): training cells (the first ones) for `bridge_init`.
         bridge_codebook_c (`float`, defaults to 1.0): inverse L2 strength of the codebook's logistic regression
             (scikit-learn's `C`); 0 chooses it by 5-fold cross-validation on the fitting cells, from 1e-4 to 1e2.
+        bridge_codebook_confidence (`float`, *optional*): scale the codebook's logits so that the fitting cells'
+            mean top probability is this (each cell's most likely label stays). A strongly regularised regression
+            (`bridge_codebook_c 0`) names new cells best, but mixes label embeddings softly, which the LM reads less
+            well; this keeps its choices and makes them crisp. `None`: the regression's own probabilities.
         bridge_refit (`bool`, defaults to `True`): with a fitted `bridge_init`, fit `cell_head` again after
             training, on the adapted LM's states: the adapters move the states the first fit read.
         expression_loss_weight (`float`, *optional*): sets the model's `expression_loss_weight` (saved with it) for
@@ -100,6 +104,7 @@ class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
     bridge_init: str = "random"
     bridge_init_cells: int = 512
     bridge_codebook_c: float = 1.0
+    bridge_codebook_confidence: float | None = None
     bridge_learning_rate: float | None = None
     bridge_refit: bool = True
     expression_loss_weight: float | None = None
@@ -126,6 +131,11 @@ class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
             )
         if self.bridge_codebook_c < 0:
             raise ValueError(f"bridge_codebook_c={self.bridge_codebook_c}: a positive C, or 0 to choose it by CV.")
+        if self.bridge_codebook_confidence is not None and not 0 < self.bridge_codebook_confidence < 1:
+            raise ValueError(
+                f"bridge_codebook_confidence={self.bridge_codebook_confidence}: a mean top probability between 0 "
+                "and 1 (e.g. 0.99), or leave it unset."
+            )
         if self.bridge_init not in BRIDGE_INIT_PARTS:
             raise ValueError(
                 f"bridge_init={self.bridge_init!r}: use one of {', '.join(map(repr, BRIDGE_INIT_PARTS))}."
@@ -287,7 +297,13 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
         if parts and train_dataset is not None:
             records = list(itertools.islice(iter(train_dataset), args.bridge_init_cells))
             self.bridge_fits = fit_bridges(
-                model, processor, records, seed=args.instruction_seed, parts=parts, codebook_c=args.bridge_codebook_c
+                model,
+                processor,
+                records,
+                seed=args.instruction_seed,
+                parts=parts,
+                codebook_c=args.bridge_codebook_c,
+                codebook_confidence=args.bridge_codebook_confidence,
             )
             logger.info("Bridges fitted on %d training cells: %s", len(records), self.bridge_fits)
         if args.balance_cell_types and train_dataset is not None and not hasattr(train_dataset, "__len__"):
