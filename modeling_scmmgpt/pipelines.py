@@ -335,7 +335,8 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
     Open set (zero-shot): a model saved with an open-set reference (`config.open_set_labels`, which the stage
     trainers fit) knows which candidates are types it never trained on. When the candidates mix both, a cell whose
     similarity to the training cells is below `config.open_set_threshold` is taken for a new type and ranked among
-    the new candidates only (the trained ones score 0 for it). `open_set=False` ranks every cell over all candidates.
+    the new candidates only (the trained ones score 0 for it), by CSLS where `config.open_set_hubness_correction` is
+    on (the default). `open_set=False` ranks every cell over all candidates.
     """
 
     def _sanitize_parameters(
@@ -436,6 +437,12 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
             logits = scale * cells @ text_features.to(cells).T
             if new_labels is not None:
                 novel = self.model.open_set_similarity(cells) < self.model.config.open_set_threshold
+                if getattr(self.model.config, "open_set_hubness_correction", False):
+                    # CSLS (config docstring): a new cell ranks the texts by cosine minus half each text's
+                    # similarity to the training cells, so a text near many of them does not draw every new cell.
+                    hubness = self.model.open_set_similarity(text_features.to(cells))
+                    corrected = scale * (cells @ text_features.to(cells).T - hubness[None] / 2)
+                    logits = torch.where(novel[:, None], corrected, logits)
                 logits = logits.masked_fill(novel[:, None] & ~new_labels.to(cells.device)[None], float("-inf"))
             return logits.softmax(-1)
         if constrained:

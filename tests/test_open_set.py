@@ -51,7 +51,13 @@ def test_the_reference_survives_save_and_load(fitted, tmp_path):
     reference = model.model.open_set_reference.features
     model.save_pretrained(tmp_path / "saved")
     loaded = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
-    for key in ("open_set_labels", "open_set_reference_size", "open_set_threshold", "open_set_neighbours"):
+    for key in (
+        "open_set_labels",
+        "open_set_reference_size",
+        "open_set_threshold",
+        "open_set_neighbours",
+        "open_set_hubness_correction",
+    ):
         assert getattr(loaded.config, key) == getattr(model.config, key), key
     torch.testing.assert_close(loaded.model.open_set_reference.features, reference)
     cells = _features(model, processor, train.select(range(8)))
@@ -95,6 +101,48 @@ def test_cells_below_the_threshold_are_named_among_the_new_candidates_only(fitte
     mixed = _annotate(model, processor, test, labels)
     for label, before, novel in zip(mixed, plain, (similarity < threshold).tolist()):
         assert label in new if novel else label == before
+
+
+def test_new_cells_rank_the_new_texts_by_csls(fitted):
+    """`open_set_hubness_correction`: a new cell scores the new candidates by its cosine to each text minus half the
+    text's similarity to the training cells; off, by the cosine alone."""
+    model, processor, splits, _, _ = fitted
+    test = splits["test"].select(range(40))
+    trained = sorted(set(model.config.open_set_labels) & set(test["cell_type_ontology_term_id"]))
+    new = ["CL:0000236", "CL:0000084"]  # B cell (held out) and T cell: neither trained on
+    pipe = CellTypeAnnotationPipeline(model=model, processor=processor, task=None)
+    # The tiny model's text path gives every definition the same feature; distinct unit vectors stand in for them.
+    features = torch.nn.functional.normalize(
+        torch.randn(len(trained) + 2, model.config.projection_dim, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    pipe._label_features = lambda labels: features[: len(labels)]
+    texts = features[-2:]
+    cells = _features(model, processor, test)
+    scale = model.model.cell_tower.logit_scale.exp()
+    reference, threshold = model.model.open_set_reference.features.clone(), model.config.open_set_threshold
+    # The first new text made a hub: every reference cell sits on it, so the correction has something to correct.
+    model.model.open_set_reference.features.copy_(texts[0].expand_as(reference))
+    hubness = model.open_set_similarity(texts)
+    assert hubness[0] - hubness[1] > 0.5
+
+    def scores(correction: bool) -> torch.Tensor:
+        """Each cell's probability of the first new candidate, from the pipeline."""
+        model.config.open_set_hubness_correction = correction
+        ranked = pipe(test, candidate_labels=[*trained, *new], top_k=2, progress=False)
+        return torch.tensor([next(r["score"] for r in row if r["label"] == new[0]) for row in ranked])
+
+    def expected(correction: bool) -> torch.Tensor:
+        shift = hubness if correction else torch.zeros(2)
+        return (scale * (cells @ texts.T - shift[None] / 2)).softmax(-1)[:, 0]
+
+    try:
+        model.config.open_set_threshold = 2.0  # every cell is new
+        for correction in (True, False):
+            torch.testing.assert_close(scores(correction), expected(correction), atol=1e-5, rtol=1e-4)
+        assert (scores(True) < scores(False)).all()  # the hub's pull is taken off for every cell
+    finally:
+        model.model.open_set_reference.features.copy_(reference)
+        model.config.open_set_threshold, model.config.open_set_hubness_correction = threshold, True
 
 
 def test_open_set_needs_a_reference_and_the_zero_shot_mode(fitted, tmp_path):
