@@ -434,15 +434,16 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         if mode == "zero-shot":
             cells = self.model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
             scale = getattr(self.model, "model", self.model).cell_tower.logit_scale.exp()
-            logits = scale * cells @ text_features.to(cells).T
+            text_features = text_features.to(cells)
+            cosine = cells @ text_features.T
+            logits = scale * cosine
             if new_labels is not None:
                 novel = self.model.open_set_similarity(cells) < self.model.config.open_set_threshold
-                if getattr(self.model.config, "open_set_hubness_correction", False):
+                if self.model.config.open_set_hubness_correction:
                     # CSLS (config docstring): a new cell ranks the texts by cosine minus half each text's
                     # similarity to the training cells, so a text near many of them does not draw every new cell.
-                    hubness = self.model.open_set_similarity(text_features.to(cells))
-                    corrected = scale * (cells @ text_features.to(cells).T - hubness[None] / 2)
-                    logits = torch.where(novel[:, None], corrected, logits)
+                    hubness = self.model.open_set_similarity(text_features)
+                    logits = torch.where(novel[:, None], scale * (cosine - hubness[None] / 2), logits)
                 logits = logits.masked_fill(novel[:, None] & ~new_labels.to(cells.device)[None], float("-inf"))
             return logits.softmax(-1)
         if constrained:
