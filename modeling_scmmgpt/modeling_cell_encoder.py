@@ -24,7 +24,9 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
 from .fast_mode import FastModeMixin
@@ -51,10 +53,29 @@ except ImportError:
 @dataclass
 class PackedCells:
     """Where each cell's tokens lie in a packed `(total_tokens, ...)` tensor: cell `i` spans
-    `cu_seqlens[i]:cu_seqlens[i + 1]`."""
+    `cu_seqlens[i]:cu_seqlens[i + 1]`; `index` holds their flat positions in the padded `(batch, genes)` batch."""
 
     cu_seqlens: torch.Tensor
     max_length: int
+    index: torch.Tensor
+    padded_shape: tuple[int, int]
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "PackedCells":
+        """From a boolean `(batch, genes)` mask of real tokens."""
+        lengths = attention_mask.sum(1)
+        index = attention_mask.flatten().nonzero().squeeze(1)
+        return cls(F.pad(lengths.cumsum(0), (1, 0)), int(lengths.max()), index, tuple(attention_mask.shape))
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """`(batch, genes, hidden)` -> `(total_tokens, hidden)`."""
+        return padded.flatten(0, 1)[self.index]
+
+    def unpack(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(total_tokens, hidden)` -> `(batch, genes, hidden)`, zero at padding."""
+        batch, length = self.padded_shape
+        padded = tokens.new_zeros(batch * length, tokens.shape[-1]).index_copy(0, self.index, tokens)
+        return padded.view(batch, length, -1)
 
 
 def packed_attention(query, key, value, packed: PackedCells, scaling: float, dropout: float = 0.0) -> torch.Tensor:
@@ -178,7 +199,7 @@ class ScMMGPTCellAttention(nn.Module):
 
 
 class ScMMGPTCellLayer(GradientCheckpointingLayer):
-    """Post-norm encoder layer, as torch's `TransformerEncoderLayer(norm_first=False)`. `gradient_checkpointing_enable()`
+    """Post-norm encoder layer, as torch's `TransformerEncoderLayer(norm_first=False)`. `activation_checkpointing_enable()`
     checkpoints it (transformers' `GradientCheckpointingLayer`)."""
 
     def __init__(self, config: ScMMGPTCellConfig):
@@ -192,13 +213,27 @@ class ScMMGPTCellLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, packed: PackedCells | None = None
-    ) -> torch.Tensor:
-        """`hidden_states` is `(batch, genes, hidden)`, or `(total_tokens, hidden)` with `packed`."""
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        packed: PackedCells | None = None,
+        return_padded: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_states` is `(batch, genes, hidden)`; the output has the same shape.
+
+        With `packed`, the layer runs on real tokens only: its input is `(total_tokens, hidden)`, or a padded batch
+        that it packs first (the first layer: output capturing then records the padded embeddings). It returns
+        `(tokens, padded)`: `(total_tokens, hidden)` for the next layer, and with `return_padded` the same output
+        as a `(batch, genes, hidden)` batch (else None), which is what `output_hidden_states` records."""
+        if packed is not None and hidden_states.dim() == 3:
+            hidden_states = packed.pack(hidden_states)
         attention = self.self_attn(hidden_states, attention_mask, packed)
         hidden_states = self.norm1(hidden_states + self.dropout(attention))
         feed_forward = self.linear2(self.dropout(self.activation(self.linear1(hidden_states))))
-        return self.norm2(hidden_states + self.dropout(feed_forward))
+        hidden_states = self.norm2(hidden_states + self.dropout(feed_forward))
+        if packed is None:
+            return hidden_states
+        return hidden_states, packed.unpack(hidden_states) if return_padded else None
 
 
 class ScMMGPTCellPreTrainedModel(StrictLoadingMixin, FastModeMixin, PreTrainedModel):
@@ -211,6 +246,9 @@ class ScMMGPTCellPreTrainedModel(StrictLoadingMixin, FastModeMixin, PreTrainedMo
     _supports_sdpa = True
     _supports_attention_backend = True
     _no_split_modules = ["ScMMGPTCellLayer"]
+    # `output_hidden_states` through transformers' output capturing: the embeddings (the first layer's input), then
+    # each layer's output; packed layers return their output padded as well, at index 1 (see ScMMGPTCellLayer).
+    _can_record_outputs = {"hidden_states": OutputRecorder(ScMMGPTCellLayer, index=1)}
 
     def _init_weights(self, module):
         """scGPT's random initialisation: torch's defaults (`nn.MultiheadAttention`'s for attention) and gene
@@ -261,14 +299,13 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.gene_encoder.embedding = value
 
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         gene_ids: torch.LongTensor,
         values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         r"""
         Args:
@@ -276,35 +313,30 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
             values (`torch.Tensor` of shape `(batch_size, num_genes)`): expression values (continuous or bins).
             attention_mask (`torch.Tensor` of shape `(batch_size, num_genes)`, *optional*): 1 for genes, 0 for
                 padding. Defaults to `gene_ids != pad_token_id`, as scGPT does.
-            output_hidden_states (`bool`, *optional*): also return every layer's output (the embeddings first);
-                defaults to `config.output_hidden_states`. `return_dict=False` gives a tuple.
+            output_hidden_states (`bool`, *optional*, a keyword): also return every layer's output (the embeddings
+                first), recorded by transformers' output capturing; defaults to `config.output_hidden_states`.
+                `return_dict=False` gives a tuple.
 
         Returns:
             `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, num_genes, hidden_size)` (zero at
             padding when packed), `pooler_output` the `<cls>` output `(batch_size, hidden_size)`.
         """
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
         if attention_mask is None:
             attention_mask = gene_ids.ne(self.config.pad_token_id)
         hidden_states = self.gene_encoder(gene_ids) + self.value_encoder(values)
         attention_mask = attention_mask.bool()
         padded = not bool(attention_mask.all())  # no mask at all lets SDPA take its unmasked (faster) kernel
         if padded and self._can_pack(hidden_states):
-            return self._forward_packed(hidden_states, attention_mask, output_hidden_states)
+            recording = kwargs.get("output_hidden_states", self.config.output_hidden_states)
+            return self._forward_packed(hidden_states, attention_mask, return_padded=bool(recording))
         mask = None
         if padded:
             mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
             )
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(hidden_states, mask)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0], hidden_states=all_hidden_states
-        )
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
 
     def expression_weighted_mean(
         self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -375,26 +407,13 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
         dropout = self.training and self.config.attention_dropout > 0
         return varlen_attn is not None and (autocast or self.dtype in half) and not dropout
 
-    def _forward_packed(self, hidden_states, attention_mask, output_hidden_states) -> BaseModelOutputWithPooling:
+    def _forward_packed(self, hidden_states, attention_mask, return_padded: bool) -> BaseModelOutputWithPooling:
         """The layers on real tokens only; outputs are zero at padding, as scGPT's fast path returns them."""
-        batch, length, width = hidden_states.shape
-        lengths = attention_mask.sum(1)
-        packed = PackedCells(F.pad(lengths.cumsum(0), (1, 0)), int(lengths.max()))
-        index = attention_mask.flatten().nonzero().squeeze(1)
-        hidden = hidden_states.flatten(0, 1)[index]
-
-        def unpack(tokens: torch.Tensor) -> torch.Tensor:
-            return tokens.new_zeros(batch * length, width).index_copy(0, index, tokens).view(batch, length, width)
-
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for layer in self.layers:
-            hidden = layer(hidden, None, packed)
-            if output_hidden_states:
-                all_hidden_states += (unpack(hidden),)
-        hidden_states = all_hidden_states[-1] if output_hidden_states else unpack(hidden)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0], hidden_states=all_hidden_states
-        )
+        packed = PackedCells.from_mask(attention_mask)
+        for layer in self.layers:  # the first layer packs the padded embeddings
+            hidden_states, padded = layer(hidden_states, None, packed, return_padded)
+        hidden_states = padded if padded is not None else packed.unpack(hidden_states)
+        return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
 
 
 __all__ = ["ScMMGPTCellPreTrainedModel", "ScMMGPTCellModel"]

@@ -103,7 +103,7 @@ def test_packed_padding_matches_masked_batch_and_each_cell_alone(checkpointing):
     )
     model = ScMMGPTCellModel(config).train()
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     lengths = [5, 2, 4]
     genes = torch.full((3, 5), config.pad_token_id)
     values = torch.zeros(3, 5)
@@ -124,7 +124,14 @@ def test_packed_padding_matches_masked_batch_and_each_cell_alone(checkpointing):
     assert torch.equal(packed.last_hidden_state[~keep], torch.zeros_like(packed.last_hidden_state[~keep]))
     assert len(packed.hidden_states) == len(masked.hidden_states) == config.num_hidden_layers + 1
     for ours, reference in zip(packed.hidden_states, masked.hidden_states):
+        assert ours.shape == reference.shape == (*genes.shape, config.hidden_size)  # packed layers recorded padded
         torch.testing.assert_close(ours[keep], reference[keep], atol=1e-5, rtol=1e-5)
+    # transformers' output capturing: hidden states selected by index, packed or not; the others are None.
+    for pack in (True, False):
+        model.config.pack_padded_cells = pack
+        selected = model(genes, values, output_hidden_states=[0, -2]).hidden_states
+        assert [h is not None for h in selected] == [True, True, False]
+        torch.testing.assert_close(selected[1][keep], masked.hidden_states[1][keep], atol=1e-5, rtol=1e-5)
     assert packed_grads.keys() == masked_grads.keys()
     for name in packed_grads:
         torch.testing.assert_close(packed_grads[name], masked_grads[name], atol=1e-5, rtol=1e-4, msg=name)
@@ -153,7 +160,7 @@ def test_packing_is_automatic_on_gpus_only():
 
 def test_transformers_output_and_checkpointing_conventions():
     """`return_dict=False` gives a tuple, `config.output_hidden_states` is the default, and
-    `gradient_checkpointing_enable()` checkpoints each layer (transformers' `GradientCheckpointingLayer`: the layer's
+    `activation_checkpointing_enable()` checkpoints each layer (transformers' `GradientCheckpointingLayer`: the layer's
     inside runs again in the backward pass)."""
     torch.manual_seed(0)
     config = ScMMGPTCellConfig(
@@ -173,7 +180,7 @@ def test_transformers_output_and_checkpointing_conventions():
     model.layers[0].self_attn.register_forward_hook(lambda *unused: calls.append(1))
     for checkpointing, expected in ((False, 1), (True, 2)):
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         calls.clear()
         model(genes, values).pooler_output.sum().backward()
         assert len(calls) == expected, checkpointing
