@@ -23,4 +23,17 @@ GENERATE = (
     "Write a cell that is a {cell_type}{tissue}.",
 )
 
-__all__ = ["ANNOTATE", "CELL", "DESCRIBE", "GENERATE"]
+
+def generation_prompts(cell_types, cells_per_type: int, tissue: str | dict[str, str] = "") -> list[str]:
+    """`cells_per_type` generate prompts per type, type by type, cycling through the phrasings (so each type is asked
+    the same ways). `tissue` is a suffix such as `" from blood"`, or a mapping from type to its suffix."""
+    return [
+        GENERATE[k % len(GENERATE)].format(
+            cell_type=cell_type, tissue=tissue.get(cell_type, "") if isinstance(tissue, dict) else tissue
+        )
+        for cell_type in cell_types
+        for k in range(cells_per_type)
+    ]
+
+
+__all__ = ["ANNOTATE", "CELL", "DESCRIBE", "GENERATE", "generation_prompts"]

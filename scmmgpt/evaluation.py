@@ -28,7 +28,7 @@ import torch
 from modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 from modeling_scmmgpt.metrics import CellDescriptionMetric, CellTypeAnnotationMetric, PseudoCellGenerationMetric
 from modeling_scmmgpt.pipelines import CellDescriptionPipeline, CellTypeAnnotationPipeline, TextToCellPipeline
-from modeling_scmmgpt.prompts import GENERATE as GENERATION_PROMPTS  # the phrasings the model was tuned on
+from modeling_scmmgpt.prompts import generation_prompts  # the phrasings the model was tuned on
 from modeling_scmmgpt.utils import atomic_write_text
 from trainers.data import load_cell_text_splits, load_pbmc
 from trainers.default_model import build_model
@@ -133,11 +133,7 @@ def evaluate_generation(model, processor, train, test, cells_per_type: int = 4, 
 
     generator = _pipeline(TextToCellPipeline, model, processor)
     intended = [cell_type for cell_type in types for _ in range(cells_per_type)]
-    prompts = [
-        GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(cell_type=cell_type, tissue=tissue.get(cell_type, ""))
-        for cell_type in types
-        for k in range(cells_per_type)
-    ]
+    prompts = generation_prompts(types, cells_per_type, tissue)
     # One call: the pipeline seeds each prompt's draw by its index, so no two generated cells share their noise
     # (a call per type gave cell k of every type the same draw, which pulled the types' cells together).
     generated = np.asarray(generator(prompts, n_cells=1, seed=seed, max_text_tokens=0, genes=names).X)

@@ -184,7 +184,7 @@ def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per
     import scanpy as sc
 
     from modeling_scmmgpt.pipelines import TextToCellPipeline
-    from modeling_scmmgpt.prompts import GENERATE as GENERATION_PROMPTS
+    from modeling_scmmgpt.prompts import generation_prompts
 
     plt = _figure_backend()
     test = splits["test"]
@@ -194,13 +194,10 @@ def plot_generated_vs_real(model, processor, adata, splits, path: str, cells_per
     real.obs["cell_type"], real.obs["source"] = list(test["cell_type"]), "real"
     generator = TextToCellPipeline(model=model, processor=processor, task=None)
     types = sorted(set(test["cell_type"]))
-    prompts = [
-        GENERATION_PROMPTS[k % len(GENERATION_PROMPTS)].format(cell_type=cell_type, tissue=" from blood")
-        for cell_type in types
-        for k in range(cells_per_type)
-    ]
     # One call, so every cell has its own draw (the pipeline seeds each prompt by its index).
-    fake = generator(prompts, n_cells=1, max_text_tokens=0, genes=genes)
+    fake = generator(
+        generation_prompts(types, cells_per_type, " from blood"), n_cells=1, max_text_tokens=0, genes=genes
+    )
     fake.obs["cell_type"] = [cell_type for cell_type in types for _ in range(cells_per_type)]
     fake.obs["source"] = "generated"
     both = ad.concat([real, fake], index_unique="-")

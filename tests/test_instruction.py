@@ -196,3 +196,18 @@ def test_generation_length_fits_the_longest_training_response(demo, tmp_path):
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="max_new_tokens"):
             describer(splits["test"].select(range(2)), max_new_tokens=bad, progress=False)
+
+
+def test_generation_prompts_cycle_the_tuned_phrasings_per_type():
+    """The evaluation and the figure ask for generated cells with the same prompts: per type, the phrasings the model
+    was tuned on in turn, with a tissue suffix given once or per type."""
+    from modeling_scmmgpt.prompts import GENERATE, generation_prompts
+
+    prompts = generation_prompts(["B cell", "NK cell"], len(GENERATE) + 1, {"B cell": " from blood"})
+    assert len(prompts) == 2 * (len(GENERATE) + 1)
+    assert prompts[: len(GENERATE)] == [g.format(cell_type="B cell", tissue=" from blood") for g in GENERATE]
+    assert prompts[len(GENERATE)] == prompts[0]  # the phrasings cycle
+    assert prompts[-1] == GENERATE[0].format(cell_type="NK cell", tissue="")  # no suffix for a type without one
+    assert generation_prompts(["T cell"], 1, " from lung") == [
+        GENERATE[0].format(cell_type="T cell", tissue=" from lung")
+    ]
