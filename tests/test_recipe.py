@@ -451,6 +451,42 @@ def test_codebook_confidence_sharpens_the_mixture_and_keeps_every_choice(tmp_pat
         ScMMGPTInstructionArguments(output_dir=str(tmp_path / "x"), bridge_codebook_confidence=1.5, use_cpu=True)
 
 
+def test_codebook_entries_from_label_and_ontology_name(tmp_path):
+    """`bridge_codebook_entries "label_and_name"`: each codebook entry holds the label's token embeddings on the first
+    half of the cell positions and its Cell Ontology name's (the name descriptions use) on the second; the classifier
+    is the same fit as with label entries. An unknown choice is refused in one line."""
+    from conftest import pbmc_cells, tiny_demo
+
+    from trainers.bridges import _spread, fit_bridges
+    from trainers.default_model import build_model
+    from trainers.instruction import ScMMGPTInstructionArguments
+
+    _, processor, splits = tiny_demo(tmp_path)
+    torch.manual_seed(0)
+    model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)
+    records = list(splits["train"].select(range(120)))
+    embed = model.model.get_input_embeddings()
+    fit_bridges(model, processor, records, parts=("codebook",), codebook_c=1e-3)
+    codebook = model.model.cell_codebook
+    label_entries, label_classifier = codebook.entries.detach().clone(), codebook.classifier.weight.detach().clone()
+    fit_bridges(model, processor, records, parts=("codebook",), codebook_c=1e-3, codebook_entries="label_and_name")
+    codebook = model.model.cell_codebook
+    torch.testing.assert_close(codebook.classifier.weight, label_classifier)
+    labels, half = model.config.cell_codebook_labels, model.config.num_cell_tokens // 2
+    b_cell = labels.index("CD19+ B")
+
+    def tokens(text, length):
+        ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return embed(torch.tensor(_spread(ids, length, keep_ends=True)))
+
+    with torch.no_grad():
+        torch.testing.assert_close(codebook.entries[b_cell, :half], tokens("CD19+ B", half))
+        torch.testing.assert_close(codebook.entries[b_cell, half:], tokens("B cell", half))
+        assert not torch.allclose(codebook.entries, label_entries)
+    with pytest.raises(ValueError, match="bridge_codebook_entries='names'"):
+        ScMMGPTInstructionArguments(output_dir=str(tmp_path / "x"), bridge_codebook_entries="names", use_cpu=True)
+
+
 def _dense_expression(cells, vocab_size: int) -> torch.Tensor:
     """`(num_cells, vocab_size)` expression from the cell processor's output, 0 for the genes a cell does not list."""
     truth = torch.zeros(len(cells["gene_ids"]), vocab_size)

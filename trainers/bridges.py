@@ -63,12 +63,20 @@ def _trained(module):
     return copies[module.active_adapter] if copies is not None else module
 
 
-def _spread(tokens: list[int], length: int) -> list[int]:
-    """`length` positions over `tokens`, in order (repeating tokens of a short label, skipping some of a long one)."""
-    return [tokens[i * len(tokens) // length] for i in range(length)]
+def _spread(tokens: list[int], length: int, keep_ends: bool = False) -> list[int]:
+    """`length` positions over `tokens`, in order (repeating tokens of a short label, skipping some of a long one).
+    `keep_ends` keeps a long label's first and last tokens, spacing the rest evenly between them: at the four
+    positions of half an entry, "CD56+ NK" keeps its "NK" (else "CD", "5", "6", "+")."""
+    n = len(tokens)
+    if keep_ends and 1 < length < n:
+        return [tokens[round(i * (n - 1) / (length - 1))] for i in range(length)]
+    return [tokens[i * n // length] for i in range(length)]
 
 
 BRIDGE_PARTS = ("projector", "codebook", "cell_head")
+# What a codebook entry starts from: the label's tokens, or the label's tokens on the first half of the cell
+# positions and its Cell Ontology name's on the second (the name the descriptions use, e.g. "CD19+ B" / "B cell").
+CODEBOOK_ENTRIES = ("label", "label_and_name")
 
 
 @torch.no_grad()
@@ -81,12 +89,15 @@ def fit_bridges(
     parts=("projector", "cell_head"),
     codebook_c: float = 1.0,
     codebook_confidence: float | None = None,
+    codebook_entries: str = "label",
 ) -> dict[str, float]:
     """Fits `parts` of the bridges ([`BRIDGE_PARTS`]; see the module docstring) on `records`
     (builder examples with `gene_ids`, `values`, `cell_type`, `cell_id`). Returns each fit's R^2 (the codebook: its
     classifier's accuracy on `records`, its `C` and its logit scale; `codebook_c` 0 chooses `C` by cross-validation,
-    `codebook_confidence` sets the scale, see [`_fit_codebook`]). `model` may carry PEFT adapters; the bridges'
+    `codebook_confidence` sets the scale and `codebook_entries` the entries' text, see [`_fit_codebook`]). `model` may carry PEFT adapters; the bridges'
     trained copies are fitted."""
+    if codebook_entries not in CODEBOOK_ENTRIES:
+        raise ValueError(f"Unknown codebook entries {codebook_entries!r}; use one of {', '.join(CODEBOOK_ENTRIES)}.")
     unknown = set(parts) - set(BRIDGE_PARTS)
     if unknown:
         raise ValueError(f"Unknown bridge parts {sorted(unknown)}; use {', '.join(map(repr, BRIDGE_PARTS))}.")
@@ -104,7 +115,13 @@ def fit_bridges(
         fits["projector_r2"] = ridge_fit_(projector.linear_2, features, labels.flatten(0, 1))
     if "codebook" in parts:
         fits["codebook_accuracy"], fits["codebook_c"], fits["codebook_scale"] = _fit_codebook(
-            model, processor, queries, [r["cell_type"] for r in records], codebook_c, codebook_confidence
+            model,
+            processor,
+            queries,
+            [r["cell_type"] for r in records],
+            codebook_c,
+            codebook_confidence,
+            _ontology_names(records) if codebook_entries == "label_and_name" else None,
         )
         projector.linear_2.weight.zero_()
         projector.linear_2.bias.zero_()
@@ -122,18 +139,36 @@ def _query_outputs(inner, processor, records: list[dict]) -> torch.Tensor:
     return inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output.float()
 
 
-def _label_embeddings(model, processor, labels: list[str]) -> torch.Tensor:
+def _label_embeddings(model, processor, labels: list[str], names: list[str] | None = None) -> torch.Tensor:
     """`(len(labels), num_cell_tokens, lm_hidden_size)`: the LM's input embeddings of each label's tokens, spread over
-    the cell positions."""
+    the cell positions; with `names`, the label's over the first half and its name's over the second."""
     tokenizer = processor.tokenizer
-    tokens = [
-        _spread(
-            tokenizer(str(label), add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id],
-            model.config.num_cell_tokens,
-        )
-        for label in labels
-    ]
+
+    def ids(text) -> list[int]:
+        return tokenizer(str(text), add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id]
+
+    length = model.config.num_cell_tokens
+    if names is None:
+        tokens = [_spread(ids(label), length) for label in labels]
+    else:
+        half = length // 2 or 1
+        tokens = [
+            (_spread(ids(label), half, keep_ends=True) + _spread(ids(name), length - half, keep_ends=True))[:length]
+            for label, name in zip(labels, names)
+        ]
     return model.model.get_input_embeddings()(torch.tensor(tokens)).float()
+
+
+def _ontology_names(records: list[dict]) -> dict[str, str]:
+    """Each record label's Cell Ontology name (from its resolved `cell_type_ontology_term_id`), or the label itself
+    where the term is missing or unknown."""
+    from modeling_scmmgpt.ontology import CellOntology
+
+    ontology, names = CellOntology.load(), {}
+    for record in records:
+        label, term = str(record["cell_type"]), record.get("cell_type_ontology_term_id")
+        names.setdefault(label, ontology.label(term) if term in ontology.terms else label)
+    return names
 
 
 def _generate_prompt_states(model, processor, records: list[dict], seed: int, batch_size: int) -> torch.Tensor:
@@ -165,9 +200,16 @@ def _generate_prompt_states(model, processor, records: list[dict], seed: int, ba
 
 
 def _fit_codebook(
-    model, processor, queries: torch.Tensor, labels: list[str], c: float = 1.0, confidence: float | None = None
+    model,
+    processor,
+    queries: torch.Tensor,
+    labels: list[str],
+    c: float = 1.0,
+    confidence: float | None = None,
+    entry_names: dict[str, str] | None = None,
 ) -> tuple[float, float, float]:
-    """Sets the model's cell codebook: entries from the labels' token embeddings, the classifier from a logistic
+    """Sets the model's cell codebook: entries from the labels' token embeddings (with `entry_names`, a label's
+    and its name's, see [`_label_embeddings`]), the classifier from a logistic
     regression on the standardised, flattened query outputs (the standardisation folded into its weights), with
     inverse L2 strength `c` (0: chosen by 5-fold cross-validation).
 
@@ -208,11 +250,14 @@ def _fit_codebook(
         logit_scale = _scale_for_confidence(torch.from_numpy(standardised) @ coef.T + bias, confidence)
         coef, bias = coef * logit_scale, bias * logit_scale
     weight = coef / scale
+    classes = list(regression.classes_)
     model.model.set_cell_codebook(
-        list(regression.classes_),
+        classes,
         weight,
         bias - weight @ mean,
-        _label_embeddings(model, processor, list(regression.classes_)),
+        _label_embeddings(
+            model, processor, classes, None if entry_names is None else [entry_names[k] for k in classes]
+        ),
     )
     return float(regression.score(standardised, names)), c, logit_scale
 
@@ -288,4 +333,4 @@ def fit_expression_readout_(
     return float(1 - squared_residual.sum() / (targets - targets.mean()).square().sum())
 
 
-__all__ = ["BRIDGE_PARTS", "fit_bridges", "fit_expression_readout_", "ridge_fit_"]
+__all__ = ["BRIDGE_PARTS", "CODEBOOK_ENTRIES", "fit_bridges", "fit_expression_readout_", "ridge_fit_"]

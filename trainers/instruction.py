@@ -19,7 +19,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from .arguments import ScMMGPTRunOptions
-from .bridges import fit_bridges
+from .bridges import CODEBOOK_ENTRIES, fit_bridges
 from .common import AtomicCheckpointsMixin, RanksInStepMixin, mean_over_ranks, regroup_optimizer, write_loss_settings
 from .data.instructions import instruction_examples
 
@@ -76,6 +76,9 @@ class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
             mean top probability is this (each cell's most likely label stays). A strongly regularised regression
             (`bridge_codebook_c 0`) names new cells best, but mixes label embeddings softly, which the LM reads less
             well; this keeps its choices and makes them crisp. `None`: the regression's own probabilities.
+        bridge_codebook_entries (`str`, defaults to `"label"`): what the codebook's entries start from: the
+            label's token embeddings, or `"label_and_name"`: the label's on the first half of the cell positions and
+            its Cell Ontology name's (the name descriptions use, e.g. "CD19+ B" and "B cell") on the second.
         bridge_refit (`bool`, defaults to `True`): with a fitted `bridge_init`, fit `cell_head` again after
             training, on the adapted LM's states: the adapters move the states the first fit read.
         expression_loss_weight (`float`, *optional*): sets the model's `expression_loss_weight` (saved with it) for
@@ -105,6 +108,7 @@ class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
     bridge_init_cells: int = 512
     bridge_codebook_c: float = 1.0
     bridge_codebook_confidence: float | None = None
+    bridge_codebook_entries: str = "label"
     bridge_learning_rate: float | None = None
     bridge_refit: bool = True
     expression_loss_weight: float | None = None
@@ -135,6 +139,10 @@ class ScMMGPTInstructionArguments(ScMMGPTRunOptions, SFTConfig):
             raise ValueError(
                 f"bridge_codebook_confidence={self.bridge_codebook_confidence}: a mean top probability between 0 "
                 "and 1 (e.g. 0.99), or leave it unset."
+            )
+        if self.bridge_codebook_entries not in CODEBOOK_ENTRIES:
+            raise ValueError(
+                f"bridge_codebook_entries={self.bridge_codebook_entries!r}: use one of {', '.join(CODEBOOK_ENTRIES)}."
             )
         if self.bridge_init not in BRIDGE_INIT_PARTS:
             raise ValueError(
@@ -304,6 +312,7 @@ class ScMMGPTInstructionTrainer(RanksInStepMixin, AtomicCheckpointsMixin, SFTTra
                 parts=parts,
                 codebook_c=args.bridge_codebook_c,
                 codebook_confidence=args.bridge_codebook_confidence,
+                codebook_entries=args.bridge_codebook_entries,
             )
             logger.info("Bridges fitted on %d training cells: %s", len(records), self.bridge_fits)
         if args.balance_cell_types and train_dataset is not None and not hasattr(train_dataset, "__len__"):
