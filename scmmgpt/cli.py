@@ -345,6 +345,14 @@ def _dataclass_from(cls, namespace):
     return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if f.init})
 
 
+def _evaluation_options() -> argparse.ArgumentParser:
+    from trainers.arguments import ScMMGPTDataArguments
+
+    from .evaluation import ScMMGPTEvaluationArguments
+
+    return _dataclass_options(ScMMGPTEvaluationArguments, ScMMGPTDataArguments)
+
+
 def _dataclass_options(*classes) -> argparse.ArgumentParser:
     """The options of dataclasses, as transformers' HfArgumentParser defines them (each as --name and --kebab-name),
     to be a subcommand's parent parser."""
@@ -446,7 +454,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nhint: `{self.prog} --help` lists the commands and options.\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The `scmmgpt` parser. `evaluate` takes its options from the training dataclasses, which import transformers
+    (seconds): they are added only when `argv` (default: the command line) names that command, so `scmmgpt --help`
+    and the other commands start without them."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = _Parser(prog="scmmgpt", description="scMMGPT: joint single-cell and text language modelling.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     subs = parser.add_subparsers(dest="command", metavar="command", required=True)
@@ -549,15 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="further --flag value pairs")
     p.set_defaults(func=cmd_train)
 
-    from trainers.arguments import ScMMGPTDataArguments
-
-    from .evaluation import ScMMGPTEvaluationArguments
-
     p = sub(
         "evaluate",
         "The paper's three evaluations on held-out cells (yours, or the PBMC demo's test split), next "
         "to baselines fit on the training cells.",
-        parents=[_dataclass_options(ScMMGPTEvaluationArguments, ScMMGPTDataArguments)],
+        parents=[_evaluation_options()] if "evaluate" in argv else [],
     )
     p.set_defaults(func=cmd_evaluate)
 
@@ -645,7 +653,7 @@ def _quiet(debug: bool):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         with _quiet(args.debug):
             args.func(args)

@@ -242,11 +242,27 @@ def test_every_subcommand_has_help_with_an_example(command, capsys):
         main([command, "--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "example:" in out and f"scmmgpt {command}" in out
+    if command == "evaluate":  # its dataclass options, built only when the command is named
+        assert "--test_cells" in out and "--train_data" in out
 
 
 def test_help_through_the_entry_point():
     result = _run("embed", "--help")
     assert result.returncode == 0 and "example:" in result.stdout and "scmmgpt embed" in result.stdout
+
+
+def test_help_starts_without_the_training_stack():
+    """`scmmgpt --help` and another command's help build no dataclass options, so they import neither transformers
+    nor torch (about 10 s); `evaluate --help` still lists its dataclass options."""
+    code = (
+        "import sys\nfrom scmmgpt.cli import main\n"
+        "for argv in (['--help'], ['embed', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('IMPORTED', sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "IMPORTED []" in result.stdout, result.stdout[-300:] + result.stderr[-300:]
+    assert "evaluate" in result.stdout and "scmmgpt embed" in result.stdout
 
 
 def test_errors_are_one_line_with_a_hint(demo_dir, cells_h5ad, tmp_path, pbmc):
