@@ -199,8 +199,8 @@ class ScMMGPTCellAttention(nn.Module):
 
 
 class ScMMGPTCellLayer(GradientCheckpointingLayer):
-    """Post-norm encoder layer, as torch's `TransformerEncoderLayer(norm_first=False)`. `activation_checkpointing_enable()`
-    checkpoints it (transformers' `GradientCheckpointingLayer`)."""
+    """Post-norm encoder layer, as torch's `TransformerEncoderLayer(norm_first=False)`.
+    `activation_checkpointing_enable()` checkpoints it (transformers' `GradientCheckpointingLayer`)."""
 
     def __init__(self, config: ScMMGPTCellConfig):
         super().__init__()
@@ -313,9 +313,10 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
             values (`torch.Tensor` of shape `(batch_size, num_genes)`): expression values (continuous or bins).
             attention_mask (`torch.Tensor` of shape `(batch_size, num_genes)`, *optional*): 1 for genes, 0 for
                 padding. Defaults to `gene_ids != pad_token_id`, as scGPT does.
-            output_hidden_states (`bool`, *optional*, a keyword): also return every layer's output (the embeddings
-                first), recorded by transformers' output capturing; defaults to `config.output_hidden_states`.
-                `return_dict=False` gives a tuple.
+            output_hidden_states (`bool`, `int` or `list[int]`, *optional*, a keyword): also return every layer's
+                output (the embeddings first), recorded by transformers' output capturing; an index or a list keeps
+                only those (the others are None). When omitted, `config.output_hidden_states`. `return_dict=False`
+                gives a tuple.
 
         Returns:
             `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, num_genes, hidden_size)` (zero at
@@ -409,10 +410,12 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
 
     def _forward_packed(self, hidden_states, attention_mask, return_padded: bool) -> BaseModelOutputWithPooling:
         """The layers on real tokens only; outputs are zero at padding, as scGPT's fast path returns them."""
-        packed = PackedCells.from_mask(attention_mask)
+        packed, padded = PackedCells.from_mask(attention_mask), None
         for layer in self.layers:  # the first layer packs the padded embeddings
             hidden_states, padded = layer(hidden_states, None, packed, return_padded)
-        hidden_states = padded if padded is not None else packed.unpack(hidden_states)
+        if padded is None:  # not recorded (or no layers: the embeddings, zeroed at padding)
+            padded = packed.unpack(packed.pack(hidden_states) if hidden_states.dim() == 3 else hidden_states)
+        hidden_states = padded
         return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
 
 

@@ -24,7 +24,7 @@ GENERATE = (
 )
 
 
-def generation_prompts(cell_types, cells_per_type: int, tissue: str | dict[str, str] = "") -> list[str]:
+def generation_prompts(cell_types: list[str], cells_per_type: int, tissue: str | dict[str, str] = "") -> list[str]:
     """`cells_per_type` generate prompts per type, type by type, cycling through the phrasings (so each type is asked
     the same ways). `tissue` is a suffix such as `" from blood"`, or a mapping from type to its suffix."""
     return [

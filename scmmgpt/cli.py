@@ -456,8 +456,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(argv=None) -> argparse.ArgumentParser:
     """The `scmmgpt` parser. `evaluate` takes its options from the training dataclasses, which import transformers
-    (seconds): they are added only when `argv` (default: the command line) names that command, so `scmmgpt --help`
-    and the other commands start without them."""
+    (seconds): they are added only when `argv` (default: the command line) holds the word `evaluate` anywhere (an
+    option's value too, which only costs the import), so `scmmgpt --help` and the other commands start without
+    them. To parse an `evaluate` command line, pass it here too."""
     argv = sys.argv[1:] if argv is None else argv
     parser = _Parser(prog="scmmgpt", description="scMMGPT: joint single-cell and text language modelling.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

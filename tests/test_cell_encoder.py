@@ -141,6 +141,29 @@ def test_packed_padding_matches_masked_batch_and_each_cell_alone(checkpointing):
     torch.testing.assert_close(packed.pooler_output, torch.cat(alone), atol=1e-5, rtol=1e-5)
 
 
+def test_packed_encoder_without_layers_returns_its_embeddings():
+    """A zero-layer encoder (the embeddings alone) packed: the embeddings, zero at padding, with hidden states or
+    without."""
+    config = ScMMGPTCellConfig(
+        vocab_size=30,
+        d_model=16,
+        nhead=2,
+        nlayers=0,
+        d_hid=16,
+        pad_token_id=28,
+        cls_token_id=29,
+        pack_padded_cells=True,
+    )
+    model = ScMMGPTCellModel(config).eval()
+    genes = torch.tensor([[29, 3, 4, 5], [29, 6, 28, 28]])
+    values = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 4.0, -2.0, -2.0]])
+    with torch.no_grad():
+        embeddings = model.gene_encoder(genes) + model.value_encoder(values)
+        for recorded in (False, True):
+            out = model(genes, values, output_hidden_states=recorded)
+            torch.testing.assert_close(out.last_hidden_state, embeddings * genes.ne(28)[..., None])
+
+
 def test_packing_is_automatic_on_gpus_only():
     """`pack_padded_cells=None` keeps CPU batches padded (unless the fast mode measured packing faster, see
     test_fast_mode.py); `True` packs anywhere, which shows as zeros at padding."""

@@ -11,7 +11,8 @@ per cell, in closed form:
   on the SmolLM2 demo, and a nearest-label reading of 0.27 on test cells, where a logistic regression on the same
   query outputs is right for 0.79);
 - reading, `"codebook"`: instead, a cell codebook (`ScMMGPTModel.set_cell_codebook`) with one entry per training
-  label, started from the label's token embeddings, mixed by a logistic regression on the query outputs; the
+  label, started from the label's token embeddings (or the label's and its Cell Ontology name's,
+  `codebook_entries="label_and_name"`), mixed by a logistic regression on the query outputs; the
   projector's output layer starts at zero. A cell then reads, at step 0, like the name of the type it most
   resembles, with the regression's confidence. On the SmolLM2 demo this took generative annotation from about 0.3
   to about 0.8 (docs/recipe.md);
@@ -94,10 +95,12 @@ def fit_bridges(
     """Fits `parts` of the bridges ([`BRIDGE_PARTS`]; see the module docstring) on `records`
     (builder examples with `gene_ids`, `values`, `cell_type`, `cell_id`). Returns each fit's R^2 (the codebook: its
     classifier's accuracy on `records`, its `C` and its logit scale; `codebook_c` 0 chooses `C` by cross-validation,
-    `codebook_confidence` sets the scale and `codebook_entries` the entries' text, see [`_fit_codebook`]). `model` may carry PEFT adapters; the bridges'
-    trained copies are fitted."""
+    `codebook_confidence` sets the scale and `codebook_entries` the entries' text, see [`_fit_codebook`]). `model`
+    may carry PEFT adapters; the bridges' trained copies are fitted."""
     if codebook_entries not in CODEBOOK_ENTRIES:
         raise ValueError(f"Unknown codebook entries {codebook_entries!r}; use one of {', '.join(CODEBOOK_ENTRIES)}.")
+    if codebook_entries == "label_and_name" and model.config.num_cell_tokens < 2:
+        raise ValueError("codebook entries 'label_and_name' need num_cell_tokens >= 2 (a half for each); use 'label'.")
     unknown = set(parts) - set(BRIDGE_PARTS)
     if unknown:
         raise ValueError(f"Unknown bridge parts {sorted(unknown)}; use {', '.join(map(repr, BRIDGE_PARTS))}.")
@@ -141,7 +144,8 @@ def _query_outputs(inner, processor, records: list[dict]) -> torch.Tensor:
 
 def _label_embeddings(model, processor, labels: list[str], names: list[str] | None = None) -> torch.Tensor:
     """`(len(labels), num_cell_tokens, lm_hidden_size)`: the LM's input embeddings of each label's tokens, spread over
-    the cell positions; with `names`, the label's over the first half and its name's over the second."""
+    the cell positions; with `names`, the label's over the first half and its name's over the second, each keeping
+    its first and last tokens (see [`_spread`])."""
     tokenizer = processor.tokenizer
 
     def ids(text) -> list[int]:
@@ -151,17 +155,17 @@ def _label_embeddings(model, processor, labels: list[str], names: list[str] | No
     if names is None:
         tokens = [_spread(ids(label), length) for label in labels]
     else:
-        half = length // 2 or 1
+        half = length // 2
         tokens = [
-            (_spread(ids(label), half, keep_ends=True) + _spread(ids(name), length - half, keep_ends=True))[:length]
+            _spread(ids(label), half, keep_ends=True) + _spread(ids(name), length - half, keep_ends=True)
             for label, name in zip(labels, names)
         ]
     return model.model.get_input_embeddings()(torch.tensor(tokens)).float()
 
 
 def _ontology_names(records: list[dict]) -> dict[str, str]:
-    """Each record label's Cell Ontology name (from its resolved `cell_type_ontology_term_id`), or the label itself
-    where the term is missing or unknown."""
+    """Each record label's Cell Ontology name (from its resolved `cell_type_ontology_term_id`; the first record's,
+    should one label carry several terms), or the label itself where the term is missing or unknown."""
     from modeling_scmmgpt.ontology import CellOntology
 
     ontology, names = CellOntology.load(), {}
@@ -208,10 +212,10 @@ def _fit_codebook(
     confidence: float | None = None,
     entry_names: dict[str, str] | None = None,
 ) -> tuple[float, float, float]:
-    """Sets the model's cell codebook: entries from the labels' token embeddings (with `entry_names`, a label's
-    and its name's, see [`_label_embeddings`]), the classifier from a logistic
-    regression on the standardised, flattened query outputs (the standardisation folded into its weights), with
-    inverse L2 strength `c` (0: chosen by 5-fold cross-validation).
+    """Sets the model's cell codebook: entries from the labels' token embeddings (with `entry_names`, a label's and
+    its name's, see [`_label_embeddings`]), the classifier from a logistic regression on the standardised, flattened
+    query outputs (the standardisation folded into its weights), with inverse L2 strength `c` (0: chosen by 5-fold
+    cross-validation).
 
     `confidence` decouples how sharp the mixture is from how strongly the regression is regularised: the logits are
     multiplied by the one factor that makes the fitting cells' mean top probability `confidence`, which leaves every
