@@ -141,6 +141,13 @@ def test_packed_padding_matches_masked_batch_and_each_cell_alone(checkpointing):
     torch.testing.assert_close(packed.pooler_output, torch.cat(alone), atol=1e-5, rtol=1e-5)
 
 
+def _two_cells():
+    """A full cell and a padded one (pad 28, `<cls>` 29) for the packing tests."""
+    genes = torch.tensor([[29, 3, 4, 5], [29, 6, 28, 28]])
+    values = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 4.0, -2.0, -2.0]])
+    return genes, values
+
+
 def test_packed_encoder_without_layers_returns_its_embeddings():
     """A zero-layer encoder (the embeddings alone) packed: the embeddings, zero at padding, with hidden states or
     without."""
@@ -155,8 +162,7 @@ def test_packed_encoder_without_layers_returns_its_embeddings():
         pack_padded_cells=True,
     )
     model = ScMMGPTCellModel(config).eval()
-    genes = torch.tensor([[29, 3, 4, 5], [29, 6, 28, 28]])
-    values = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 4.0, -2.0, -2.0]])
+    genes, values = _two_cells()
     with torch.no_grad():
         embeddings = model.gene_encoder(genes) + model.value_encoder(values)
         for recorded in (False, True):
@@ -171,8 +177,7 @@ def test_packing_is_automatic_on_gpus_only():
         vocab_size=30, d_model=16, nhead=2, nlayers=1, d_hid=16, pad_token_id=28, cls_token_id=29
     )
     model = ScMMGPTCellModel(config).eval()
-    genes = torch.tensor([[29, 3, 4, 5], [29, 6, 28, 28]])
-    values = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 4.0, -2.0, -2.0]])
+    genes, values = _two_cells()
     with torch.no_grad():
         auto = model(genes, values).last_hidden_state
         model.config.pack_padded_cells = True
