@@ -115,7 +115,10 @@ def machine_line(device: torch.device) -> str:
     flags = " ".join(
         sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"))
     )
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_info("model name") or "CPU"
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:  # family and model tell CPU generations apart where the name does not ("AMD EPYC": family 26 is Zen 5)
+        where = f"{cpu_info('model name') or 'CPU'} (family {cpu_info('cpu family')}, model {cpu_info('model')})"
     return (
         f"{datetime.date.today()}, {where}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
         f"CPU flags: {flags or 'none of avx2/avx512/amx'}"

@@ -1,11 +1,13 @@
 """Inference precision that is measured before it is chosen.
 
 bf16 is not uniformly faster on CPUs. On a 2-core AMD EPYC with AVX512-BF16 (torch 2.13), a 512-wide linear runs
-about 3x faster with bf16 weights than in fp32, but `scaled_dot_product_attention` over 1,200 genes is no faster
-(sometimes 1.7x slower) in bf16, and on AVX2-only CPUs bf16 is emulated and several times slower everywhere. So the
-fast mode times each component, the linears and the attention, in both precisions on this machine at the model's
-own sizes, and takes bf16 for a component only where it measured clearly faster. The choice is cached per machine,
-torch version, thread count and model shape, and says what it chose and why (`FastMode.describe()`).
+3-4x faster with bf16 weights than in fp32, but `scaled_dot_product_attention` is no faster (sometimes 1.7x slower)
+in bf16; two bf16 matmuls around a float32 softmax ("eager" attention) are 2x faster than it at a cell's 230
+expressed genes, and slower at 1,200 genes. On AVX2-only CPUs bf16 is emulated and several times slower
+everywhere. So the fast mode times each component on this machine at the model's own sizes: the linears in both
+precisions, the attention in both precisions with both kernels, and padded against packed batches; it takes an
+alternative only where it measured clearly faster. The choice is cached per machine, torch version, thread count
+and model shape, and says what it chose and why (`FastMode.describe()`).
 
     mode = model.enable_fast_mode()   # or apply_fast_mode(model, choose_fast_mode(model.config))
     print(mode.describe())
@@ -24,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .packing import PackedCells, packed_attention
 from .utils import PRECISION_ENV, atomic_write_text, cpu_flags, cpu_has_native_bf16, cpu_info, precision_forced
 
 
@@ -32,8 +35,15 @@ from .utils import PRECISION_ENV, atomic_write_text, cpu_flags, cpu_has_native_b
 MARGIN = 0.9
 CACHE_ENV = "SCMMGPT_CACHE_DIR"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Each measured component: (its baseline, the alternative the fast mode may take instead).
-COMPONENTS = {"linear": ("fp32", "bf16"), "attention": ("fp32", "bf16"), "packing": ("padded", "packed")}
+# Each measured component: its baseline, then the alternatives the fast mode may take instead. An attention option
+# is its precision, then " eager" for the matmul kernel (else torch's fused SDPA).
+COMPONENTS = {
+    "linear": ("fp32", "bf16"),
+    "attention": ("fp32", "bf16", "fp32 eager", "bf16 eager"),
+    "packing": ("padded", "packed"),
+}
+# Bumped when the measured options change, so that older cached measurements are taken again.
+_MEASUREMENT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +54,8 @@ class FastMode:
         linear (`str`): `"bf16"` (the weights are cast to bf16) or `"fp32"`; covers every linear, embedding and
             norm, i.e. the model's weights.
         attention (`str`): the precision the cell encoder's attention computes in, `"bf16"` or `"fp32"` (with bf16
-            weights, queries, keys and values are cast up for it and the output cast back).
+            weights, queries, keys and values are cast up for it and the output cast back), then `" eager"` where
+            it runs as two matmuls around a float32 softmax instead of torch's fused SDPA kernel.
         packing (`str`): `"packed"` (padded batches run only their real gene tokens, where the config leaves
             `pack_padded_cells` to auto) or `"padded"`.
         source (`str`): why: `"measured"`, `"cached"`, `"forced by SCMMGPT_CPU_BF16"`, `"GPU"`, `"no native bf16"`.
@@ -56,6 +67,15 @@ class FastMode:
     packing: str
     source: str
     timings: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def attention_dtype(self) -> torch.dtype:
+        return _DTYPES[self.attention.split()[0]]
+
+    @property
+    def attention_kernel(self) -> str:
+        """`"eager"` or `"sdpa"`."""
+        return "eager" if self.attention.endswith(" eager") else "sdpa"
 
     def describe(self) -> str:
         parts = []
@@ -82,30 +102,41 @@ def interleaved_medians(functions: dict[str, Callable[[], object]], repeats: int
     return {name: sorted(values) for name, values in seconds.items()}
 
 
-def select_options(timings: dict[str, dict[str, float]]) -> dict[str, str]:
-    """`{component: option}` from measured median seconds: a component's alternative (bf16, packed) only where it
-    took at most `MARGIN` of its baseline's (fp32, padded) time."""
+def select_options(timings: dict[str, dict[str, float]], precision: str | None = None) -> dict[str, str]:
+    """`{component: option}` from measured median seconds: a component's fastest alternative (bf16, eager, packed)
+    only where it took at most `MARGIN` of its baseline's (fp32, padded) time. With `precision` (`"fp32"` or
+    `"bf16"`, where it is forced or bf16 is not native), the linears take it, and the attention chooses its kernel
+    among that precision's options, against that precision's fused kernel."""
     chosen = {}
     for component, times in timings.items():
-        baseline, alternative = COMPONENTS[component]
-        chosen[component] = alternative if times[alternative] <= MARGIN * times[baseline] else baseline
+        options = [option for option in COMPONENTS[component] if option in times]
+        if precision is not None and component != "packing":
+            options = [option for option in options if option.split()[0] == precision]
+        baseline, alternatives = options[0], options[1:]
+        fastest = min(alternatives, key=times.__getitem__, default=baseline)
+        chosen[component] = fastest if times[fastest] <= MARGIN * times[baseline] else baseline
     return chosen
 
 
 def measure_components(cell_model_class, cell_config, genes: int, repeats: int = 5) -> dict[str, dict[str, float]]:
-    """Median seconds of the encoder's kinds of work at `cell_config`'s sizes, each way: its linears and its
-    attention in fp32 and bf16 (two cells of `genes` genes), and one encoder layer of `cell_model_class` on a padded
-    batch run padded and packed (two cells, of 60% and 100% of `genes` genes, as cells' expressed genes vary)."""
+    """Median seconds of the encoder's kinds of work at `cell_config`'s sizes, each way: its linears in fp32 and
+    bf16 and its attention in fp32 and bf16 with the fused and the eager kernel (one call per cell, as packed
+    batches run it, for two cells of `genes` genes), and one encoder layer of `cell_model_class` on a padded batch
+    run padded and packed (two cells, of 60% and 100% of `genes` genes, as cells' expressed genes vary)."""
     hidden, heads = cell_config.hidden_size, cell_config.num_attention_heads
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(2 * genes, hidden, generator=generator)
     weights = [torch.randn(out, hidden, generator=generator) * 0.02 for out in (hidden, cell_config.intermediate_size)]
-    qkv = torch.randn(3, 2, heads, genes, hidden // heads, generator=generator)
+    qkv = torch.randn(3, 2 * genes, heads, hidden // heads, generator=generator)
+    cells = PackedCells.from_mask(torch.ones(2, genes, dtype=torch.bool))
     functions = {}
     for precision, dtype in _DTYPES.items():
         x, ws, (q, k, v) = tokens.to(dtype), [w.to(dtype) for w in weights], qkv.to(dtype)
         functions[("linear", precision)] = lambda x=x, ws=ws: [F.linear(x, w) for w in ws]
-        functions[("attention", precision)] = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)
+        for kernel, suffix in (("sdpa", ""), ("eager", " eager")):
+            functions[("attention", precision + suffix)] = lambda q=q, k=k, v=v, kernel=kernel: packed_attention(
+                q, k, v, cells, hidden**-0.5, 0.0, kernel
+            )
     # One layer at the real sizes, with a 4-gene vocabulary: the embedding table does not matter to the timing.
     layer_config = copy.deepcopy(cell_config)
     layer_config.update({"vocab_size": 6, "pad_token_id": 4, "cls_token_id": 5, "num_hidden_layers": 1})
@@ -148,6 +179,7 @@ def _machine_key(config, genes: int) -> str:
         f"threads={torch.get_num_threads()}",
         f"{config.hidden_size}x{config.num_attention_heads}x{config.intermediate_size}",
         f"genes={genes}",
+        f"v{_MEASUREMENT_VERSION}",
     ]
     return "|".join(parts)
 
@@ -180,12 +212,12 @@ def choose_fast_mode(
         cache[key] = timings
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write_text(path, json.dumps(cache, indent=1))
-    chosen = select_options(timings)
+    precision = None
     if precision_forced() or not cpu_has_native_bf16():
         precision = "bf16" if cpu_has_native_bf16() else "fp32"
-        chosen["linear"] = chosen["attention"] = precision
         why = f"forced by {PRECISION_ENV}" if precision_forced() else "no native bf16 (AVX512-BF16 or AMX) here"
         source = f"{source}; precision {precision}: {why}"
+    chosen = select_options(timings, precision)
     return FastMode(chosen["linear"], chosen["attention"], chosen["packing"], source, timings)
 
 
@@ -198,7 +230,8 @@ def apply_fast_mode(model: torch.nn.Module, mode: FastMode) -> torch.nn.Module:
     # needs no import of the models that mix `FastModeMixin` in.
     for module in model.modules():
         if hasattr(module, "attention_dtype"):
-            module.attention_dtype = _DTYPES[mode.attention] if mode.attention != mode.linear else None
+            module.attention_dtype = mode.attention_dtype if mode.attention_dtype != _DTYPES[mode.linear] else None
+            module.attention_kernel = mode.attention_kernel
         if hasattr(module, "fast_mode_packing"):
             module.fast_mode_packing = mode.packing == "packed"
     return model

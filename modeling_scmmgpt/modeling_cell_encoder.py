@@ -12,10 +12,8 @@ flash-attention's variable-length kernel on GPUs and by one attention call per c
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -30,6 +28,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
 from .fast_mode import FastModeMixin
+from .packing import PackedCells, packed_attention, varlen_attn
 from .utils import StrictLoadingMixin
 
 
@@ -42,56 +41,6 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
-
-
-try:  # torch >= 2.9, CUDA only
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
-
-
-@dataclass
-class PackedCells:
-    """Where each cell's tokens lie in a packed `(total_tokens, ...)` tensor: cell `i` spans
-    `cu_seqlens[i]:cu_seqlens[i + 1]`; `index` holds their flat positions in the padded `(batch, genes)` batch."""
-
-    cu_seqlens: torch.Tensor
-    max_length: int
-    index: torch.Tensor
-    padded_shape: tuple[int, int]
-
-    @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor) -> "PackedCells":
-        """From a boolean `(batch, genes)` mask of real tokens."""
-        lengths = attention_mask.sum(1)
-        index = attention_mask.flatten().nonzero().squeeze(1)
-        return cls(F.pad(lengths.cumsum(0), (1, 0)), int(lengths.max()), index, tuple(attention_mask.shape))
-
-    def pack(self, padded: torch.Tensor) -> torch.Tensor:
-        """`(batch, genes, hidden)` -> `(total_tokens, hidden)`."""
-        return padded.flatten(0, 1)[self.index]
-
-    def unpack(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`(total_tokens, hidden)` -> `(batch, genes, hidden)`, zero at padding."""
-        batch, length = self.padded_shape
-        padded = tokens.new_zeros(batch * length, tokens.shape[-1]).index_copy(0, self.index, tokens)
-        return padded.view(batch, length, -1)
-
-
-def packed_attention(query, key, value, packed: PackedCells, scaling: float, dropout: float = 0.0) -> torch.Tensor:
-    """Attention within each cell of packed `(total_tokens, heads, head_dim)` tensors; same shape out."""
-    if varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout:
-        cu = packed.cu_seqlens.to(torch.int32)
-        return varlen_attn(query, key, value, cu, cu, packed.max_length, packed.max_length, scale=scaling)
-    bounds = packed.cu_seqlens.tolist()
-    outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        # 4-D `(1, heads, genes, head_dim)`: CPU SDPA takes its flash kernel only for 4-D inputs (3-D ones fall to
-        # the math path, 2.7x slower at 230 genes).
-        q, k, v = (t[start:end].transpose(0, 1)[None] for t in (query, key, value))
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
-        outputs.append(attended[0].transpose(0, 1))
-    return torch.cat(outputs)
 
 
 class ScMMGPTGeneEncoder(nn.Module):
@@ -155,9 +104,11 @@ class ScMMGPTCellAttention(nn.Module):
         for projection in (self.q_proj, self.k_proj, self.v_proj):
             projection.fused_in_projection = True
         self.o_proj.zero_bias = True
-        # The dtype attention computes in, when not the weights' (None): set by `apply_fast_mode` where bf16 linears
-        # are faster but bf16 attention is not (CPU attention kernels are).
+        # The dtype attention computes in, when not the weights' (None), and its kernel ("sdpa" or "eager"): set by
+        # `apply_fast_mode` from a measurement, since CPU attention kernels differ in which precision and sequence
+        # lengths they are fast at (the fused kernel has no fast bf16 path on some CPUs; two bf16 matmuls do).
         self.attention_dtype: torch.dtype | None = None
+        self.attention_kernel: str = "sdpa"
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, packed: PackedCells | None = None
@@ -166,22 +117,28 @@ class ScMMGPTCellAttention(nn.Module):
         if packed is not None:
             shape = (hidden_states.shape[0], -1, self.head_dim)
             query, key, value = (
-                self._in_attention_dtype(proj(hidden_states).view(shape))
-                for proj in (self.q_proj, self.k_proj, self.v_proj)
+                self._in_attention_dtype(t.view(shape))
+                for t in (proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
             )
-            attn_output = packed_attention(query, key, value, packed, self.scaling, dropout)
+            attn_output = packed_attention(query, key, value, packed, self.scaling, dropout, self.attention_kernel)
             return self.o_proj(attn_output.flatten(1).to(hidden_states.dtype))
         batch, seq_len, _ = hidden_states.shape
         shape = (batch, seq_len, -1, self.head_dim)
         query, key, value = (
-            self._in_attention_dtype(proj(hidden_states).view(shape).transpose(1, 2))
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
+            self._in_attention_dtype(t.view(shape).transpose(1, 2))
+            for t in (proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
         )
+        attention_interface: Callable = eager_attention_forward
+        if self.attention_kernel != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        elif attention_mask is not None and not attention_mask.is_floating_point():
+            # The config's SDPA masks are boolean (True = attend); the eager kernel adds its mask to the scores.
+            blocked = torch.finfo(query.dtype).min
+            attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(~attention_mask, blocked)
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.to(query.dtype)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
         attn_output, _ = attention_interface(
             self,
             query,

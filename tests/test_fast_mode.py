@@ -34,6 +34,18 @@ def test_selection_takes_an_alternative_only_where_it_measured_clearly_faster():
     assert fm.select_options(timings) == {"linear": "bf16", "attention": "fp32", "packing": "padded"}
     timings["attention"]["bf16"] = fm.MARGIN * 10.0
     assert fm.select_options(timings)["attention"] == "bf16"
+    # The fastest of several alternatives, and a forced precision chooses its kernel among its own options only.
+    timings["attention"].update({"fp32 eager": 9.5, "bf16 eager": 4.0})
+    assert fm.select_options(timings)["attention"] == "bf16 eager"
+    assert fm.select_options(timings, "fp32") == {"linear": "fp32", "attention": "fp32", "packing": "padded"}
+    timings["attention"]["fp32 eager"] = 8.0
+    assert fm.select_options(timings, "fp32")["attention"] == "fp32 eager"
+    assert fm.select_options(timings, "bf16") == {"linear": "bf16", "attention": "bf16 eager", "packing": "padded"}
+    timings["attention"]["bf16 eager"] = 8.5  # not within the margin of bf16's fused 9.0
+    assert fm.select_options(timings, "bf16")["attention"] == "bf16"
+    mode = fm.FastMode("bf16", "fp32 eager", "packed", "test", timings)
+    assert (mode.attention_dtype, mode.attention_kernel) == (torch.float32, "eager")
+    assert "attention fp32 eager (fp32 10000.0 ms, bf16 9000.0 ms, fp32 eager 8000.0 ms" in mode.describe()
 
 
 def test_the_measured_choice_is_never_slower_than_its_baseline(cache_dir, monkeypatch):
@@ -44,12 +56,13 @@ def test_the_measured_choice_is_never_slower_than_its_baseline(cache_dir, monkey
     assert mode.source == "measured" or "no native bf16" in mode.source
     saved = json.loads((cache_dir / "fast_mode.json").read_text())
     assert list(saved.values()) == [mode.timings]
-    for component, (baseline, alternative) in fm.COMPONENTS.items():
+    for component, options in fm.COMPONENTS.items():
         chosen, times = getattr(mode, component), mode.timings[component]
-        assert set(times) == {baseline, alternative} and all(t > 0 for t in times.values())
+        assert set(times) == set(options) and all(t > 0 for t in times.values())
+        baseline = options[0] if component == "packing" else mode.linear  # a fixed precision is its own baseline
         assert times[chosen] <= times[baseline], (component, times)
     if not cpu_has_native_bf16():
-        assert mode.linear == mode.attention == "fp32"
+        assert mode.linear == mode.attention.split()[0] == "fp32"
 
 
 def test_the_choice_is_cached_per_machine_and_model_shape(cache_dir, monkeypatch):
@@ -82,7 +95,7 @@ def test_the_precision_switch_decides_the_path(cache_dir, monkeypatch, forced):
     monkeypatch.setenv(PRECISION_ENV, forced)
     mode = fm.choose_fast_mode(ScMMGPTCellModel, tiny_config(), genes=64)
     precision = "bf16" if forced == "1" else "fp32"
-    assert mode.linear == mode.attention == precision and f"forced by {PRECISION_ENV}" in mode.source
+    assert mode.linear == mode.attention.split()[0] == precision and f"forced by {PRECISION_ENV}" in mode.source
     assert mode.packing in ("padded", "packed") and precision in mode.describe()
 
 
@@ -97,7 +110,11 @@ def padded_cells(config, lengths=(9, 4, 7), width=9):
     return genes, values, genes.ne(config.pad_token_id).long()
 
 
-@pytest.mark.parametrize("linear, attention", [("bf16", "fp32"), ("bf16", "bf16"), ("fp32", "fp32")])
+@pytest.mark.parametrize(
+    "linear, attention",
+    [("bf16", "fp32"), ("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "bf16 eager"), ("bf16", "fp32 eager"),
+     ("fp32", "fp32 eager")],
+)  # fmt: skip
 @pytest.mark.parametrize("packing", ["padded", "packed"])
 def test_the_mode_changes_speed_not_the_answer(linear, attention, packing):
     torch.manual_seed(0)
@@ -108,7 +125,9 @@ def test_the_mode_changes_speed_not_the_answer(linear, attention, packing):
     fm.apply_fast_mode(model, fm.FastMode(linear, attention, packing, "test"))
     assert model.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[linear]
     attention_dtypes = {layer.self_attn.attention_dtype for layer in model.layers}
-    assert attention_dtypes == {torch.float32 if (linear, attention) == ("bf16", "fp32") else None}
+    assert attention_dtypes == {torch.float32 if (linear, attention.split()[0]) == ("bf16", "fp32") else None}
+    kernels = {layer.self_attn.attention_kernel for layer in model.layers}
+    assert kernels == {"eager" if attention.endswith("eager") else "sdpa"}
     batch = padded_cells(config)
     keep = batch[2].bool()
     with torch.inference_mode():
