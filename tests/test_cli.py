@@ -1,7 +1,10 @@
 """The `scmmgpt` command: `demo --fast` writes every artefact, the pipeline subcommands read and write files, and
 bad input gives a one-line error with a hint (no traceback)."""
 
+import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -9,7 +12,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scmmgpt.cli import EXAMPLES, main
+from scmmgpt.cli import EXAMPLES, _load, main
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +125,7 @@ def test_demo_rerun_reuses_finished_work(demo_dir, capsys):
     assert os.path.getmtime(demo_dir / "instruction" / "model.safetensors") == stamp
 
 
-def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, tmp_path, monkeypatch, capsys):
+def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, pbmc, tmp_path, monkeypatch, capsys):
     model = str(demo_dir / "instruction")
     assert main(["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "e.h5ad")]) == 0
     assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_scmmgpt"].shape[0] == 12
@@ -131,7 +134,27 @@ def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, tmp_path, monkey
     monkeypatch.setenv("SCMMGPT_CACHE_DIR", str(tmp_path / "cache"))
     fast = ["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "f.npy"), "--fast"]
     assert main(fast) == 0 and "fast mode: linear" in capsys.readouterr().err
-    assert (tmp_path / "cache" / "fast_mode.json").exists()
+    # The fast mode measures at the input cells' median length (rounded up to 64), not at the processor's max_genes:
+    # cells that express few genes get a measurement of their own.
+    short = pbmc[:12].raw.to_adata()[:, :150].copy()
+    short.raw = short
+    short.write_h5ad(tmp_path / "short.h5ad")
+    fast_short = [
+        "embed",
+        "--model",
+        model,
+        "--input",
+        str(tmp_path / "short.h5ad"),
+        "--output",
+        str(tmp_path / "s.npy"),
+    ]
+    assert main([*fast_short, "--fast"]) == 0
+    keys = json.loads((tmp_path / "cache" / "fast_mode.json").read_text())
+    measured_at = {int(re.search(r"genes=(\d+)", key).group(1)) for key in keys}
+    _, processor = _load(model)
+    median = float(processor.feature_extractor(short)["attention_mask"].sum(1).float().median())
+    expected = math.ceil(median / 64) * 64
+    assert len(measured_at) == 2 and expected in measured_at and expected < processor.feature_extractor.max_genes
     assert float((np.load(tmp_path / "f.npy") * np.load(tmp_path / "e.npy")).sum(1).min()) > 0.99
     assert (
         main(
