@@ -78,7 +78,7 @@ def pbmc_cells(batch_size: int, genes: int):
         cells = ad.read_h5ad(pbmc68k_reduced_path())
     processor = ScMMGPTCellProcessor(GeneVocab.from_scgpt_json(census_vocab_path()), max_genes=genes, use_raw=True)
     real = processor(cells[:batch_size])
-    return (real["gene_ids"], real["values"], real["attention_mask"])
+    return (real["cell_gene_ids"], real["cell_values"], real["cell_attention_mask"])
 
 
 def pbmc_batch(real, genes: int, vocab_size: int, cls_id: int, pad_value: float):

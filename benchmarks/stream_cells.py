@@ -60,7 +60,7 @@ def measure(path: str, batch_size: int) -> dict:
         stream = builder.as_streaming_dataset("train").select_columns(["gene_ids", "values"]).with_format("arrow")
         cells, start = 0, time.perf_counter()
         for batch in stream.iter(batch_size=batch_size):
-            cells += len(processor(batch)["gene_ids"])
+            cells += len(processor(batch)["cell_gene_ids"])
         seconds = time.perf_counter() - start
     return {"cells": cells, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
 

@@ -197,7 +197,7 @@ class ScMMGPTCellPreTrainedModel(StrictLoadingMixin, FastModeMixin, PreTrainedMo
     config: ScMMGPTCellConfig
     config_class = ScMMGPTCellConfig
     base_model_prefix = "cell_model"
-    main_input_name = "gene_ids"
+    main_input_name = "cell_gene_ids"
     input_modalities = ("cell",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -259,17 +259,18 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
     @capture_outputs
     def forward(
         self,
-        gene_ids: torch.LongTensor,
-        values: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        cell_gene_ids: torch.LongTensor,
+        cell_values: torch.Tensor,
+        cell_attention_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         r"""
         Args:
-            gene_ids (`torch.LongTensor` of shape `(batch_size, num_genes)`): gene token ids, `<cls>` first.
-            values (`torch.Tensor` of shape `(batch_size, num_genes)`): expression values (continuous or bins).
-            attention_mask (`torch.Tensor` of shape `(batch_size, num_genes)`, *optional*): 1 for genes, 0 for
-                padding. Defaults to `gene_ids != pad_token_id`, as scGPT does.
+            cell_gene_ids (`torch.LongTensor` of shape `(batch_size, num_genes)`): gene token ids, `<cls>` first.
+            cell_values (`torch.Tensor` of shape `(batch_size, num_genes)`): expression values (continuous or bins).
+            cell_attention_mask (`torch.Tensor` of shape `(batch_size, num_genes)`, *optional*): 1 for genes, 0 for
+                padding. Defaults to `cell_gene_ids != pad_token_id`, as scGPT does. The names are the cell
+                processor's (`model(**processor(cells))`).
             output_hidden_states (`bool`, `int` or `list[int]`, *optional*, a keyword): also return every layer's
                 output (the embeddings first), recorded by transformers' output capturing; an index or a list keeps
                 only those (the others are None). When omitted, `config.output_hidden_states`. `return_dict=False`
@@ -279,10 +280,10 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
             `BaseModelOutputWithPooling`: `last_hidden_state` `(batch_size, num_genes, hidden_size)` (zero at
             padding when packed), `pooler_output` the `<cls>` output `(batch_size, hidden_size)`.
         """
-        if attention_mask is None:
-            attention_mask = gene_ids.ne(self.config.pad_token_id)
-        hidden_states = self.gene_encoder(gene_ids) + self.value_encoder(values)
-        attention_mask = attention_mask.bool()
+        if cell_attention_mask is None:
+            cell_attention_mask = cell_gene_ids.ne(self.config.pad_token_id)
+        hidden_states = self.gene_encoder(cell_gene_ids) + self.value_encoder(cell_values)
+        attention_mask = cell_attention_mask.bool()
         padded = not bool(attention_mask.all())  # no mask at all lets SDPA take its unmasked (faster) kernel
         if padded and self._can_pack(hidden_states):
             recording = kwargs.get("output_hidden_states", self.config.output_hidden_states)

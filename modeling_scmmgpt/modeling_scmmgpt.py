@@ -373,24 +373,28 @@ class ScMMGPTCellTower(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(
-        self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        cell_gene_ids: torch.LongTensor,
+        cell_values: torch.Tensor,
+        cell_attention_mask: torch.Tensor | None = None,
     ) -> ScMMGPTCellTowerOutput:
         r"""
         Args:
-            gene_ids (`torch.LongTensor` of shape `(num_cells, num_genes)`), values (`torch.Tensor` of the same
-            shape), attention_mask (`torch.Tensor` of the same shape, 1 for genes and 0 for padding).
+            cell_gene_ids (`torch.LongTensor` of shape `(num_cells, num_genes)`), cell_values (`torch.Tensor` of
+            the same shape), cell_attention_mask (`torch.Tensor` of the same shape, 1 for genes and 0 for
+            padding): the cell processor's outputs.
         """
-        if attention_mask is None:
-            attention_mask = gene_ids.ne(self.cell_model.config.pad_token_id)
-        encoded = self.cell_model(gene_ids=gene_ids, values=values, attention_mask=attention_mask)
-        queries = self.query_tokens.expand(gene_ids.shape[0], -1, -1)
+        if cell_attention_mask is None:
+            cell_attention_mask = cell_gene_ids.ne(self.cell_model.config.pad_token_id)
+        encoded = self.cell_model(cell_gene_ids, cell_values, cell_attention_mask)
+        queries = self.query_tokens.expand(cell_gene_ids.shape[0], -1, -1)
         query_output = self.qformer(
             query_embeds=queries,
             encoder_hidden_states=encoded.last_hidden_state,
-            encoder_attention_mask=attention_mask.long(),
+            encoder_attention_mask=cell_attention_mask.long(),
         ).last_hidden_state
         if self.summary_projection is not None:
-            summary = self.cell_summary(gene_ids, values, attention_mask)
+            summary = self.cell_summary(cell_gene_ids, cell_values, cell_attention_mask)
             query_output = (
                 query_output + self.summary_projection(_as_input_of(self.summary_projection, summary))[:, None]
             )
@@ -577,11 +581,15 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
 
     # contrastive features
     def get_cell_features(
-        self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        cell_gene_ids: torch.LongTensor,
+        cell_values: torch.Tensor,
+        cell_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """L2-normalised cell embeddings for cell-text alignment, shape `(num_cells, projection_dim)`: the mean of the
-        Q-Former query outputs, projected."""
-        return self.cell_tower.project_cells(self.cell_tower(gene_ids, values, attention_mask).query_output)
+        Q-Former query outputs, projected. Takes the cell processor's outputs (`(num_cells, num_genes)` each)."""
+        query_output = self.cell_tower(cell_gene_ids, cell_values, cell_attention_mask).query_output
+        return self.cell_tower.project_cells(query_output)
 
     def get_text_features(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
@@ -592,11 +600,14 @@ class ScMMGPTModel(ScMMGPTPreTrainedModel):
 
     # cell tokens for the LM
     def get_cell_token_embeddings(
-        self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        cell_gene_ids: torch.LongTensor,
+        cell_values: torch.Tensor,
+        cell_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cell tokens projected into the LM, plus the cell codebook's mixture where the model has one, shape
-        `(num_cells, num_cell_tokens, lm_hidden_size)`."""
-        query_output = self.cell_tower(gene_ids, values, attention_mask).query_output
+        `(num_cells, num_cell_tokens, lm_hidden_size)`. Takes the cell processor's outputs."""
+        query_output = self.cell_tower(cell_gene_ids, cell_values, cell_attention_mask).query_output
         tokens = self.multi_modal_projector(_as_input_of(self.multi_modal_projector, query_output))
         if self.cell_codebook is not None:
             tokens = tokens + self.cell_codebook(_as_input_of(self.cell_codebook.classifier, query_output)).to(

@@ -21,6 +21,7 @@ from transformers import Pipeline, StoppingCriteria, StoppingCriteriaList
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTModel
+from .processing_scmmgpt import CELL_INPUT_NAMES as CELL_INPUTS
 from .prompts import ANNOTATE, DESCRIBE
 
 
@@ -198,7 +199,7 @@ class ScMMGPTCellPipeline(Pipeline):
 
     def preprocess(self, cells, gene_names=None, **kwargs):
         inputs = self.processor.feature_extractor(cells, gene_names=gene_names if not _is_anndata(cells) else None)
-        return {"gene_ids": inputs["gene_ids"], "values": inputs["values"], "attention_mask": inputs["attention_mask"]}
+        return {key: inputs[key] for key in CELL_INPUTS}
 
     def _prompt_inputs(self, instruction: str, n_cells: int) -> dict:
         """A chat prompt holding the cell, once per cell, left-padded for generation."""
@@ -211,9 +212,7 @@ class ScMMGPTCellPipeline(Pipeline):
         generated = self.model.generate(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["prompt_attention_mask"],
-            cell_gene_ids=inputs["gene_ids"],
-            cell_values=inputs["values"],
-            cell_attention_mask=inputs["attention_mask"],
+            **{key: inputs[key] for key in CELL_INPUTS},
             max_new_tokens=max_new_tokens,
             do_sample=False,
             prefix_allowed_tokens_fn=labels.allowed if labels is not None else None,
@@ -299,7 +298,7 @@ class CellFeatureExtractionPipeline(ScMMGPTCellPipeline):
     """Cells to L2-normalised scMMGPT embeddings, `(num_cells, projection_dim)`; written to `obsm["X_scmmgpt"]`."""
 
     def _forward(self, inputs):
-        return self.model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
+        return self.model.get_cell_features(**{key: inputs[key] for key in CELL_INPUTS})
 
     def postprocess(self, features):
         return list(features.float().numpy())
@@ -380,7 +379,7 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
     def preprocess(self, cells, gene_names=None, labels=(), mode="zero-shot"):
         inputs = super().preprocess(cells, gene_names)
         if mode == "generative":
-            return {**inputs, **self._prompt_inputs(ANNOTATE[0], inputs["gene_ids"].shape[0]), "labels": labels}
+            return {**inputs, **self._prompt_inputs(ANNOTATE[0], len(inputs["cell_gene_ids"])), "labels": labels}
         return inputs
 
     @torch.no_grad()
@@ -432,7 +431,7 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
 
     def _forward(self, inputs, mode="zero-shot", text_features=None, new_labels=None, constrained=True):
         if mode == "zero-shot":
-            cells = self.model.get_cell_features(inputs["gene_ids"], inputs["values"], inputs["attention_mask"])
+            cells = self.model.get_cell_features(**{key: inputs[key] for key in CELL_INPUTS})
             scale = getattr(self.model, "model", self.model).cell_tower.logit_scale.exp()
             text_features = text_features.to(cells)
             cosine = cells @ text_features.T
@@ -506,7 +505,7 @@ class CellDescriptionPipeline(ScMMGPTCellPipeline):
 
     def preprocess(self, cells, gene_names=None, prompt: str = DESCRIBE[0]):
         inputs = super().preprocess(cells, gene_names)
-        return {**inputs, **self._prompt_inputs(prompt, inputs["gene_ids"].shape[0])}
+        return {**inputs, **self._prompt_inputs(prompt, len(inputs["cell_gene_ids"]))}
 
     def _forward(self, inputs, max_new_tokens: int = DEFAULT_DESCRIPTION_TOKENS):
         return self._generate(inputs, max_new_tokens)

@@ -198,8 +198,16 @@ def _resolve(path_or_repo, filename: str, kwargs: dict) -> str | None:
     return cached_file(path, filename, _raise_exceptions_for_missing_entries=False, **hub)
 
 
+# The cell tensors under the one name each keeps from the cell processor to every model entry point that reads cells
+# (the cell encoder, the cell tower, `get_cell_features`, the composite models); the cells a model writes are
+# `target_cell_*`.
+CELL_INPUT_NAMES = ("cell_gene_ids", "cell_values", "cell_attention_mask")
+
+
 class ScMMGPTCellProcessor(FeatureExtractionMixin):
-    """Cells to cell-encoder inputs (`gene_ids`, `values`, `attention_mask`) with scGPT's preprocessing.
+    """Cells to cell-encoder inputs (`cell_gene_ids`, `cell_values`, `cell_attention_mask`) with scGPT's
+    preprocessing. The names are the ones every model entry point takes, the cell encoder's and the composite
+    models' alike, so a cell tensor keeps one name from this processor to the model.
 
     Per cell: optional `normalize_total` and `log1p` (these need raw counts), optional per-cell binning into
     `n_bins` (rank-based, so counts or log-normalised input give the same bins), then the `max_genes - 1`
@@ -229,7 +237,7 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
     `from_pretrained` and `AutoProcessor`.
     """
 
-    model_input_names = ["gene_ids", "values", "attention_mask"]
+    model_input_names = list(CELL_INPUT_NAMES)
 
     def __init__(
         self,
@@ -520,8 +528,9 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
                 `"max_length"` to `max_genes`.
 
         Returns:
-            [`BatchFeature`] with `gene_ids` (int64), `values` and `expression` (float32) and `attention_mask`
-            (int64), each `(num_cells, length)`. `expression` is the value before binning (0 at `<cls>`).
+            [`BatchFeature`] with `cell_gene_ids` (int64), `cell_values` and `cell_expression` (float32) and
+            `cell_attention_mask` (int64), each `(num_cells, length)`. `cell_expression` is the value before binning
+            (0 at `<cls>`), a reconstruction target.
         """
         if _is_examples(cells):
             token_ids, vals, expr, offsets = self._process_examples(cells)
@@ -549,7 +558,12 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
         cell = np.repeat(np.arange(len(lengths)), lengths - 1)
         column = np.arange(len(token_ids)) - offsets[cell] + 1
         gene_ids[cell, column], values[cell, column], expression[cell, column] = token_ids, vals, expr
-        data = {"gene_ids": gene_ids, "values": values, "expression": expression, "attention_mask": attention_mask}
+        data = {
+            "cell_gene_ids": gene_ids,
+            "cell_values": values,
+            "cell_expression": expression,
+            "cell_attention_mask": attention_mask,
+        }
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def __repr__(self) -> str:
@@ -683,11 +697,11 @@ class ScMMGPTProcessor(ProcessorMixin):
             data.update(self.tokenizer(texts, return_tensors=return_tensors, **tokenizer_kwargs))
         if cells is not None:
             cell_inputs = self.feature_extractor(cells, gene_names=gene_names, return_tensors=return_tensors)
-            # `expression` is a reconstruction target, not a model input for cells that are read.
-            data.update({f"cell_{k}": v for k, v in cell_inputs.items() if k != "expression"})
+            # `cell_expression` is a reconstruction target, not a model input for cells that are read.
+            data.update({k: v for k, v in cell_inputs.items() if k != "cell_expression"})
         if target_cells is not None:
             targets = self.feature_extractor(target_cells, gene_names=gene_names, return_tensors=return_tensors)
-            data.update({f"target_cell_{k}": v for k, v in targets.items()})
+            data.update({f"target_{k}": v for k, v in targets.items()})  # the cells to write: target_cell_*
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     @staticmethod
@@ -758,4 +772,11 @@ class ScMMGPTProcessor(ProcessorMixin):
         )
 
 
-__all__ = ["GeneCoverage", "ScMMGPTCellProcessor", "ScMMGPTProcessor", "bin_values", "check_expression_values"]
+__all__ = [
+    "CELL_INPUT_NAMES",
+    "GeneCoverage",
+    "ScMMGPTCellProcessor",
+    "ScMMGPTProcessor",
+    "bin_values",
+    "check_expression_values",
+]

@@ -147,7 +147,7 @@ def _typical_genes(processor, adata, sample: int = 256) -> int:
     attention there: which kernel is fastest depends on the cells' length, and cells often express far fewer genes
     than `max_genes`."""
     cells = adata[: min(sample, adata.n_obs)]
-    mask = processor.feature_extractor(cells.to_memory() if cells.isbacked else cells)["attention_mask"]
+    mask = processor.feature_extractor(cells.to_memory() if cells.isbacked else cells)["cell_attention_mask"]
     return int(math.ceil(float(mask.sum(1).float().median()) / 64) * 64)
 
 

@@ -54,7 +54,9 @@ def test_processor_plus_encoder_reproduce_scgpt_cell_embeddings(oracle):
     genes = [vocab.id_to_gene[int(i)] for i in case["gene_ids_of_columns"]]
     inputs = ScMMGPTCellProcessor(vocab)(case["X"].numpy(), gene_names=genes)
     with torch.no_grad():
-        emb = _model(oracle)(inputs["gene_ids"], inputs["values"], inputs["attention_mask"]).pooler_output
+        emb = _model(oracle)(
+            inputs["cell_gene_ids"], inputs["cell_values"], inputs["cell_attention_mask"]
+        ).pooler_output
     torch.testing.assert_close(emb / emb.norm(dim=-1, keepdim=True), case["cell_embeddings"], atol=1e-5, rtol=0)
 
 

@@ -152,7 +152,7 @@ def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, pbmc, tmp_path, 
     keys = json.loads((tmp_path / "cache" / "fast_mode.json").read_text())
     measured_at = {int(re.search(r"genes=(\d+)", key).group(1)) for key in keys}
     _, processor = _load(model)
-    median = float(processor.feature_extractor(short)["attention_mask"].sum(1).float().median())
+    median = float(processor.feature_extractor(short)["cell_attention_mask"].sum(1).float().median())
     expected = math.ceil(median / 64) * 64
     assert len(measured_at) == 2 and expected in measured_at and expected < processor.feature_extractor.max_genes
     assert float((np.load(tmp_path / "f.npy") * np.load(tmp_path / "e.npy")).sum(1).min()) > 0.99

@@ -54,7 +54,7 @@ def test_converted_checkpoint_matches_scgpt(tmp_path, pbmc, layout, sizes, seed,
     reloaded = ScMMGPTCellModel.from_pretrained(out).eval()
     processor = ScMMGPTCellProcessor.from_pretrained(out, use_raw=True)
     inputs = processor(pbmc[:6])
-    gene_ids, values, mask = inputs["gene_ids"], inputs["values"], inputs["attention_mask"]
+    gene_ids, values, mask = inputs["cell_gene_ids"], inputs["cell_values"], inputs["cell_attention_mask"]
     with torch.no_grad():  # scGPT in eval mode takes torch's fast path, as its embed_data does
         reference = scgpt._encode(gene_ids, values, src_key_padding_mask=gene_ids.eq(vocab["<pad>"]))
     with torch.no_grad():

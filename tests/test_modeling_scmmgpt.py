@@ -90,7 +90,11 @@ def test_mismatched_placeholders_raise(pbmc, tester):
     inputs = tester.processor(text=tester.processor.build_prompt("Describe this cell."), cells=pbmc[:1])
     two_cells = tester.processor.feature_extractor(pbmc[:2])
     with pytest.raises(ValueError, match="1 spans of 4.*2 cells"):
-        model(input_ids=inputs["input_ids"], cell_gene_ids=two_cells["gene_ids"], cell_values=two_cells["values"])
+        model(
+            input_ids=inputs["input_ids"],
+            cell_gene_ids=two_cells["cell_gene_ids"],
+            cell_values=two_cells["cell_values"],
+        )
     with pytest.raises(ValueError, match="1 '<cell>' placeholders but 2 cells"):
         tester.processor(text="<cell> describe", cells=pbmc[:2])
 
@@ -188,9 +192,9 @@ def test_cell_features_do_not_depend_on_batch(pbmc, tester):
     single = cp(pbmc[5:6])
     batch = cp(pbmc[[0, 5, 17, 400, 699]])
     with torch.no_grad():
-        alone = model.get_cell_features(single["gene_ids"], single["values"], single["attention_mask"])
-        within = model.get_cell_features(batch["gene_ids"], batch["values"], batch["attention_mask"])
-    assert batch["gene_ids"].shape[1] >= single["gene_ids"].shape[1]
+        alone = model.get_cell_features(single["cell_gene_ids"], single["cell_values"], single["cell_attention_mask"])
+        within = model.get_cell_features(batch["cell_gene_ids"], batch["cell_values"], batch["cell_attention_mask"])
+    assert batch["cell_gene_ids"].shape[1] >= single["cell_gene_ids"].shape[1]
     torch.testing.assert_close(alone[0], within[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(within.norm(dim=-1), torch.ones(5))
 
@@ -340,3 +344,27 @@ def test_gradient_accumulation_matches_the_full_batch(pbmc, tester, tmp_path):
         Trainer(model=model, args=args, train_dataset=rows).train()
         weights.append(model.lm_head.weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1], atol=1e-6, rtol=1e-5)
+
+
+def test_a_cell_tensor_keeps_one_name_from_the_processor_to_the_model(pbmc, tester):
+    """The cell processor's `cell_*` names are the keywords of every entry point that reads cells (the encoder, the
+    cell tower, the features, the cell tokens, the composite forward), and the written cells are `target_cell_*`."""
+    feature_extractor = tester.processor.feature_extractor
+    names = feature_extractor.model_input_names
+    cells = feature_extractor(pbmc[:3])
+    assert set(cells) == {*names, "cell_expression"} and all(name.startswith("cell_") for name in names)
+    inputs = {name: cells[name] for name in names}
+    model = ScMMGPTForConditionalGeneration(tester.get_config()).eval()
+    prompt = tester.processor.build_prompt("Describe this cell.")
+    composite = tester.processor(text=[prompt] * 3, cells=pbmc[:3])
+    assert {k for k in composite if k.startswith("cell_")} == set(names)
+    written = tester.processor(text=["<cell>"] * 3, target_cells=pbmc[:3])
+    assert {k for k in written if k.startswith("target_")} == {f"target_{k}" for k in cells}
+    with torch.no_grad():
+        encoded = model.model.cell_tower.cell_model(**inputs).pooler_output
+        tower = model.model.cell_tower(**inputs).encoder_pooler_output
+        features = model.get_cell_features(**inputs)
+        tokens = model.model.get_cell_token_embeddings(**inputs)
+        logits = model(**composite).logits
+    torch.testing.assert_close(encoded, tower)
+    assert features.shape[0] == tokens.shape[0] == logits.shape[0] == 3

@@ -26,7 +26,7 @@ def fitted(tmp_path_factory):
 def _features(model, processor, records):
     cells = processor.feature_extractor(list(records))
     with torch.no_grad():
-        return model.get_cell_features(cells["gene_ids"], cells["values"], cells["attention_mask"])
+        return model.get_cell_features(cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"])
 
 
 def test_fit_keeps_the_training_types_and_sets_the_threshold_at_the_validation_quantile(fitted):

@@ -15,21 +15,21 @@ from modeling_scmmgpt.resources import gencode_human_path
 
 
 def _cells_equal(a, b):
-    for key in ("gene_ids", "values", "expression", "attention_mask"):
+    for key in ("cell_gene_ids", "cell_values", "cell_expression", "cell_attention_mask"):
         assert torch.equal(a[key], b[key]), key
 
 
 def test_outputs_shapes_cls_and_padding(pbmc, pbmc_cell_processor):
     out = pbmc_cell_processor(pbmc[:4])
-    assert out["gene_ids"].dtype == torch.int64 and out["values"].dtype == torch.float32
-    assert out["gene_ids"].shape == out["values"].shape == out["attention_mask"].shape
-    assert out["gene_ids"].shape[1] <= pbmc_cell_processor.max_genes
-    assert (out["gene_ids"][:, 0] == pbmc_cell_processor.gene_vocab.cls_token_id).all()
-    assert (out["values"][:, 0] == -2).all()
-    pad = out["attention_mask"] == 0
-    assert (out["gene_ids"][pad] == pbmc_cell_processor.gene_vocab.pad_token_id).all()
-    assert (out["values"][pad] == -2).all()
-    real = out["values"][:, 1:][out["attention_mask"][:, 1:] == 1]
+    assert out["cell_gene_ids"].dtype == torch.int64 and out["cell_values"].dtype == torch.float32
+    assert out["cell_gene_ids"].shape == out["cell_values"].shape == out["cell_attention_mask"].shape
+    assert out["cell_gene_ids"].shape[1] <= pbmc_cell_processor.max_genes
+    assert (out["cell_gene_ids"][:, 0] == pbmc_cell_processor.gene_vocab.cls_token_id).all()
+    assert (out["cell_values"][:, 0] == -2).all()
+    pad = out["cell_attention_mask"] == 0
+    assert (out["cell_gene_ids"][pad] == pbmc_cell_processor.gene_vocab.pad_token_id).all()
+    assert (out["cell_values"][pad] == -2).all()
+    real = out["cell_values"][:, 1:][out["cell_attention_mask"][:, 1:] == 1]
     assert real.min() >= 1 and real.max() <= 50  # nonzero genes land in bins 1..n_bins-1
 
 
@@ -46,7 +46,7 @@ def test_sparse_dense_and_anndata_inputs_agree(pbmc, pbmc_cell_processor):
 def test_batch_composition_does_not_change_a_cell(pbmc, pbmc_cell_processor):
     alone = pbmc_cell_processor(pbmc[10:11], padding="max_length")
     mixed = pbmc_cell_processor(pbmc[[3, 10, 500]], padding="max_length")
-    for key in ("gene_ids", "values", "attention_mask"):
+    for key in ("cell_gene_ids", "cell_values", "cell_attention_mask"):
         assert torch.equal(alone[key][0], mixed[key][1]), key
 
 
@@ -54,8 +54,8 @@ def test_top_expressed_genes_are_kept(pbmc, pbmc_vocab):
     small = ScMMGPTCellProcessor(pbmc_vocab, max_genes=11, use_raw=True, binning=False)
     full = ScMMGPTCellProcessor(pbmc_vocab, max_genes=2000, use_raw=True, binning=False)
     cut, whole = small(pbmc[:1]), full(pbmc[:1])
-    kept = cut["expression"][0, 1:][cut["attention_mask"][0, 1:] == 1]
-    everything = whole["expression"][0, 1:][whole["attention_mask"][0, 1:] == 1]
+    kept = cut["cell_expression"][0, 1:][cut["cell_attention_mask"][0, 1:] == 1]
+    everything = whole["cell_expression"][0, 1:][whole["cell_attention_mask"][0, 1:] == 1]
     assert len(kept) == 10
     assert torch.equal(kept.sort(descending=True).values, everything.sort(descending=True).values[:10])
 
@@ -165,9 +165,9 @@ def test_scgpt_preprocessor_path_gives_the_same_tokens(oracle):
     )
     genes = [vocab.id_to_gene[i] for i in range(97)]
     out = processor(case["raw_counts"].numpy(), gene_names=genes)
-    assert torch.equal(out["gene_ids"], case["gene"])
-    torch.testing.assert_close(out["expression"][:, 1:], case["X_log1p"], atol=1e-5, rtol=0)
-    assert out["values"][:, 0].eq(0).all()
+    assert torch.equal(out["cell_gene_ids"], case["gene"])
+    torch.testing.assert_close(out["cell_expression"][:, 1:], case["X_log1p"], atol=1e-5, rtol=0)
+    assert out["cell_values"][:, 0].eq(0).all()
 
 
 def test_cell_processor_save_load(pbmc, pbmc_cell_processor, tmp_path):
@@ -186,7 +186,7 @@ def test_cell_processor_save_load(pbmc, pbmc_cell_processor, tmp_path):
         assert reloaded.gene_vocab == pbmc_cell_processor.gene_vocab
         assert reloaded.to_dict() == pbmc_cell_processor.to_dict()
         _cells_equal(reloaded(pbmc[:3]), pbmc_cell_processor(pbmc[:3]))
-    assert ScMMGPTCellProcessor.from_pretrained(tmp_path, max_genes=16)(pbmc[:3])["gene_ids"].shape[1] == 16
+    assert ScMMGPTCellProcessor.from_pretrained(tmp_path, max_genes=16)(pbmc[:3])["cell_gene_ids"].shape[1] == 16
     with pytest.raises(ValueError, match=r"unknown option 'max_gene' \(did you mean 'max_genes'\?\)"):
         ScMMGPTCellProcessor.from_pretrained(tmp_path, max_gene=16)
     # The loaders' own keywords (pipeline() passes dtype to every part) are not options and are left alone.
@@ -406,7 +406,7 @@ def test_processor_reads_and_writes_cells_from_examples(pbmc, pbmc_cell_processo
     inputs = processor(text=texts, cells=examples[:1], target_cells=examples[1:2])
     assert inputs["cell_gene_ids"].shape[0] == 1 and inputs["target_cell_gene_ids"].shape[0] == 1
     expected = pbmc_cell_processor(pbmc[1:2])
-    torch.testing.assert_close(inputs["target_cell_expression"], expected["expression"])
+    torch.testing.assert_close(inputs["target_cell_expression"], expected["cell_expression"])
     with pytest.raises(ValueError, match="2 '<cell>' placeholders but 2 cells to read and 1 to write"):
         processor(text=texts, cells=examples[:2], target_cells=examples[2:])
 
@@ -421,9 +421,9 @@ def test_gene_mapping_follows_vocabulary_changes(pbmc, census_vocab):
     adata = adata[:, [g in symbol_to_ensembl for g in adata.var_names]].copy()
     adata.var["feature_id"] = [symbol_to_ensembl[g] for g in adata.var_names]
     processor = ScMMGPTCellProcessor(symbol_vocab, max_genes=50, gene_id_column="feature_id", min_vocab_coverage=0)
-    assert processor(adata)["gene_ids"].shape == (3, 1)  # <cls> only: no Ensembl id is known yet
+    assert processor(adata)["cell_gene_ids"].shape == (3, 1)  # <cls> only: no Ensembl id is known yet
     symbol_vocab.add_ensembl_ids_from_gencode(gencode_human_path())
-    assert processor(adata)["gene_ids"].shape == (3, 50)
+    assert processor(adata)["cell_gene_ids"].shape == (3, 50)
 
 
 def test_normalising_already_normalised_data_warns(pbmc, pbmc_vocab, caplog):

@@ -22,7 +22,7 @@ def tester(pbmc_cell_processor, tokenizer):
 
 def _cells(tester, pbmc, n=120):
     inputs = tester.processor.feature_extractor(pbmc[:n])
-    return inputs["gene_ids"], inputs["values"], inputs["attention_mask"]
+    return inputs["cell_gene_ids"], inputs["cell_values"], inputs["cell_attention_mask"]
 
 
 def test_recipe_options_are_off_by_default(tester):
@@ -159,7 +159,7 @@ def test_sampling_needs_a_variance_head(tester):
 def test_variance_term_leaves_the_mean_to_its_mse(pbmc, tester):
     """The Gaussian term trains the variance only: the mean's gradient is that of the MSE alone."""
     gene_ids, _, mask = _cells(tester, pbmc, 4)
-    expression = tester.processor.feature_extractor(pbmc[:4])["expression"]
+    expression = tester.processor.feature_extractor(pbmc[:4])["cell_expression"]
     tester.config_overrides = {"expression_variance": True}
     model = ScMMGPTForConditionalGeneration(tester.get_config())
     queries = torch.randn(4, tester.num_cell_tokens, 32)
@@ -175,7 +175,7 @@ def test_variance_term_leaves_the_mean_to_its_mse(pbmc, tester):
 
 def test_bilinear_readout_starts_at_zero_and_learns(pbmc, tester):
     gene_ids, _, mask = _cells(tester, pbmc, 4)
-    expression = tester.processor.feature_extractor(pbmc[:4])["expression"]
+    expression = tester.processor.feature_extractor(pbmc[:4])["cell_expression"]
     queries = torch.randn(4, tester.num_cell_tokens, 32)
     tester.config_overrides = {"bilinear_expression_readout": True}
     torch.manual_seed(0)
@@ -281,7 +281,9 @@ def test_least_squares_bridges_read_cells_as_their_labels(tmp_path):
     model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)  # cells differ from the start
     records = list(splits["train"].select(range(120)))
     cells = processor.feature_extractor(records)
-    model.model.cell_tower.init_cell_summary_from_pca(cells["gene_ids"], cells["values"], cells["attention_mask"])
+    model.model.cell_tower.init_cell_summary_from_pca(
+        cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
+    )
     fits = fit_bridges(model, processor, records)
     assert 0 < fits["projector_r2"] <= 1 and 0 < fits["cell_head_r2"] <= 1
     model.eval()
@@ -291,7 +293,9 @@ def test_least_squares_bridges_read_cells_as_their_labels(tmp_path):
     label_embeds = embed(torch.tensor(tokens)).flatten(1)  # (labels, 8 * hidden)
     with torch.no_grad():
         cells = processor.feature_extractor(records)
-        read = model.model.get_cell_token_embeddings(cells["gene_ids"], cells["values"], cells["attention_mask"])
+        read = model.model.get_cell_token_embeddings(
+            cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
+        )
     nearest = torch.cdist(read.flatten(1), label_embeds).argmin(1)
     truth = torch.tensor([labels.index(r["cell_type"]) for r in records])
     majority = max((truth == i).float().mean() for i in range(len(labels)))
@@ -311,7 +315,9 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
     model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)
     records = list(splits["train"].select(range(120)))
     cells = processor.feature_extractor(records)
-    model.model.cell_tower.init_cell_summary_from_pca(cells["gene_ids"], cells["values"], cells["attention_mask"])
+    model.model.cell_tower.init_cell_summary_from_pca(
+        cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
+    )
     fits = fit_bridges(model, processor, records, parts=("codebook",))
     labels = sorted({r["cell_type"] for r in records})
     assert model.config.cell_codebook_labels == labels and "cell_head_r2" not in fits
@@ -320,7 +326,7 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
     assert not model.model.multi_modal_projector.linear_2.weight.any()
     with torch.no_grad():
         read = model.eval().model.get_cell_token_embeddings(
-            cells["gene_ids"], cells["values"], cells["attention_mask"]
+            cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
         )
     nearest = torch.cdist(read.flatten(1), codebook.entries.flatten(1)).argmin(1)
     truth = torch.tensor([labels.index(r["cell_type"]) for r in records])
@@ -330,7 +336,9 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
     loaded = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
     assert loaded.config.cell_codebook_labels == labels
     with torch.no_grad():
-        again = loaded.model.get_cell_token_embeddings(cells["gene_ids"], cells["values"], cells["attention_mask"])
+        again = loaded.model.get_cell_token_embeddings(
+            cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
+        )
     torch.testing.assert_close(again, read)
 
 
@@ -489,8 +497,10 @@ def test_codebook_entries_from_label_and_ontology_name(tmp_path):
 
 def _dense_expression(cells, vocab_size: int) -> torch.Tensor:
     """`(num_cells, vocab_size)` expression from the cell processor's output, 0 for the genes a cell does not list."""
-    truth = torch.zeros(len(cells["gene_ids"]), vocab_size)
-    for row, (ids, values, mask) in enumerate(zip(cells["gene_ids"], cells["expression"], cells["attention_mask"])):
+    truth = torch.zeros(len(cells["cell_gene_ids"]), vocab_size)
+    for row, (ids, values, mask) in enumerate(
+        zip(cells["cell_gene_ids"], cells["cell_expression"], cells["cell_attention_mask"])
+    ):
         truth[row, ids[mask.bool()]] = values[mask.bool()].float()
     return truth
 
@@ -515,7 +525,9 @@ def test_gene_readout_starts_at_zero_and_its_closed_form_fit_reconstructs_cells(
     cells = processor.feature_extractor(records)
     genes = torch.tensor([i for i in range(config.vocab_size) if i not in (config.pad_token_id, config.cls_token_id)])
     with torch.no_grad():
-        queries = inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output
+        queries = inner.cell_tower(
+            cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
+        ).query_output
         before = inner.decode_expression(queries, genes)
         torch.testing.assert_close(before, plain.eval().model.decode_expression(queries, genes))
     truth = _dense_expression(cells, config.vocab_size)
@@ -560,7 +572,9 @@ def test_gene_variance_is_fitted_to_the_readouts_residuals_and_sampled_per_gene(
     truth = _dense_expression(cells, config.vocab_size)
     fit_expression_readout_(inner, processor, records)
     with torch.no_grad():
-        queries = inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output
+        queries = inner.cell_tower(
+            cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
+        ).query_output
         mean, log_variance = inner.decode_expression(queries, genes, return_log_variance=True)
         _, alone = inner.decode_expression(queries[:1], genes, return_log_variance=True)
     residual_variance = (truth[:, genes] - mean).square().mean(0)

@@ -102,7 +102,7 @@ class ScMMGPTModelTester:
         # Label from <cell> on: the LM must choose to write a cell and the span is its output.
         labels[span_start.long().cumsum(-1) == 0] = -100
         targets = processor.feature_extractor(cells)
-        inputs.update({f"target_cell_{k}": v for k, v in targets.items()})
+        inputs.update({f"target_{k}": v for k, v in targets.items()})
         return inputs, labels
 
 

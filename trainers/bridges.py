@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from modeling_scmmgpt.processing_scmmgpt import CELL_INPUT_NAMES
+
 from .data.instructions import instruction_examples
 
 
@@ -139,7 +141,7 @@ def fit_bridges(
 def _query_outputs(inner, processor, records: list[dict]) -> torch.Tensor:
     """`(len(records), num_cell_tokens, qformer_hidden_size)` float query outputs."""
     cells = processor.feature_extractor(records)
-    return inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output.float()
+    return inner.cell_tower(**{name: cells[name] for name in CELL_INPUT_NAMES}).query_output.float()
 
 
 def _label_embeddings(model, processor, labels: list[str], names: list[str] | None = None) -> torch.Tensor:
@@ -304,14 +306,12 @@ def fit_expression_readout_(
     queries, targets = [], []
     for start in range(0, len(records), batch_size):
         cells = processor.feature_extractor(records[start : start + batch_size])
-        queries.append(
-            inner.cell_tower(cells["gene_ids"], cells["values"], cells["attention_mask"]).query_output.float()
-        )
-        dense = torch.zeros(len(cells["gene_ids"]), len(genes))
-        rows, positions = cells["attention_mask"].bool().nonzero(as_tuple=True)
-        ids = cells["gene_ids"][rows, positions]
+        queries.append(inner.cell_tower(**{name: cells[name] for name in CELL_INPUT_NAMES}).query_output.float())
+        dense = torch.zeros(len(cells["cell_gene_ids"]), len(genes))
+        rows, positions = cells["cell_attention_mask"].bool().nonzero(as_tuple=True)
+        ids = cells["cell_gene_ids"][rows, positions]
         keep = column[ids] >= 0  # <cls> and padding are no genes
-        dense[rows[keep], column[ids[keep]]] = cells["expression"][rows, positions][keep].float()
+        dense[rows[keep], column[ids[keep]]] = cells["cell_expression"][rows, positions][keep].float()
         targets.append(dense)
     queries, targets = torch.cat(queries), torch.cat(targets)
     rest = torch.cat(  # what the decoder gives without the readout

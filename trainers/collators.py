@@ -13,7 +13,7 @@ import torch
 from .common import stable_hash
 
 
-CELL_KEYS = ("gene_ids", "values")
+CELL_KEYS = ("gene_ids", "values")  # the builder records' columns (sparse, per cell), not model tensors
 
 
 def _check(examples: list[dict], keys: tuple[str, ...], who: str):
@@ -28,8 +28,10 @@ def _check(examples: list[dict], keys: tuple[str, ...], who: str):
 
 
 def _cells(processor, examples: list[dict]) -> dict:
-    cells = processor.feature_extractor([{k: ex[k] for k in (*CELL_KEYS, "cell_id") if k in ex} for ex in examples])
-    return {f"cell_{k}": v for k, v in cells.items()}
+    """The cell processor's `cell_*` tensors (`cell_expression` included) for builder examples."""
+    return dict(
+        processor.feature_extractor([{k: ex[k] for k in (*CELL_KEYS, "cell_id") if k in ex} for ex in examples])
+    )
 
 
 @dataclass

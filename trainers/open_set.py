@@ -20,6 +20,8 @@ import logging
 import numpy as np
 import torch
 
+from modeling_scmmgpt.processing_scmmgpt import CELL_INPUT_NAMES
+
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def _cell_features(model, processor, records: list[dict], batch_size: int) -> to
     features = []
     for start in range(0, len(records), batch_size):
         cells = processor.feature_extractor(records[start : start + batch_size]).to(device)
-        features.append(model.get_cell_features(cells["gene_ids"], cells["values"], cells["attention_mask"]).float())
+        features.append(model.get_cell_features(**{name: cells[name] for name in CELL_INPUT_NAMES}).float())
     return torch.cat(features)
 
 
