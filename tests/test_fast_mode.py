@@ -110,11 +110,18 @@ def padded_cells(config, lengths=(9, 4, 7), width=9):
     return genes, values, genes.ne(config.pad_token_id).long()
 
 
-@pytest.mark.parametrize(
-    "linear, attention",
-    [("bf16", "fp32"), ("bf16", "bf16"), ("fp32", "fp32"), ("bf16", "bf16 eager"), ("bf16", "fp32 eager"),
-     ("fp32", "fp32 eager")],
-)  # fmt: skip
+# (weights, attention): each precision with each attention kernel.
+MODES = [
+    ("bf16", "fp32"),
+    ("bf16", "bf16"),
+    ("fp32", "fp32"),
+    ("bf16", "bf16 eager"),
+    ("bf16", "fp32 eager"),
+    ("fp32", "fp32 eager"),
+]
+
+
+@pytest.mark.parametrize("linear, attention", MODES)
 @pytest.mark.parametrize("packing", ["padded", "packed"])
 def test_the_mode_changes_speed_not_the_answer(linear, attention, packing):
     torch.manual_seed(0)
