@@ -174,7 +174,21 @@ class _LabelChoice(StoppingCriteria):
         return torch.tensor([c is not None for c in self.chosen], device=input_ids.device)
 
 
-class ScMMGPTCellPipeline(Pipeline):
+class _ScMMGPTPipeline(Pipeline):
+    """What every scMMGPT pipeline shares: it loads the model's `ScMMGPTProcessor` (not a tokenizer or feature
+    extractor alone) and checks at construction that the processor's genes are the model's."""
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_feature_extractor = False
+    _load_image_processor = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.processor.check_model_config(self.model.config)  # before any cell is read or written through wrong genes
+
+
+class ScMMGPTCellPipeline(_ScMMGPTPipeline):
     """Cells to per-cell results, on transformers' `Pipeline` contract.
 
     The unit the contract processes is a chunk of cells (AnnData rows, or matrix rows with `gene_names`):
@@ -184,15 +198,7 @@ class ScMMGPTCellPipeline(Pipeline):
     of cells in chunks of `batch_size`, streams results to a file or collects them, and writes them into AnnData.
     """
 
-    _load_processor = True
-    _load_tokenizer = False
-    _load_feature_extractor = False
-    _load_image_processor = False
     _pipeline_calls_generate = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.processor.check_model_config(self.model.config)  # before any cell is read through the wrong genes
 
     def _sanitize_parameters(self, gene_names=None, **kwargs):
         return {"gene_names": gene_names}, {}, {}
@@ -523,7 +529,7 @@ class CellDescriptionPipeline(ScMMGPTCellPipeline):
         adata.obs["scmmgpt_description"] = results
 
 
-class TextToCellPipeline(Pipeline):
+class TextToCellPipeline(_ScMMGPTPipeline):
     """Prompts (e.g. "a CD14-positive monocyte from blood") to an AnnData of pseudo-cells over the model's genes.
 
     Each prompt gives `n_cells` cells: the LM writes up to `max_text_tokens` sampled tokens (seeded) before the cell
@@ -531,15 +537,7 @@ class TextToCellPipeline(Pipeline):
     One prompt is the contract's unit; `__call__` assembles the AnnData.
     """
 
-    _load_processor = True
-    _load_tokenizer = False
-    _load_feature_extractor = False
-    _load_image_processor = False
     _pipeline_calls_generate = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.processor.check_model_config(self.model.config)  # the genes it writes must be the model's
 
     def _sanitize_parameters(
         self,
