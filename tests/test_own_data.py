@@ -242,6 +242,14 @@ TINY_STEPS = [
 ]
 
 
+def _train_all_stages(runs: str, model: str, *argv: str) -> int:
+    """`scmmgpt train --stage all` with the example configs, from `model`, at the tests' tiny step counts."""
+    configs = os.path.join(ROOT, "examples/configs")
+    return main(
+        ["train", "--stage", "all", "--output-dir", runs, configs, "--model_name_or_path", model, *argv, *TINY_STEPS]
+    )
+
+
 def _init_tiny_model(tmp_path, pbmc_vocab) -> str:
     """`scmmgpt init` from the tiny parts, with a small random Q-Former; returns the model folder."""
     encoder, lm = _tiny_parts(tmp_path, pbmc_vocab)
@@ -294,23 +302,7 @@ def test_init_train_all_and_evaluate_on_own_files(lab_files, pbmc_vocab, tmp_pat
         str(tmp_path / "cache"),
     ]
     runs = str(tmp_path / "runs")
-    assert (
-        main(
-            [
-                "train",
-                "--stage",
-                "all",
-                "--output-dir",
-                runs,
-                os.path.join(ROOT, "examples/configs"),
-                "--model_name_or_path",
-                model,
-                *data,
-                *TINY_STEPS,
-            ]
-        )
-        == 0
-    )
+    assert _train_all_stages(runs, model, *data) == 0
     for stage in ("contrastive", "reconstruction", "instruction"):
         assert os.path.isfile(os.path.join(runs, stage, "stage_complete.json"))
 
@@ -384,27 +376,7 @@ def test_init_train_all_and_evaluate_on_filtered_soma_experiments(lab_files, pbm
     )
     assert len(splits["train"]) == len(train_cells.obs.query(query))  # all of the filter's cells, none other
     runs = str(tmp_path / "runs")
-    assert (
-        main(
-            [
-                "train",
-                "--stage",
-                "all",
-                "--output-dir",
-                runs,
-                os.path.join(ROOT, "examples/configs"),
-                "--model_name_or_path",
-                model,
-                "--train_data",
-                train_soma,
-                "--validation_data",
-                test_soma,
-                *data,
-                *TINY_STEPS,
-            ]
-        )
-        == 0
-    )
+    assert _train_all_stages(runs, model, "--train_data", train_soma, "--validation_data", test_soma, *data) == 0
     metrics = tmp_path / "metrics.json"
     assert (
         main(

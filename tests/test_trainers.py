@@ -248,25 +248,24 @@ def test_reconstruction_lowers_validation_loss(stage_processor, pbmc_demo, tmp_p
 
 
 # --- (b) two ranks ----------------------------------------------------------------------------------------------------
+def _torchrun(worker: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """`tests/{worker}` with `args` on two CPU processes through torchrun."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [os.path.join(ROOT, "tests", worker), *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _run_two_ranks(worker: str, *args: str, timeout: int) -> None:
+    result = _torchrun(worker, *args, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def test_two_ranks_match_one_process(stage_processor, pbmc_demo, saved_model, tmp_path):
     examples = [pbmc_demo["train"][i] for i in range(8)]
     (tmp_path / "examples.json").write_text(json.dumps(examples))
     data_dir = str(tmp_path / "train64")
     pbmc_demo["train"].select(range(64)).save_to_disk(data_dir)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join(ROOT, "tests", "distributed_worker.py"),
-        saved_model,
-        data_dir,
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-4000:]
+    _run_two_ranks("distributed_worker.py", saved_model, data_dir, str(tmp_path), timeout=240)
 
     # One process on the concatenated batch (same model, same seeded negatives).
     args = stage_args(ScMMGPTContrastiveArguments, tmp_path)
@@ -302,21 +301,7 @@ def test_two_ranks_match_one_process(stage_processor, pbmc_demo, saved_model, tm
 def test_other_stages_train_in_step_on_two_ranks(stage, pbmc_demo, saved_model, tmp_path):
     data_dir = str(tmp_path / "train")
     pbmc_demo["train"].select(range(32)).save_to_disk(data_dir)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join(ROOT, "tests", "stage_worker.py"),
-        stage,
-        saved_model,
-        data_dir,
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    _run_two_ranks("stage_worker.py", stage, saved_model, data_dir, str(tmp_path), timeout=300)
     weights = [torch.load(tmp_path / f"{stage}_weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
     if stage == "instruction":  # LoRA B starts at zero: trained adapters are non-zero
         assert any(weights[0][k].abs().sum() > 0 for k in weights[0] if "lora_B" in k)
@@ -362,20 +347,7 @@ ENTRY_FLAGS = [
 
 def run_on_two_ranks(record_dir, fault: str, entry: str, *argv) -> subprocess.CompletedProcess:
     """`tests/entry_point_worker.py` under torchrun: the entry point's own code, recording each rank's weights."""
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join(ROOT, "tests", "entry_point_worker.py"),
-        str(record_dir),
-        fault,
-        entry,
-        *argv,
-    ]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return _torchrun("entry_point_worker.py", str(record_dir), fault, entry, *argv, timeout=900)
 
 
 def stage1_loss_in_one_process(record_dir, runs_dir, batches, tmp_path) -> tuple[float, float]:

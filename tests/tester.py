@@ -5,25 +5,18 @@ import torch
 from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTProcessor
 
 
+# Llama and Qwen2 take the same tiny sizes (grouped-query attention included); GPT-2 names its own.
+_DECODER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=256,
+)
 TEXT_CONFIGS = {
-    "llama": dict(
-        model_type="llama",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-    ),
-    "qwen2": dict(
-        model_type="qwen2",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-    ),
+    "llama": dict(model_type="llama", **_DECODER),
+    "qwen2": dict(model_type="qwen2", **_DECODER),
     "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256, tie_word_embeddings=True),
 }
 
