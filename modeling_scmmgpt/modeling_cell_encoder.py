@@ -298,18 +298,21 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=hidden_states, pooler_output=hidden_states[:, 0])
 
     def expression_weighted_mean(
-        self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        cell_gene_ids: torch.LongTensor,
+        cell_values: torch.Tensor,
+        cell_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""The cell's gene embeddings (before the encoder's LayerNorm) averaged with its values as weights (GenePT-w,
         scGPT's weighted pooling over the inputs); `<cls>`, padding and masked or negative values weigh nothing.
 
         Args:
-            gene_ids, values, attention_mask (`(num_cells, num_genes)`): the encoder's inputs.
+            cell_gene_ids, cell_values, cell_attention_mask (`(num_cells, num_genes)`): the encoder's inputs.
         Returns:
             `torch.Tensor` of shape `(num_cells, hidden_size)`.
         """
-        weights = self._summary_weights(gene_ids, values, attention_mask)
-        embeddings = self.get_input_embeddings()(gene_ids)
+        weights = self._summary_weights(cell_gene_ids, cell_values, cell_attention_mask)
+        embeddings = self.get_input_embeddings()(cell_gene_ids)
         return torch.einsum("ng,ngh->nh", weights.to(embeddings.dtype), embeddings)
 
     def _summary_weights(self, gene_ids, values, attention_mask) -> torch.Tensor:
@@ -322,7 +325,10 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
 
     @torch.no_grad()
     def init_gene_embeddings_from_pca(
-        self, gene_ids: torch.LongTensor, values: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        cell_gene_ids: torch.LongTensor,
+        cell_values: torch.Tensor,
+        cell_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         r"""Sets the gene embeddings from the principal components of training cells, so that
         [`expression_weighted_mean`] of those cells is, in its first `k = min(hidden_size, num_cells - 1)`
@@ -331,14 +337,15 @@ class ScMMGPTCellModel(ScMMGPTCellPreTrainedModel):
         `config.gene_embedding_init = "pca"`.
 
         Args:
-            gene_ids, values, attention_mask (`(num_cells, num_genes)`): the processor's inputs for training cells.
+            cell_gene_ids, cell_values, cell_attention_mask (`(num_cells, num_genes)`): the cell processor's
+                outputs for training cells.
         Returns:
             `torch.Tensor` of shape `(hidden_size,)`: the mean of the cells' weighted means, which a summary bias
             subtracts to centre them.
         """
-        weights = self._summary_weights(gene_ids, values, attention_mask).double()
-        matrix = torch.zeros(gene_ids.shape[0], self.config.vocab_size, dtype=torch.float64)
-        matrix.scatter_add_(1, gene_ids.cpu(), weights.cpu())
+        weights = self._summary_weights(cell_gene_ids, cell_values, cell_attention_mask).double()
+        matrix = torch.zeros(cell_gene_ids.shape[0], self.config.vocab_size, dtype=torch.float64)
+        matrix.scatter_add_(1, cell_gene_ids.cpu(), weights.cpu())
         k = min(self.config.hidden_size, matrix.shape[0] - 1)
         if k < 1:
             raise ValueError("init_gene_embeddings_from_pca needs at least two cells.")

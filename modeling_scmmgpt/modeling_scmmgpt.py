@@ -417,18 +417,19 @@ class ScMMGPTCellTower(nn.Module):
         query_only = ("crossattention", "intermediate_query", "output_query")
         return text + [p for n, p in self.qformer.named_parameters() if not any(q in n for q in query_only)]
 
-    def cell_summary(self, gene_ids, values, attention_mask=None) -> torch.Tensor:
+    def cell_summary(self, cell_gene_ids, cell_values, cell_attention_mask=None) -> torch.Tensor:
         """`config.cell_summary`: the expression-weighted mean of the cell's gene embeddings plus a learned bias,
         `(num_cells, cell_hidden_size)`; standardised PCA scores at step 0 after [`init_cell_summary_from_pca`]."""
-        return self.cell_model.expression_weighted_mean(gene_ids, values, attention_mask) + self.summary_bias
+        weighted_mean = self.cell_model.expression_weighted_mean(cell_gene_ids, cell_values, cell_attention_mask)
+        return weighted_mean + self.summary_bias
 
     @torch.no_grad()
-    def init_cell_summary_from_pca(self, gene_ids, values, attention_mask=None) -> None:
+    def init_cell_summary_from_pca(self, cell_gene_ids, cell_values, cell_attention_mask=None) -> None:
         """Gene embeddings from the PCA of these (training) cells and the summary bias that centres them, so the cell
         summary starts as the cells' standardised PCA scores (see `ScMMGPTCellModel.init_gene_embeddings_from_pca`)."""
         if self.summary_projection is None:
             raise ValueError("init_cell_summary_from_pca needs a model built with cell_summary=True.")
-        mean = self.cell_model.init_gene_embeddings_from_pca(gene_ids, values, attention_mask)
+        mean = self.cell_model.init_gene_embeddings_from_pca(cell_gene_ids, cell_values, cell_attention_mask)
         self.summary_bias.copy_(-mean.to(self.summary_bias))
 
     def project_cells(self, query_output: torch.Tensor) -> torch.Tensor:
