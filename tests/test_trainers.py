@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -248,11 +249,21 @@ def test_reconstruction_lowers_validation_loss(stage_processor, pbmc_demo, tmp_p
 
 
 # --- (b) two ranks ----------------------------------------------------------------------------------------------------
+# gloo's own abort while two ranks connect (pytorch/pytorch#188266: SIGABRT in gloo's TCP transport, "terminate
+# called without an active exception", no Python error of ours): seen once in about 20 CI launches here, 2026-12-05.
+_GLOO_CONNECT_ABORT = ("terminate called without an active exception", "exitcode  : -6")
+
+
 def _torchrun(worker: str, *args: str, timeout: int) -> subprocess.CompletedProcess:
-    """`tests/{worker}` with `args` on two CPU processes through torchrun."""
+    """`tests/{worker}` with `args` on two CPU processes through torchrun. A launch that died of gloo's connection
+    abort, and of nothing else, is launched once more (with a warning); any other failure is returned as it is."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [os.path.join(ROOT, "tests", worker), *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0 and all(sign in result.stderr for sign in _GLOO_CONNECT_ABORT):
+        warnings.warn(f"{worker}: gloo aborted while the ranks connected (pytorch#188266); launching once more")
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return result
 
 
 def _run_two_ranks(worker: str, *args: str, timeout: int) -> None:
