@@ -28,19 +28,15 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_scmmgpt import ScMMGPTCellConfig
 from .fast_mode import FastModeMixin
-from .packing import PackedCells, packed_attention, varlen_attn
+from .packing import PackedCells, eager_attention, packed_attention, varlen_attn
 from .utils import StrictLoadingMixin
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Reference attention; `query`/`key`/`value` are `(batch, heads, seq, head_dim)`, the mask is additive."""
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
+    """[`eager_attention`] on transformers' attention-interface contract: `query`/`key`/`value` are
+    `(batch, heads, seq, head_dim)`, the output `(batch, seq, heads, head_dim)`; dropout only in training."""
+    output, weights = eager_attention(query, key, value, attention_mask, scaling, dropout if module.training else 0.0)
+    return output.transpose(1, 2).contiguous(), weights
 
 
 class ScMMGPTGeneEncoder(nn.Module):
@@ -117,26 +113,22 @@ class ScMMGPTCellAttention(nn.Module):
         if packed is not None:
             shape = (hidden_states.shape[0], -1, self.head_dim)
             query, key, value = (
-                self._in_attention_dtype(t.view(shape))
-                for t in (proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
+                self._in_attention_dtype(proj(hidden_states).view(shape))
+                for proj in (self.q_proj, self.k_proj, self.v_proj)
             )
             attn_output = packed_attention(query, key, value, packed, self.scaling, dropout, self.attention_kernel)
             return self.o_proj(attn_output.flatten(1).to(hidden_states.dtype))
         batch, seq_len, _ = hidden_states.shape
         shape = (batch, seq_len, -1, self.head_dim)
         query, key, value = (
-            self._in_attention_dtype(t.view(shape).transpose(1, 2))
-            for t in (proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj))
+            self._in_attention_dtype(proj(hidden_states).view(shape).transpose(1, 2))
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         attention_interface: Callable = eager_attention_forward
         if self.attention_kernel != "eager":
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
-        elif attention_mask is not None and not attention_mask.is_floating_point():
-            # The config's SDPA masks are boolean (True = attend); the eager kernel adds its mask to the scores.
-            blocked = torch.finfo(query.dtype).min
-            attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(~attention_mask, blocked)
         if attention_mask is not None and attention_mask.is_floating_point():
             attention_mask = attention_mask.to(query.dtype)
         attn_output, _ = attention_interface(

@@ -42,6 +42,19 @@ class PackedCells:
         return padded.view(batch, length, -1)
 
 
+def eager_attention(query, key, value, attention_mask, scaling: float, dropout: float = 0.0):
+    """Reference attention on `(batch, heads, seq, head_dim)` tensors: two matmuls around a float32 softmax. The mask
+    is additive (float) or boolean (True attends: transformers' SDPA masks). Returns the output, same shape as
+    `query`, and the attention weights. On some CPUs this is the fast bf16 kernel (see `fast_mode`)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype), p=dropout)
+    return torch.matmul(weights, value), weights
+
+
 def packed_attention(
     query, key, value, packed: PackedCells, scaling: float, dropout: float = 0.0, kernel: str = "sdpa"
 ) -> torch.Tensor:
@@ -58,12 +71,11 @@ def packed_attention(
         # the math path, 2.7x slower at 230 genes).
         q, k, v = (t[start:end].transpose(0, 1)[None] for t in (query, key, value))
         if kernel == "eager":
-            weights = F.softmax(torch.matmul(q, k.transpose(2, 3)) * scaling, dim=-1, dtype=torch.float32)
-            attended = torch.matmul(F.dropout(weights.to(q.dtype), p=dropout), v)
+            attended = eager_attention(q, k, v, None, scaling, dropout)[0]
         else:
             attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
         outputs.append(attended[0].transpose(0, 1))
     return torch.cat(outputs)
 
 
-__all__ = ["PackedCells", "packed_attention"]
+__all__ = ["PackedCells", "eager_attention", "packed_attention"]
