@@ -25,10 +25,8 @@ from .fast_mode import FastModeMixin
 from .from_parts import build_from_parts
 from .loss_scmmgpt import ScMMGPTContrastiveLoss, ScMMGPTReconstructionLoss
 from .modeling_cell_encoder import ScMMGPTCellModel
+from .processing_scmmgpt import CELL_INPUT_NAMES
 from .utils import StrictLoadingMixin
-
-
-CELL_INPUT_NAMES = ("cell_gene_ids", "cell_values", "cell_attention_mask")
 
 
 # --- outputs ----------------------------------------------------------------------------------------------------------

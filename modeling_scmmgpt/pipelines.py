@@ -21,7 +21,7 @@ from transformers import Pipeline, StoppingCriteria, StoppingCriteriaList
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .modeling_scmmgpt import ScMMGPTForConditionalGeneration, ScMMGPTModel
-from .processing_scmmgpt import CELL_INPUT_NAMES as CELL_INPUTS
+from .processing_scmmgpt import cell_inputs
 from .prompts import ANNOTATE, DESCRIBE
 
 
@@ -205,7 +205,7 @@ class ScMMGPTCellPipeline(_ScMMGPTPipeline):
 
     def preprocess(self, cells, gene_names=None, **kwargs):
         inputs = self.processor.feature_extractor(cells, gene_names=gene_names if not _is_anndata(cells) else None)
-        return {key: inputs[key] for key in CELL_INPUTS}
+        return cell_inputs(inputs)
 
     def _prompt_inputs(self, instruction: str, n_cells: int) -> dict:
         """A chat prompt holding the cell, once per cell, left-padded for generation."""
@@ -218,7 +218,7 @@ class ScMMGPTCellPipeline(_ScMMGPTPipeline):
         generated = self.model.generate(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["prompt_attention_mask"],
-            **{key: inputs[key] for key in CELL_INPUTS},
+            **cell_inputs(inputs),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             prefix_allowed_tokens_fn=labels.allowed if labels is not None else None,
@@ -304,7 +304,7 @@ class CellFeatureExtractionPipeline(ScMMGPTCellPipeline):
     """Cells to L2-normalised scMMGPT embeddings, `(num_cells, projection_dim)`; written to `obsm["X_scmmgpt"]`."""
 
     def _forward(self, inputs):
-        return self.model.get_cell_features(**{key: inputs[key] for key in CELL_INPUTS})
+        return self.model.get_cell_features(**cell_inputs(inputs))
 
     def postprocess(self, features):
         return list(features.float().numpy())
@@ -437,7 +437,7 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
 
     def _forward(self, inputs, mode="zero-shot", text_features=None, new_labels=None, constrained=True):
         if mode == "zero-shot":
-            cells = self.model.get_cell_features(**{key: inputs[key] for key in CELL_INPUTS})
+            cells = self.model.get_cell_features(**cell_inputs(inputs))
             scale = getattr(self.model, "model", self.model).cell_tower.logit_scale.exp()
             text_features = text_features.to(cells)
             cosine = cells @ text_features.T

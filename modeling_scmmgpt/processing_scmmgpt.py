@@ -204,6 +204,11 @@ def _resolve(path_or_repo, filename: str, kwargs: dict) -> str | None:
 CELL_INPUT_NAMES = ("cell_gene_ids", "cell_values", "cell_attention_mask")
 
 
+def cell_inputs(batch) -> dict:
+    """The cell tensors of `batch` (a cell processor's output, or any mapping holding them) that a model reads."""
+    return {name: batch[name] for name in CELL_INPUT_NAMES}
+
+
 class ScMMGPTCellProcessor(FeatureExtractionMixin):
     """Cells to cell-encoder inputs (`cell_gene_ids`, `cell_values`, `cell_attention_mask`) with scGPT's
     preprocessing. The names are the ones every model entry point takes, the cell encoder's and the composite
@@ -778,5 +783,6 @@ __all__ = [
     "ScMMGPTCellProcessor",
     "ScMMGPTProcessor",
     "bin_values",
+    "cell_inputs",
     "check_expression_values",
 ]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from modeling_scmmgpt.processing_scmmgpt import CELL_INPUT_NAMES
+from modeling_scmmgpt.processing_scmmgpt import cell_inputs
 
 from .data.instructions import instruction_examples
 
@@ -141,7 +141,7 @@ def fit_bridges(
 def _query_outputs(inner, processor, records: list[dict]) -> torch.Tensor:
     """`(len(records), num_cell_tokens, qformer_hidden_size)` float query outputs."""
     cells = processor.feature_extractor(records)
-    return inner.cell_tower(**{name: cells[name] for name in CELL_INPUT_NAMES}).query_output.float()
+    return inner.cell_tower(**cell_inputs(cells)).query_output.float()
 
 
 def _label_embeddings(model, processor, labels: list[str], names: list[str] | None = None) -> torch.Tensor:
@@ -306,7 +306,7 @@ def fit_expression_readout_(
     queries, targets = [], []
     for start in range(0, len(records), batch_size):
         cells = processor.feature_extractor(records[start : start + batch_size])
-        queries.append(inner.cell_tower(**{name: cells[name] for name in CELL_INPUT_NAMES}).query_output.float())
+        queries.append(inner.cell_tower(**cell_inputs(cells)).query_output.float())
         dense = torch.zeros(len(cells["cell_gene_ids"]), len(genes))
         rows, positions = cells["cell_attention_mask"].bool().nonzero(as_tuple=True)
         ids = cells["cell_gene_ids"][rows, positions]

@@ -21,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from modeling_scmmgpt import ScMMGPTForPreTraining
 from modeling_scmmgpt.configuration_scmmgpt import PRETRAINING_LOSS_SETTINGS
 from modeling_scmmgpt.distributed import world
-from modeling_scmmgpt.processing_scmmgpt import CELL_INPUT_NAMES
+from modeling_scmmgpt.processing_scmmgpt import cell_inputs
 
 
 STAGING_PREFIX = f".tmp-{PREFIX_CHECKPOINT_DIR}"
@@ -411,7 +411,7 @@ def load_model_and_data(model_args, seed: int, model_class=None):
         # pca_cells cells).
         train = list(data["train"].take(model_args.pca_cells)) if streaming else data["train"][:]
         cells = processor.feature_extractor(train)
-        base_model(model).cell_tower.init_cell_summary_from_pca(*(cells[name] for name in CELL_INPUT_NAMES))
+        base_model(model).cell_tower.init_cell_summary_from_pca(**cell_inputs(cells))
     return model.train(), processor, data
 
 

@@ -20,7 +20,7 @@ import logging
 import numpy as np
 import torch
 
-from modeling_scmmgpt.processing_scmmgpt import CELL_INPUT_NAMES
+from modeling_scmmgpt.processing_scmmgpt import cell_inputs
 
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _cell_features(model, processor, records: list[dict], batch_size: int) -> to
     features = []
     for start in range(0, len(records), batch_size):
         cells = processor.feature_extractor(records[start : start + batch_size]).to(device)
-        features.append(model.get_cell_features(**{name: cells[name] for name in CELL_INPUT_NAMES}).float())
+        features.append(model.get_cell_features(**cell_inputs(cells)).float())
     return torch.cat(features)
 
 
