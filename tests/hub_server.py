@@ -8,6 +8,7 @@ HF_HUB_DISABLE_XET=1. No package on the registries ships a writable Hub server, 
 import base64
 import hashlib
 import json
+import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -185,3 +186,10 @@ class LocalHub:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+    def client_env(self, hf_home, token: str | None = "hf_dummy_test_token", **extra) -> dict:
+        """The environment of a subprocess whose huggingface_hub talks to this hub (online, no Xet), with its own
+        cache in `hf_home`; `token=None` for an anonymous client."""
+        env = {**os.environ, "HF_ENDPOINT": self.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+        env.update(HF_HOME=str(hf_home), **({"HF_TOKEN": token} if token else {}), **extra)
+        return env

@@ -138,13 +138,7 @@ def test_app_serves_a_hub_repo(demo_dir, tmp_path):
     with LocalHub() as hub:
         repo = hub.repos.setdefault("tester/scmmgpt-app", _Repo())
         repo.files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-        env = {
-            **os.environ,
-            "HF_ENDPOINT": hub.endpoint,
-            "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_OFFLINE": "0",
-            "HF_HOME": str(tmp_path / "hf_home"),
-        }
+        env = hub.client_env(tmp_path / "hf_home", token=None)
         script = (
             "from scmmgpt.app import AppSession, ScMMGPTApp, load_model, model_card_text, model_folder\n"
             "app = ScMMGPTApp(*load_model('tester/scmmgpt-app'))\n"

@@ -682,78 +682,23 @@ def test_bad_output_path(output, pattern, model_dir, cells, tmp_path, capsys):
     )
 
 
+# The reading commands' common start, with a model and an input (the "{...}" fields are filled per test).
+_READ = ["--model", "{model}", "--input", "{cells}", "--output"]
+_ANNOTATE_B = ["annotate", *_READ, "{tmp}/o.csv", "--labels", "B cell"]
 CLI_ERRORS = [
     ("unknown command", ["frobnicate"], r"invalid choice"),
     ("missing required option", ["embed", "--model", "m"], r"required"),
-    (
-        "top-k 0",
-        [
-            "annotate",
-            "--model",
-            "{model}",
-            "--input",
-            "{cells}",
-            "--output",
-            "{tmp}/o.csv",
-            "--labels",
-            "B cell",
-            "--top-k",
-            "0",
-        ],
-        r"top_k=0",
-    ),
-    (
-        "top-k negative",
-        [
-            "annotate",
-            "--model",
-            "{model}",
-            "--input",
-            "{cells}",
-            "--output",
-            "{tmp}/o.csv",
-            "--labels",
-            "B cell",
-            "--top-k",
-            "-1",
-        ],
-        r"top_k=-1",
-    ),
-    (
-        "batch size 0",
-        ["embed", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.h5ad", "--batch-size", "0"],
-        r"batch_size=0",
-    ),
-    (
-        "coverage above 1",
-        [
-            "embed",
-            "--model",
-            "{model}",
-            "--input",
-            "{cells}",
-            "--output",
-            "{tmp}/o.h5ad",
-            "--min-vocab-coverage",
-            "1.5",
-        ],
-        r"not a fraction",
-    ),
+    ("top-k 0", [*_ANNOTATE_B, "--top-k", "0"], r"top_k=0"),
+    ("top-k negative", [*_ANNOTATE_B, "--top-k", "-1"], r"top_k=-1"),
+    ("batch size 0", ["embed", *_READ, "{tmp}/o.h5ad", "--batch-size", "0"], r"batch_size=0"),
+    ("coverage above 1", ["embed", *_READ, "{tmp}/o.h5ad", "--min-vocab-coverage", "1.5"], r"not a fraction"),
     (
         "n-cells 0",
         ["generate", "--model", "{model}", "--prompt", "a B cell", "--n-cells", "0", "--output", "{tmp}/o.h5ad"],
         r"n_cells=0|n-cells",
     ),
-    (
-        "max-new-tokens 0",
-        ["describe", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.csv", "--max-new-tokens", "0"],
-        r"max_new_tokens=0",
-    ),
-    (
-        "unknown CL id",
-        ["annotate", "--model", "{model}", "--input", "{cells}", "--output", "{tmp}/o.csv", "--labels", "CL:9999999"],
-        r"CL:9999999",
-    ),
+    ("max-new-tokens 0", ["describe", *_READ, "{tmp}/o.csv", "--max-new-tokens", "0"], r"max_new_tokens=0"),
+    ("unknown CL id", ["annotate", *_READ, "{tmp}/o.csv", "--labels", "CL:9999999"], r"CL:9999999"),
     (
         "model path is a file",
         ["embed", "--model", "{cells}", "--input", "{cells}", "--output", "{tmp}/o.h5ad"],

@@ -127,28 +127,23 @@ def test_demo_rerun_reuses_finished_work(demo_dir, capsys):
 
 def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, pbmc, tmp_path, monkeypatch, capsys):
     model = str(demo_dir / "instruction")
-    assert main(["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "e.h5ad")]) == 0
+
+    def run(command, output, *options, cells=cells_h5ad):
+        """`scmmgpt COMMAND --model M --input CELLS --output tmp/OUTPUT OPTIONS...`, in process."""
+        return main([command, "--model", model, "--input", cells, "--output", str(tmp_path / output), *options])
+
+    assert run("embed", "e.h5ad") == 0
     assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_scmmgpt"].shape[0] == 12
-    assert main(["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "e.npy")]) == 0
+    assert run("embed", "e.npy") == 0
     assert np.load(tmp_path / "e.npy").shape[0] == 12
     monkeypatch.setenv("SCMMGPT_CACHE_DIR", str(tmp_path / "cache"))
-    fast = ["embed", "--model", model, "--input", cells_h5ad, "--output", str(tmp_path / "f.npy"), "--fast"]
-    assert main(fast) == 0 and "fast mode: linear" in capsys.readouterr().err
+    assert run("embed", "f.npy", "--fast") == 0 and "fast mode: linear" in capsys.readouterr().err
     # The fast mode measures at the input cells' median length (rounded up to 64), not at the processor's max_genes:
     # cells that express few genes get a measurement of their own.
     short = pbmc[:12].raw.to_adata()[:, :150].copy()
     short.raw = short
     short.write_h5ad(tmp_path / "short.h5ad")
-    fast_short = [
-        "embed",
-        "--model",
-        model,
-        "--input",
-        str(tmp_path / "short.h5ad"),
-        "--output",
-        str(tmp_path / "s.npy"),
-    ]
-    assert main([*fast_short, "--fast"]) == 0
+    assert run("embed", "s.npy", "--fast", cells=str(tmp_path / "short.h5ad")) == 0
     keys = json.loads((tmp_path / "cache" / "fast_mode.json").read_text())
     measured_at = {int(re.search(r"genes=(\d+)", key).group(1)) for key in keys}
     _, processor = _load(model)
@@ -156,100 +151,18 @@ def test_pipeline_subcommands_write_files(demo_dir, cells_h5ad, pbmc, tmp_path, 
     expected = math.ceil(median / 64) * 64
     assert len(measured_at) == 2 and expected in measured_at and expected < processor.feature_extractor.max_genes
     assert float((np.load(tmp_path / "f.npy") * np.load(tmp_path / "e.npy")).sum(1).min()) > 0.99
-    assert (
-        main(
-            [
-                "annotate",
-                "--model",
-                model,
-                "--input",
-                cells_h5ad,
-                "--output",
-                str(tmp_path / "a.csv"),
-                "--labels",
-                "CL:0000236",
-                "natural killer cell",
-                "CD14-positive monocyte",
-                "--top-k",
-                "2",
-            ]
-        )
-        == 0
-    )
+    labels = ["--labels", "CL:0000236", "natural killer cell", "CD14-positive monocyte"]
+    assert run("annotate", "a.csv", *labels, "--top-k", "2") == 0
     table = (tmp_path / "a.csv").read_text().splitlines()
     assert len(table) == 13 and "scmmgpt_cell_type_2" in table[0]
-    assert (
-        main(
-            [
-                "annotate",
-                "--model",
-                model,
-                "--input",
-                cells_h5ad,
-                "--output",
-                str(tmp_path / "a3.csv"),
-                "--labels",
-                "B cell",
-                "T cell",
-                "--top-k",
-                "5",
-            ]
-        )
-        == 0
-    )  # more than the labels: cut to 2, with a warning
+    # more than the labels: cut to 2, with a warning
+    assert run("annotate", "a3.csv", "--labels", "B cell", "T cell", "--top-k", "5") == 0
     assert "scmmgpt_cell_type_2" in (tmp_path / "a3.csv").read_text().splitlines()[0]
-    assert (
-        main(
-            [
-                "annotate",
-                "--model",
-                model,
-                "--input",
-                cells_h5ad,
-                "--output",
-                str(tmp_path / "a0.csv"),
-                "--labels",
-                "B cell",
-                "--top-k",
-                "0",
-            ]
-        )
-        == 2
-        and not (tmp_path / "a0.csv").exists()
-    )
-    assert (
-        main(
-            [
-                "describe",
-                "--model",
-                model,
-                "--input",
-                cells_h5ad,
-                "--output",
-                str(tmp_path / "d.csv"),
-                "--max-new-tokens",
-                "4",
-            ]
-        )
-        == 0
-    )
+    assert run("annotate", "a0.csv", "--labels", "B cell", "--top-k", "0") == 2 and not (tmp_path / "a0.csv").exists()
+    assert run("describe", "d.csv", "--max-new-tokens", "4") == 0
     assert len((tmp_path / "d.csv").read_text().splitlines()) >= 13
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                model,
-                "--prompt",
-                "a B cell from blood",
-                "--n-cells",
-                "2",
-                "--output",
-                str(tmp_path / "g.h5ad"),
-            ]
-        )
-        == 0
-    )
+    generate = ["generate", "--model", model, "--prompt", "a B cell from blood", "--n-cells", "2"]
+    assert main([*generate, "--output", str(tmp_path / "g.h5ad")]) == 0
     assert ad.read_h5ad(tmp_path / "g.h5ad").n_obs == 2
 
 
@@ -414,14 +327,7 @@ def test_push_subcommand_publishes_to_a_hub(demo_dir, tmp_path):
     from hub_server import LocalHub
 
     with LocalHub() as hub:
-        env = {
-            **os.environ,
-            "HF_ENDPOINT": hub.endpoint,
-            "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_OFFLINE": "0",
-            "HF_TOKEN": "hf_dummy_test_token",
-            "HF_HOME": str(tmp_path / "hf_home"),
-        }
+        env = hub.client_env(tmp_path / "hf_home")
         result = subprocess.run(
             [
                 sys.executable,

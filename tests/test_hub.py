@@ -116,15 +116,7 @@ def _run(script, env, *args):
 @pytest.fixture
 def hub_env(tmp_path):
     with LocalHub() as hub:
-        env = {
-            **os.environ,
-            "HF_ENDPOINT": hub.endpoint,
-            "HF_HUB_DISABLE_XET": "1",
-            "HF_HUB_OFFLINE": "0",
-            "HF_TOKEN": "hf_dummy_test_token",
-            "HF_HOME": str(tmp_path / "hf_home"),
-            "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS]),
-        }
+        env = hub.client_env(tmp_path / "hf_home", PYTHONPATH=os.pathsep.join([REPO_ROOT, TESTS]))
         yield hub, env
 
 

@@ -183,24 +183,16 @@ def test_soma_experiment_with_a_value_filter(lab_files, pbmc_vocab, tmp_path):
 def _tiny_parts(tmp_path, pbmc_vocab):
     """A random tiny cell encoder folder and a tiny LM folder with its own word tokenizer, as a user's parts."""
     import torch
+    from tester import tiny_cell_config
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel, ScMMGPTCellProcessor
+    from modeling_scmmgpt import ScMMGPTCellModel, ScMMGPTCellProcessor
     from modeling_scmmgpt.prompts import ANNOTATE, DESCRIBE, GENERATE
     from trainers.default_model import train_word_tokenizer
 
     torch.manual_seed(0)
     encoder = tmp_path / "encoder"
-    config = ScMMGPTCellConfig(
-        vocab_size=len(pbmc_vocab),
-        d_model=32,
-        nhead=2,
-        nlayers=1,
-        d_hid=64,
-        max_genes=128,
-        pad_token_id=pbmc_vocab.pad_token_id,
-        cls_token_id=pbmc_vocab.cls_token_id,
-    )
+    config = tiny_cell_config(pbmc_vocab, d_model=32, d_hid=64, max_genes=128)
     ScMMGPTCellModel(config).save_pretrained(encoder)
     ScMMGPTCellProcessor(pbmc_vocab, max_genes=128).save_pretrained(encoder)
     words = [
@@ -250,6 +242,13 @@ def _train_all_stages(runs: str, model: str, *argv: str) -> int:
     )
 
 
+def _evaluate_trained(runs: str, train: str, test: str, *argv: str, describe: int, per_type: int, output) -> int:
+    """`scmmgpt evaluate` of the instruction stage in `runs`, fitting the baselines on `train`, testing on `test`."""
+    model = os.path.join(runs, "instruction")
+    sizes = ["--description_cells", str(describe), "--cells_per_type", str(per_type), "--output_json", str(output)]
+    return main(["evaluate", "--model", model, "--train_data", train, "--test_data", test, *argv, *sizes])
+
+
 def _init_tiny_model(tmp_path, pbmc_vocab) -> str:
     """`scmmgpt init` from the tiny parts, with a small random Q-Former; returns the model folder."""
     encoder, lm = _tiny_parts(tmp_path, pbmc_vocab)
@@ -289,18 +288,9 @@ def test_init_train_all_and_evaluate_on_own_files(lab_files, pbmc_vocab, tmp_pat
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".init-")]  # no staging folder left
     assert main(["init", "--cell-encoder", encoder, "--language-model", lm, "--output-dir", model]) == 2  # exists
 
-    data = [
-        "--train_data",
-        lab_files["train"],
-        "--label_column",
-        "celltype",
-        "--gene_column",
-        "ensembl",
-        "--donor_column",
-        "donor",
-        "--data_cache_dir",
-        str(tmp_path / "cache"),
-    ]
+    columns = ["--label_column", "celltype", "--gene_column", "ensembl", "--data_cache_dir", str(tmp_path / "cache")]
+    train, heldout = lab_files["train"], lab_files["heldout"]
+    data = ["--train_data", train, *columns, "--donor_column", "donor"]
     runs = str(tmp_path / "runs")
     assert _train_all_stages(runs, model, *data) == 0
     for stage in ("contrastive", "reconstruction", "instruction"):
@@ -308,32 +298,7 @@ def test_init_train_all_and_evaluate_on_own_files(lab_files, pbmc_vocab, tmp_pat
 
     metrics = tmp_path / "metrics.json"
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                os.path.join(runs, "instruction"),
-                "--train_data",
-                lab_files["train"],
-                "--test_data",
-                lab_files["heldout"],
-                "--label_column",
-                "celltype",
-                "--gene_column",
-                "ensembl",
-                "--data_cache_dir",
-                str(tmp_path / "cache"),
-                "--description_cells",
-                "4",
-                "--cells_per_type",
-                "2",
-                "--output_json",
-                str(metrics),
-            ]
-        )
-        == 0
-    )
+    assert _evaluate_trained(runs, train, heldout, *columns, describe=4, per_type=2, output=metrics) == 0
     printed = capsys.readouterr().out
     assert "heldout.h5ad test cells" in printed and "baseline" in printed
     results = json.loads(metrics.read_text())
@@ -378,27 +343,7 @@ def test_init_train_all_and_evaluate_on_filtered_soma_experiments(lab_files, pbm
     runs = str(tmp_path / "runs")
     assert _train_all_stages(runs, model, "--train_data", train_soma, "--validation_data", test_soma, *data) == 0
     metrics = tmp_path / "metrics.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                "--model",
-                os.path.join(runs, "instruction"),
-                "--train_data",
-                train_soma,
-                "--test_data",
-                test_soma,
-                *data,
-                "--description_cells",
-                "2",
-                "--cells_per_type",
-                "1",
-                "--output_json",
-                str(metrics),
-            ]
-        )
-        == 0
-    )
+    assert _evaluate_trained(runs, train_soma, test_soma, *data, describe=2, per_type=1, output=metrics) == 0
     results = json.loads(metrics.read_text())
     assert results["n_train_cells"] == len(train_cells.obs.query(query))
     assert results["n_test_cells"] == len(ad.read_h5ad(lab_files["heldout"], backed="r").obs.query(query))
