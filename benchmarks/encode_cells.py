@@ -134,7 +134,7 @@ def vs_scgpt(args) -> None:
     from modeling_scmmgpt.fast_mode import apply_fast_mode, choose_fast_mode
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from scgpt_reference import load_scgpt_model_module  # the tests' loader of scGPT's own model code
+    from scgpt_reference import load_scgpt_model_module, scgpt_transformer  # the tests' builders of scGPT's model
 
     device = torch.device(args.device)
     module = load_scgpt_model_module()
@@ -142,18 +142,8 @@ def vs_scgpt(args) -> None:
     vocab = {f"g{i}": i for i in range(config.vocab_size - 3)}
     vocab.update({"<pad>": config.pad_token_id, "<cls>": config.cls_token_id, "<eoc>": config.vocab_size - 1})
     torch.manual_seed(0)
-    scgpt = module.TransformerModel(
-        ntoken=config.vocab_size,
-        d_model=512,
-        nhead=8,
-        d_hid=512,
-        nlayers=12,
-        vocab=vocab,
-        dropout=0.2,
-        pad_token="<pad>",
-        pad_value=-2,
-        do_mvc=True,
-    ).eval()
+    sizes = (config.hidden_size, config.num_attention_heads, config.num_hidden_layers, config.intermediate_size)
+    scgpt = scgpt_transformer(vocab, *sizes, module=module, do_mvc=True).eval()
     ours = ScMMGPTCellModel(config).eval()
     ours.load_state_dict(convert_scgpt_state_dict(scgpt.state_dict(), list(ours.state_dict()))[0])
     scgpt, ours = scgpt.to(device), ours.to(device)

@@ -32,35 +32,12 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def _stage_args(stage: str, steps: int, lm: str, cache: str) -> list[str]:
+    from scmmgpt.demo import demo_argv
+
     return [
-        "--output_dir",
-        os.path.join(cache, "runs", stage),
-        "--use_cpu",
-        "true",
-        "--seed",
-        "0",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--eval_strategy",
-        "no",
-        "--logging_steps",
-        "5",
-        "--max_steps",
-        str(steps),
-        "--per_device_train_batch_size",
-        str(BATCH[stage]),
-        "--learning_rate",
-        "1e-4",
-        "--num_cell_tokens",
-        "8",
-        "--data_cache_dir",
-        cache,
-        "--demo_language_model",
-        lm,
-        "--disable_tqdm",
-        "true",
+        *demo_argv(0, cache, lm),
+        *("--output_dir", os.path.join(cache, "runs", stage), "--max_steps", str(steps), "--logging_steps", "5"),
+        *("--per_device_train_batch_size", str(BATCH[stage]), "--learning_rate", "1e-4", "--disable_tqdm", "true"),
     ]
 
 

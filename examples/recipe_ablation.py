@@ -56,31 +56,11 @@ def _without_nulls(argv: list[str]) -> list[str]:
 
 
 def run(variant: str, seed: int, root: str, smollm2: bool) -> dict:
-    from scmmgpt.demo import PRETRAINED_TEXT_FLAGS, STAGE_FLAGS
+    from scmmgpt.demo import PRETRAINED_TEXT_FLAGS, STAGE_FLAGS, demo_argv
     from trainers.run import run_stage
 
-    common = [
-        "--use_cpu",
-        "true",
-        "--seed",
-        str(seed),
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--eval_strategy",
-        "no",
-        "--num_cell_tokens",
-        "8",
-        "--max_eval_samples",
-        "64",
-        "--disable_tqdm",
-        "true",
-        "--data_cache_dir",
-        os.path.join(root, "hf_cache"),
-        "--demo_language_model",
-        "smollm2" if smollm2 else "tiny",
-    ]
+    common = demo_argv(seed, os.path.join(root, "hf_cache"), "smollm2" if smollm2 else "tiny")
+    common += ["--max_eval_samples", "64", "--disable_tqdm", "true"]
     out, previous = {}, None
     for stage in ("contrastive", "reconstruction"):
         flags, steps = STAGE_FLAGS[stage]

@@ -241,14 +241,17 @@ class GeneVocab:
         """One past the largest token id: the embedding table needs at least this many rows."""
         return max(self.gene_to_id.values()) + 1
 
+    def cell_config_fields(self) -> dict:
+        """The `ScMMGPTCellConfig` fields this vocabulary decides: the embedding table's size, the special token ids
+        and the fingerprint, so that `ScMMGPTCellConfig(**vocab.cell_config_fields(), d_model=...)` fits it."""
+        ids = dict(pad_token_id=self.pad_token_id, cls_token_id=self.cls_token_id)
+        return dict(vocab_size=self.id_bound, **ids, gene_vocab_fingerprint=self.fingerprint)
+
     # --- persistence ----------------------------------------------------------------------------------------------
+    _PERSISTED = ("gene_to_id", "ensembl_to_symbol", "pad_token", "cls_token")
+
     def to_dict(self) -> dict:
-        return {
-            "gene_to_id": self.gene_to_id,
-            "ensembl_to_symbol": self.ensembl_to_symbol,
-            "pad_token": self.pad_token,
-            "cls_token": self.cls_token,
-        }
+        return {name: getattr(self, name) for name in self._PERSISTED}
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         os.makedirs(save_directory, exist_ok=True)

@@ -111,8 +111,10 @@ STAGE_FLAGS = {
 PRETRAINED_TEXT_FLAGS = {"contrastive": ["--text_path_learning_rate", "1e-5"]}
 
 
-def train_all_stages(output_dir: str, tiny_lm: bool, fast: bool, seed: int = 0, holdout_types=()) -> dict:
-    common = [
+def demo_argv(seed: int, cache_dir: str, language_model: str, save_strategy: str = "no") -> list[str]:
+    """The stage flags every demo-style run shares: on the CPU, seeded, no reports, no evaluation while training, 8
+    cell tokens, the data cache in `cache_dir`, and the demo's `language_model` ("tiny" or "smollm2")."""
+    return [
         "--use_cpu",
         "true",
         "--seed",
@@ -120,22 +122,22 @@ def train_all_stages(output_dir: str, tiny_lm: bool, fast: bool, seed: int = 0, 
         "--report_to",
         "none",
         "--save_strategy",
-        "steps",
-        "--save_total_limit",
-        "1",
-        "--logging_steps",
-        "10",
+        save_strategy,
         "--eval_strategy",
         "no",
         "--num_cell_tokens",
         "8",
         "--data_cache_dir",
-        os.path.join(output_dir, "hf_cache"),
-        "--max_eval_samples",
-        "64",
+        cache_dir,
         "--demo_language_model",
-        "tiny" if tiny_lm else "smollm2",
+        language_model,
     ]
+
+
+def train_all_stages(output_dir: str, tiny_lm: bool, fast: bool, seed: int = 0, holdout_types=()) -> dict:
+    language_model = "tiny" if tiny_lm else "smollm2"
+    common = demo_argv(seed, os.path.join(output_dir, "hf_cache"), language_model, save_strategy="steps")
+    common += ["--save_total_limit", "1", "--logging_steps", "10", "--max_eval_samples", "64"]
     if holdout_types:
         common += ["--holdout_cell_types", *holdout_types]
     stage_argv = {}

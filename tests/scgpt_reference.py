@@ -35,24 +35,22 @@ def scgpt_model_module():
         )
 
 
+def scgpt_transformer(vocab, d_model, nhead, nlayers, d_hid, pad_value=-2, module=None, **options):
+    """scGPT's `TransformerModel` as scGPT's own scripts build it (dropout 0.2, `<pad>` padding), sized by the
+    arguments; `options` are its further keywords (`do_mvc`, `input_emb_style`, ...). `module` defaults to
+    [`scgpt_model_module`] (a skip where scGPT does not import)."""
+    module = module or scgpt_model_module()
+    sizes = dict(d_model=d_model, nhead=nhead, d_hid=d_hid, nlayers=nlayers)
+    common = dict(vocab=vocab, dropout=0.2, pad_token="<pad>", pad_value=pad_value)
+    return module.TransformerModel(ntoken=len(vocab), **sizes, **common, **options)
+
+
 def random_scgpt(d_model, nhead, nlayers, d_hid, vocab, seed, input_emb_style="continuous", n_bins=51, pad_value=-2):
     """A scGPT TransformerModel with every parameter randomised (biases and LayerNorms too), in eval mode."""
-    module = scgpt_model_module()
     torch.manual_seed(seed)
-    model = module.TransformerModel(
-        ntoken=len(vocab),
-        d_model=d_model,
-        nhead=nhead,
-        d_hid=d_hid,
-        nlayers=nlayers,
-        vocab=vocab,
-        dropout=0.2,
-        pad_token="<pad>",
-        pad_value=pad_value,
-        input_emb_style=input_emb_style,
-        n_input_bins=n_bins + 2 if input_emb_style == "category" else None,
-        do_mvc=True,
-    )
+    n_input_bins = n_bins + 2 if input_emb_style == "category" else None
+    style = dict(input_emb_style=input_emb_style, n_input_bins=n_input_bins, do_mvc=True)
+    model = scgpt_transformer(vocab, d_model, nhead, nlayers, d_hid, pad_value, **style)
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tester import tiny_cell_config
 
 from modeling_scmmgpt import GeneVocab, ScMMGPTCellConfig, ScMMGPTCellModel, ScMMGPTCellProcessor
 from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict
@@ -71,19 +72,9 @@ def test_padding_does_not_change_a_cell(oracle):
 
 
 def test_binned_value_embedding_and_save_load(tmp_path):
-    config = ScMMGPTCellConfig(
-        vocab_size=20,
-        d_model=16,
-        nhead=2,
-        nlayers=1,
-        d_hid=16,
-        pad_token_id=18,
-        cls_token_id=19,
-        value_embedding="binned",
-        n_bins=5,
-    )
+    config = tiny_cell_config(value_embedding="binned", n_bins=5)
     model = ScMMGPTCellModel(config).eval()
-    genes = torch.tensor([[19, 3, 4, 18]])
+    genes = torch.tensor([[config.cls_token_id, 3, 4, config.pad_token_id]])
     values = torch.tensor([[-2.0, 1.0, 4.0, -2.0]])
     with torch.no_grad():
         out = model(genes, values).last_hidden_state
@@ -100,9 +91,7 @@ def test_packed_padding_matches_masked_batch_and_each_cell_alone(checkpointing):
     """Padded batches go through the layers packed (no compute on padding). Outputs and gradients equal the masked
     padded batch and each cell run alone, and are zero at padding."""
     torch.manual_seed(0)
-    config = ScMMGPTCellConfig(
-        vocab_size=30, d_model=16, nhead=2, nlayers=2, d_hid=24, pad_token_id=28, cls_token_id=29, dropout=0.0
-    )
+    config = tiny_cell_config(nlayers=2, d_hid=24, dropout=0.0)
     model = ScMMGPTCellModel(config).train()
     if checkpointing:
         model.activation_checkpointing_enable()
@@ -153,16 +142,7 @@ def _two_cells():
 def test_packed_encoder_without_layers_returns_its_embeddings():
     """A zero-layer encoder (the embeddings alone) packed: the embeddings, zero at padding, with hidden states or
     without."""
-    config = ScMMGPTCellConfig(
-        vocab_size=30,
-        d_model=16,
-        nhead=2,
-        nlayers=0,
-        d_hid=16,
-        pad_token_id=28,
-        cls_token_id=29,
-        pack_padded_cells=True,
-    )
+    config = tiny_cell_config(nlayers=0, pack_padded_cells=True)
     model = ScMMGPTCellModel(config).eval()
     genes, values = _two_cells()
     with torch.no_grad():
@@ -175,9 +155,7 @@ def test_packed_encoder_without_layers_returns_its_embeddings():
 def test_packing_is_automatic_on_gpus_only():
     """`pack_padded_cells=None` keeps CPU batches padded (unless the fast mode measured packing faster, see
     test_fast_mode.py); `True` packs anywhere, which shows as zeros at padding."""
-    config = ScMMGPTCellConfig(
-        vocab_size=30, d_model=16, nhead=2, nlayers=1, d_hid=16, pad_token_id=28, cls_token_id=29
-    )
+    config = tiny_cell_config()
     model = ScMMGPTCellModel(config).eval()
     genes, values = _two_cells()
     with torch.no_grad():
@@ -193,9 +171,7 @@ def test_transformers_output_and_checkpointing_conventions():
     `activation_checkpointing_enable()` checkpoints each layer (transformers' `GradientCheckpointingLayer`: the layer's
     inside runs again in the backward pass)."""
     torch.manual_seed(0)
-    config = ScMMGPTCellConfig(
-        vocab_size=30, d_model=16, nhead=2, nlayers=2, d_hid=24, pad_token_id=28, cls_token_id=29, dropout=0.0
-    )
+    config = tiny_cell_config(nlayers=2, d_hid=24, dropout=0.0)
     model = ScMMGPTCellModel(config).train()
     genes = torch.cat([torch.full((2, 1), config.cls_token_id), torch.randint(0, 28, (2, 4))], 1)
     values = torch.rand(2, 5)

@@ -108,7 +108,7 @@ def test_random_initialisation_follows_scgpt(pbmc):
     """A new encoder is initialised as scGPT's own model is (torch's defaults, MultiheadAttention's xavier in-projection,
     gene embeddings uniform in +-0.1), not BERT-style std 0.02, under which attention barely moves a new encoder's
     residual stream and every cell embeds almost alike."""
-    from scgpt_reference import scgpt_model_module
+    from scgpt_reference import scgpt_transformer
 
     from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict
 
@@ -118,27 +118,11 @@ def test_random_initialisation_follows_scgpt(pbmc):
         "<cls>": len(genes) + 1,
         "<eoc>": len(genes) + 2,
     }
+    sizes = dict(d_model=64, nhead=4, nlayers=2, d_hid=128)
     torch.manual_seed(0)
-    theirs = scgpt_model_module().TransformerModel(
-        ntoken=len(vocab),
-        d_model=64,
-        nhead=4,
-        d_hid=128,
-        nlayers=2,
-        vocab=vocab,
-        dropout=0.2,
-        pad_token="<pad>",
-        pad_value=-2,
-    )
-    config = ScMMGPTCellModel.config_class(
-        vocab_size=len(vocab),
-        d_model=64,
-        nhead=4,
-        nlayers=2,
-        d_hid=128,
-        pad_token_id=vocab["<pad>"],
-        cls_token_id=vocab["<cls>"],
-    )
+    theirs = scgpt_transformer(vocab, **sizes)
+    token_ids = dict(pad_token_id=vocab["<pad>"], cls_token_id=vocab["<cls>"])
+    config = ScMMGPTCellModel.config_class(vocab_size=len(vocab), **sizes, **token_ids)
     ours = ScMMGPTCellModel(config).state_dict()
     reference, _ = convert_scgpt_state_dict(theirs.state_dict(), list(ours))
     assert reference.keys() == ours.keys()

@@ -5,9 +5,10 @@ import os
 
 import pytest
 import torch
+from tester import TINY_DECODER, tiny_cell_config
 from transformers import AutoModelForCausalLM, BertModel
 
-from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel, ScMMGPTForConditionalGeneration, ScMMGPTProcessor
+from modeling_scmmgpt import ScMMGPTCellModel, ScMMGPTForConditionalGeneration, ScMMGPTProcessor
 from modeling_scmmgpt.resources import minilm_dir, smollm2_gguf_path
 
 
@@ -18,15 +19,7 @@ pytestmark = pytest.mark.slow
 def cell_encoder_dir(tmp_path_factory, pbmc_cell_processor):
     directory = tmp_path_factory.mktemp("cell_encoder")
     vocab = pbmc_cell_processor.gene_vocab
-    config = ScMMGPTCellConfig(
-        vocab_size=len(vocab),
-        d_model=64,
-        nhead=4,
-        nlayers=2,
-        d_hid=64,
-        pad_token_id=vocab.pad_token_id,
-        cls_token_id=vocab.cls_token_id,
-    )
+    config = tiny_cell_config(vocab, d_model=64, nhead=4, nlayers=2, d_hid=64)
     torch.manual_seed(0)
     ScMMGPTCellModel(config).save_pretrained(directory)
     pbmc_cell_processor.save_pretrained(directory)
@@ -113,11 +106,7 @@ def test_padded_lm_vocabulary_is_not_shrunk(cell_encoder_dir, tmp_path):
     lm = Qwen2ForCausalLM(
         Qwen2Config(
             vocab_size=padded,
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
+            **{**TINY_DECODER, "num_hidden_layers": 1},
             tie_word_embeddings=True,
         )
     )

@@ -2,23 +2,26 @@
 
 import torch
 
-from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTProcessor
+from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig, ScMMGPTProcessor
 
 
-# Llama and Qwen2 take the same tiny sizes (grouped-query attention included); GPT-2 names its own.
-_DECODER = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=256,
-)
+# The Q-Former and the decoders share one tiny size; Llama and Qwen2 take it with grouped-query attention,
+# GPT-2 names its own.
+_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+TINY_DECODER = dict(**_TINY, num_key_value_heads=2, max_position_embeddings=256)
+TINY_QFORMER = dict(**_TINY, vocab_size=64, max_position_embeddings=64)
 TEXT_CONFIGS = {
-    "llama": dict(model_type="llama", **_DECODER),
-    "qwen2": dict(model_type="qwen2", **_DECODER),
+    "llama": dict(model_type="llama", **TINY_DECODER),
+    "qwen2": dict(model_type="qwen2", **TINY_DECODER),
     "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256, tie_word_embeddings=True),
 }
+# A cell encoder over a 30-token vocabulary (28 genes, then <pad> and <cls>), for tests of the encoder alone.
+_TINY_CELL = dict(vocab_size=30, pad_token_id=28, cls_token_id=29, d_model=16, nhead=2, nlayers=1, d_hid=16)
+
+
+def tiny_cell_config(vocab=None, **overrides) -> ScMMGPTCellConfig:
+    """A tiny `ScMMGPTCellConfig`: over `vocab` (a `GeneVocab`) when given, else over 30 tokens; `overrides` win."""
+    return ScMMGPTCellConfig(**{**_TINY_CELL, **(vocab.cell_config_fields() if vocab else {}), **overrides})
 
 
 class ScMMGPTModelTester:
@@ -39,27 +42,8 @@ class ScMMGPTModelTester:
         else:
             text_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         return ScMMGPTConfig(
-            cell_config=dict(
-                vocab_size=len(vocab),
-                d_model=32,
-                nhead=4,
-                nlayers=2,
-                d_hid=32,
-                dropout=0.0,
-                pad_token_id=vocab.pad_token_id,
-                cls_token_id=vocab.cls_token_id,
-                max_genes=64,
-            ),
-            qformer_config=dict(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
-                vocab_size=64,
-                max_position_embeddings=64,
-                hidden_dropout_prob=0.0,
-                attention_probs_dropout_prob=0.0,
-            ),
+            cell_config=tiny_cell_config(vocab, d_model=32, nhead=4, nlayers=2, d_hid=32, dropout=0.0, max_genes=64),
+            qformer_config=dict(**TINY_QFORMER, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
             text_config=text_config,
             projection_dim=16,
             **self.processor.config_token_ids(),

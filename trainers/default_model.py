@@ -69,39 +69,19 @@ def build_model(
     census = GeneVocab.from_scgpt_json(census_vocab_path())
     vocab = GeneVocab.from_genes([g for g in adata.raw.var_names if g in census])
     cell_processor = ScMMGPTCellProcessor(vocab, max_genes=256, use_raw=True)
-    cell_config = ScMMGPTCellConfig(
-        vocab_size=len(vocab),
-        d_model=64,
-        nhead=4,
-        nlayers=2,
-        d_hid=128,
-        pad_token_id=vocab.pad_token_id,
-        cls_token_id=vocab.cls_token_id,
-        max_genes=256,
-        gene_vocab_fingerprint=vocab.fingerprint,
-    )
+    sizes = dict(d_model=64, nhead=4, nlayers=2, d_hid=128, max_genes=256)
+    cell_config = ScMMGPTCellConfig(**vocab.cell_config_fields(), **sizes)
     if tiny_lm:
         tokenizer = train_word_tokenizer(_demo_texts(adata))
         processor = ScMMGPTProcessor(cell_processor, tokenizer, num_cell_tokens=num_cell_tokens)
+        # The tiny Q-Former and Llama share their sizes and the word vocabulary.
+        tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        tiny["vocab_size"] = len(tokenizer)
+        token_ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         config = ScMMGPTConfig(
             cell_config=cell_config,
-            qformer_config=dict(
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                vocab_size=len(tokenizer),
-            ),
-            text_config=dict(
-                model_type="llama",
-                hidden_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                vocab_size=len(tokenizer),
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            ),
+            qformer_config=tiny,
+            text_config=dict(model_type="llama", **tiny, **token_ids),
             **config_kwargs,
             **processor.config_token_ids(),
         )
