@@ -538,27 +538,25 @@ class TextToCellPipeline(_ScMMGPTPipeline):
     """
 
     _pipeline_calls_generate = True
+    # The one place for the defaults. `_sanitize_parameters` passes on only what a caller set (transformers'
+    # convention), so that options given to `pipeline(...)` hold for every call that does not override them.
+    _DEFAULTS = {"n_cells": 1, "seed": 0, "max_text_tokens": 8}
 
     def _sanitize_parameters(
         self,
-        n_cells: int = 1,
-        seed: int = 0,
-        max_text_tokens: int = 8,
+        n_cells: int | None = None,
+        seed: int | None = None,
+        max_text_tokens: int | None = None,
         genes=None,
         sample: bool | None = None,
         temperature: float | None = None,
     ):
-        if n_cells < 1:
+        if n_cells is not None and n_cells < 1:
             raise ValueError(f"n_cells={n_cells}: need at least 1 cell per prompt.")
-        if sample is None:
-            sample = bool(getattr(self.model.config, "expression_variance", False))
-        forward = {
-            "n_cells": n_cells,
-            "max_text_tokens": max_text_tokens,
-            "sample": sample,
-            "temperature": temperature,
-        }
-        return {"genes": self._gene_names(genes), "n_cells": n_cells, "seed": seed}, forward, {}
+        given = {"n_cells": n_cells, "seed": seed, "genes": genes}
+        preprocess = {name: value for name, value in given.items() if value is not None}
+        given = {"n_cells": n_cells, "max_text_tokens": max_text_tokens, "sample": sample, "temperature": temperature}
+        return preprocess, {name: value for name, value in given.items() if value is not None}, {}
 
     def _gene_names(self, genes) -> list[str]:
         vocab = self.processor.feature_extractor.gene_vocab
@@ -567,7 +565,7 @@ class TextToCellPipeline(_ScMMGPTPipeline):
         specials = {vocab.pad_token_id, vocab.cls_token_id, vocab.gene_to_id.get("<eoc>")}
         return [g for g, i in sorted(vocab.gene_to_id.items(), key=lambda kv: kv[1]) if i not in specials]
 
-    def preprocess(self, prompt, genes=(), n_cells: int = 1, seed: int = 0):
+    def preprocess(self, prompt, genes, n_cells: int, seed: int):
         """`prompt` is `{"prompt": text, "index": i}`: cell k of prompt i draws with seed `seed + i * n_cells + k`,
         so cells from different prompts never share their random draws."""
         gene_ids = torch.as_tensor(self.processor.feature_extractor.gene_vocab.lookup(genes))
@@ -585,7 +583,7 @@ class TextToCellPipeline(_ScMMGPTPipeline):
             "first_seed": seed + prompt["index"] * n_cells,
         }
 
-    def _forward(self, inputs, n_cells: int = 1, max_text_tokens: int = 8, sample: bool = False, temperature=None):
+    def _forward(self, inputs, n_cells: int, max_text_tokens: int, sample: bool, temperature: float | None = None):
         cells = []
         for k in range(n_cells):
             torch.manual_seed(inputs["first_seed"] + k)
@@ -604,36 +602,29 @@ class TextToCellPipeline(_ScMMGPTPipeline):
     def postprocess(self, expression):
         return expression.numpy()
 
-    def __call__(
-        self,
-        prompts,
-        n_cells: int = 1,
-        seed: int = 0,
-        max_text_tokens: int = 8,
-        genes=None,
-        sample: bool | None = None,
-        temperature: float | None = None,
-    ):
-        """`sample`: draw expression from the decoder's per-gene Gaussian; default where the model predicts a
-        variance (`config.expression_variance`). `temperature` scales its standard deviation (default
-        `config.expression_temperature`)."""
+    def __call__(self, prompts, **options):
+        """Writes `n_cells` cells per prompt (`str` or list of `str`) into one AnnData, `obs` naming each cell's
+        prompt and seed. The options are `_sanitize_parameters`' (`n_cells`, `seed`, `max_text_tokens`, `genes`,
+        `sample`, `temperature`): `sample` draws expression from the decoder's per-gene Gaussian, by default where
+        the model predicts a variance (`config.expression_variance`); `temperature` scales its standard deviation
+        (default `config.expression_temperature`)."""
         import anndata as ad
         import pandas as pd
 
+        # Every setting resolved once per call (the defaults, then the pipeline's own options, then this call's),
+        # and passed on whole: the genes are sorted once, not per prompt, and `obs` records what was drawn.
+        settings = {**self._DEFAULTS, **self._preprocess_params, **self._forward_params}
+        for given in self._sanitize_parameters(**options)[:2]:
+            settings.update(given)
+        settings["genes"] = self._gene_names(settings.get("genes"))
+        if settings.get("sample") is None:
+            settings["sample"] = bool(getattr(self.model.config, "expression_variance", False))
+        genes, n_cells, seed = settings["genes"], settings["n_cells"], settings["seed"]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        written = max_text_tokens + self.model.config.num_cell_tokens + 2  # text, then <cell> <cell_i>... </cell>
+        written = settings["max_text_tokens"] + self.model.config.num_cell_tokens + 2  # text, <cell>, cells, </cell>
         context = self.model.config.text_config.max_position_embeddings
         prompts = [fit_instruction(self.processor, p, context, written, with_cell=False) for p in prompts]
-        genes = self._gene_names(genes)  # once per call: the whole vocabulary is sorted when no genes are named
-        options = dict(
-            n_cells=n_cells,
-            seed=seed,
-            max_text_tokens=max_text_tokens,
-            genes=genes,
-            sample=sample,
-            temperature=temperature,
-        )
-        per_prompt = super().__call__([{"prompt": p, "index": i} for i, p in enumerate(prompts)], **options)
+        per_prompt = super().__call__([{"prompt": p, "index": i} for i, p in enumerate(prompts)], **settings)
         obs = [
             {"prompt": p, "prompt_index": i, "seed": seed + i * n_cells + k}
             for i, p in enumerate(prompts)

@@ -92,6 +92,18 @@ def test_text_to_cell_gives_anndata_that_depends_on_prompt_and_seed(saved_model)
         generator(prompts[0], genes=["CD14"], max_text_tokens=0)
 
 
+def test_text_to_cell_options_given_to_the_pipeline_hold_until_a_call_overrides_them(saved_model):
+    """`pipeline("text-to-cell", n_cells=2, seed=5)`: every call writes 2 cells from seed 5, a call's own options win
+    for that call only, and the genes given at construction are the AnnData's."""
+    genes = ["LYZ", "MS4A1", "GNLY"]
+    generator = pipeline("text-to-cell", model=saved_model, n_cells=2, seed=5, max_text_tokens=0, genes=genes)
+    first = generator("a B cell from blood")
+    assert first.shape == (2, 3) and list(first.var_names) == genes and list(first.obs["seed"]) == [5, 6]
+    assert generator("a B cell from blood", n_cells=3, seed=0).shape == (3, 3)
+    again = generator("a B cell from blood")
+    assert list(again.obs["seed"]) == [5, 6] and np.array_equal(again.X, first.X)
+
+
 def test_results_stream_to_files(saved_model, pbmc, tmp_path):
     import pandas as pd
 
