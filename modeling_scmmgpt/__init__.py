@@ -14,6 +14,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from . import configuration_scmmgpt, modeling_cell_encoder, modeling_scmmgpt
 from .configuration_scmmgpt import ScMMGPTCellConfig, ScMMGPTConfig
 from .gene_vocab import GeneVocab
 from .loss_scmmgpt import ScMMGPTContrastiveLoss, ScMMGPTReconstructionLoss
@@ -46,24 +47,13 @@ register_pipelines()
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GeneCoverage",
-    "GeneVocab",
-    "ScMMGPTCausalLMOutputWithPast",
-    "ScMMGPTCellConfig",
-    "ScMMGPTCellGenerationOutput",
-    "ScMMGPTCellModel",
-    "ScMMGPTCellPreTrainedModel",
-    "ScMMGPTCellProcessor",
-    "ScMMGPTCellTowerOutput",
-    "ScMMGPTConfig",
-    "ScMMGPTContrastiveLoss",
-    "ScMMGPTForConditionalGeneration",
-    "ScMMGPTForPreTraining",
-    "ScMMGPTModel",
-    "ScMMGPTModelOutputWithPast",
-    "ScMMGPTPreTrainedModel",
-    "ScMMGPTPreTrainingOutput",
-    "ScMMGPTProcessor",
-    "ScMMGPTReconstructionLoss",
-]
+# The model family's classes (each modelling module's `__all__`), plus the vocabulary, the processors and the losses.
+__all__ = sorted(
+    [
+        *configuration_scmmgpt.__all__,
+        *modeling_cell_encoder.__all__,
+        *modeling_scmmgpt.__all__,
+        *("GeneCoverage", "GeneVocab", "ScMMGPTCellProcessor", "ScMMGPTProcessor"),
+        *("ScMMGPTContrastiveLoss", "ScMMGPTReconstructionLoss"),
+    ]
+)

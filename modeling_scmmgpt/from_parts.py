@@ -19,21 +19,19 @@ from .processing_scmmgpt import ScMMGPTCellProcessor, ScMMGPTProcessor
 logger = logging.getLogger(__name__)
 
 
+# The BERT config fields a Q-Former takes over as they are.
+_BERT_FIELDS = (
+    "vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size hidden_act max_position_embeddings "
+    "layer_norm_eps pad_token_id"
+).split()
+
+
 def qformer_config_from_bert(bert_dir: str | os.PathLike, cross_attention_frequency: int = 2) -> Blip2QFormerConfig:
     """A Q-Former with the BERT's sizes (BLIP-2 initialises its Q-Former from BERT-base)."""
     bert = AutoConfig.from_pretrained(bert_dir)
+    sizes = {name: getattr(bert, name) for name in _BERT_FIELDS}
     return Blip2QFormerConfig(
-        vocab_size=bert.vocab_size,
-        hidden_size=bert.hidden_size,
-        num_hidden_layers=bert.num_hidden_layers,
-        num_attention_heads=bert.num_attention_heads,
-        intermediate_size=bert.intermediate_size,
-        hidden_act=bert.hidden_act,
-        max_position_embeddings=bert.max_position_embeddings,
-        layer_norm_eps=bert.layer_norm_eps,
-        pad_token_id=bert.pad_token_id,
-        cross_attention_frequency=cross_attention_frequency,
-        use_qformer_text_input=True,
+        **sizes, cross_attention_frequency=cross_attention_frequency, use_qformer_text_input=True
     )
 
 

@@ -268,18 +268,10 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
             raise ValueError(f"min_vocab_coverage={min_vocab_coverage}: a fraction in [0, 1].")
         super().__init__()
         self.gene_vocab = gene_vocab
-        self.max_genes = max_genes
-        self.n_bins = n_bins
-        self.binning = binning
-        self.normalize_total = normalize_total
-        self.log1p = log1p
-        self.include_zero_genes = include_zero_genes
-        self.cls_value = cls_value
-        self.pad_value = pad_value
-        self.min_vocab_coverage = min_vocab_coverage
-        self.gene_id_column = gene_id_column
-        self.layer = layer
-        self.use_raw = use_raw
+        # Every option is an attribute of its own name, which `to_dict` saves: one list (the signature) for both.
+        arguments = locals()
+        for name in self.option_names():
+            setattr(self, name, arguments[name])
         self.last_coverage: GeneCoverage | None = None
 
     # --- configuration: the library's save/load, with the vocabulary as this extractor's data file ----------------
