@@ -1,12 +1,16 @@
 """Stage 2 of scMMGPT: cell reconstruction (masked values + expression decoded from the cell tokens) on the embedded PBMC demo.
 
-    python examples/train_reconstruction.py examples/configs/reconstruction_tiny.yaml            # ~1 min on 2 CPU cores
-    python examples/train_reconstruction.py examples/configs/reconstruction_tiny.yaml --max_steps 10
-    torchrun --nproc_per_node 2 examples/train_reconstruction.py examples/configs/reconstruction_tiny.yaml --ddp_backend gloo
-    accelerate launch --config_file fsdp.yaml examples/train_reconstruction.py examples/configs/reconstruction_paper.yaml
+Start it from stage 1's model, so the decoder learns to read cell tokens that are already aligned with text:
 
-Without `--model_name_or_path` it trains the tiny random demo model. The final model and processor are saved
-with `save_pretrained` in `output_dir` (checkpoints in `output_dir/checkpoint-N`).
+    python examples/train_reconstruction.py examples/configs/reconstruction_tiny.yaml --model_name_or_path runs/contrastive_tiny
+
+The stage's own options, on the command line or in the YAML (each written into the model's config):
+`--mask_ratio 0.15` (genes whose value is masked), `--unexpressed_genes 256` (genes a cell does not express, decoded
+with target 0), `--masked_value_loss_weight` and `--expression_loss_weight`. `--cell_path_learning_rate 0` keeps
+stage 1's cell path and trains only the decoder and the masked-value head. It runs under torchrun and
+`accelerate launch` as stage 1 does (examples/train_contrastive.py).
+
+The final model and processor are saved with `save_pretrained` in `output_dir`.
 """
 
 import sys
