@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import yaml
 from conftest import pbmc_cells
 
 from scmmgpt.cli import main
@@ -789,29 +790,9 @@ def test_debug_keeps_the_traceback(model_dir, tmp_path, capsys):
 
 
 # --- 5. training configs -------------------------------------------------------------------------------------------
-CONFIG_CASES = [
-    (
-        "misspelled key",
-        "output_dir: {tmp}/run\nlearning_rat: 0.01\n",
-        r"unknown option 'learning_rat'; did you mean 'learning_rate'",
-    ),
-    ("list instead of a mapping", "- output_dir\n- x\n", r"expected a mapping"),
-    ("YAML syntax error", "output_dir: {tmp}/run\nlearning_rate: [0.01\n", r"cfg\.yaml:\d+"),
-    ("wrong type", "output_dir: {tmp}/run\nlearning_rate: fast\n", r"learning_rate"),
-    ("unknown task", "output_dir: {tmp}/run\ntasks: [translate]\n", r"Unknown tasks"),
-    ("balance beyond 1", "output_dir: {tmp}/run\nbalance_cell_types: 2\n", r"balance_cell_types"),
-    ("unknown bridge init", "output_dir: {tmp}/run\nbridge_init: magic\n", r"bridge_init"),
-    ("unknown cell encoder mode", "output_dir: {tmp}/run\ncell_encoder_mode: half\n", r"cell_encoder_mode"),
-    (
-        "split fractions that do not sum to 1",
-        "output_dir: {tmp}/run\ntrain_data: [x.h5ad]\nsplit_fractions: [0.5, 0.2, 0.1]\n",
-        r"split_fractions",
-    ),
-    ("use_raw and layer together", "output_dir: {tmp}/run\nuse_raw: true\nlayer: counts\n", r"use_raw and layer"),
-    ("coverage beyond 1", "output_dir: {tmp}/run\nmin_vocab_coverage: 2\n", r"min_vocab_coverage"),
-    ("missing training file", "output_dir: {tmp}/run\ntrain_data: [{tmp}/nope.h5ad]\n", r"nope\.h5ad"),
-    ("empty config", "", r"expected a mapping|output_dir|empty"),
-]
+# The bad configs are YAML, kept as YAML: tests/fixtures/bad_training_configs.yaml.
+with open(os.path.join(os.path.dirname(__file__), "fixtures", "bad_training_configs.yaml"), encoding="utf-8") as f:
+    CONFIG_CASES = [(name, case["config"], case["error"]) for name, case in yaml.safe_load(f).items()]
 
 
 @pytest.mark.parametrize("name, text, pattern", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
