@@ -225,6 +225,8 @@ def _fit_codebook(
     are soft (mean top probability about 0.75 on the demo's cells at cross-validation's `C`), and the LM reads a
     blend of label embeddings less well than a near one-hot one. Returns the regression's accuracy on these cells,
     its `C` and the logit scale (1 without `confidence`)."""
+    from inspect import signature
+
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
     names = list(map(str, labels))
@@ -239,9 +241,14 @@ def _fit_codebook(
         folds = min(5, min(names.count(n) for n in set(names)))
         if folds < 2:
             raise ValueError("bridge_codebook_c 0 cross-validates: every cell type needs at least 2 fitting cells.")
-        regression = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=folds, scoring="accuracy", max_iter=2000).fit(
-            standardised, names
-        )
+        # Plain L2 and the new fitted attributes, said explicitly where scikit-learn has the options (1.8 and later;
+        # its defaults change in 1.10 and it warns until then).
+        options = dict(l1_ratios=(0.0,), use_legacy_attributes=False)
+        options = {
+            name: value for name, value in options.items() if name in signature(LogisticRegressionCV).parameters
+        }
+        grid = LogisticRegressionCV(Cs=np.logspace(-4, 2, 7), cv=folds, scoring="accuracy", max_iter=2000, **options)
+        regression = grid.fit(standardised, names)
         c = float(np.ravel(regression.C_)[0])  # an array before scikit-learn 1.10, a float after
     else:
         regression = LogisticRegression(C=c, max_iter=2000).fit(standardised, names)
