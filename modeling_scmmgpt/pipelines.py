@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import os
 import re
 import types
@@ -174,6 +175,10 @@ class _LabelChoice(StoppingCriteria):
         return torch.tensor([c is not None for c in self.chosen], device=input_ids.device)
 
 
+# Keywords the base `Pipeline.__init__` takes out of its `**kwargs` before `_sanitize_parameters` sees them.
+_POPPED_BY_PIPELINE = ("args_parser", "torch_dtype", "dtype", "batch_size", "num_workers")
+
+
 class _ScMMGPTPipeline(Pipeline):
     """What every scMMGPT pipeline shares: it loads the model's `ScMMGPTProcessor` (not a tokenizer or feature
     extractor alone) and checks at construction that the processor's genes are the model's."""
@@ -184,8 +189,19 @@ class _ScMMGPTPipeline(Pipeline):
     _load_image_processor = False
 
     def __init__(self, *args, **kwargs):
+        # The options given to pipeline(...), kept as given: each call resolves them together with its own (options
+        # depend on each other: the labels and top_k, a prompt and its token budget), so they hold for every call
+        # that does not override them. These are the keywords the base class hands `_sanitize_parameters`.
+        handled = {*inspect.signature(Pipeline.__init__).parameters, *_POPPED_BY_PIPELINE}
+        self._options = {name: value for name, value in kwargs.items() if name not in handled}
         super().__init__(*args, **kwargs)
         self.processor.check_model_config(self.model.config)  # before any cell is read or written through wrong genes
+
+    def _call_parameters(self, **kwargs) -> tuple[dict, dict, dict]:
+        """The (preprocess, forward, postprocess) parameters of one call: its options (those it leaves `None` do not
+        count) over those given to `pipeline(...)`, resolved whole by `_sanitize_parameters`."""
+        given = {name: value for name, value in kwargs.items() if value is not None}
+        return self._sanitize_parameters(**{**self._options, **given})
 
 
 class ScMMGPTCellPipeline(_ScMMGPTPipeline):
@@ -249,19 +265,17 @@ class ScMMGPTCellPipeline(_ScMMGPTPipeline):
                 returned).
             kwargs: the task's options (see the subclass).
         """
-        if isinstance(
-            inputs, types.GeneratorType
-        ):  # chunks of cells: the contract's lazy iterator, one result list per chunk
-            return super().__call__(inputs, gene_names=gene_names, **kwargs)
+        # The options are checked and resolved once per call, before any compute or file; the chunks then run
+        # through the contract's iterator (preprocess, device placement, _forward, postprocess) with them.
+        params = self._call_parameters(gene_names=gene_names, **kwargs)
+        if isinstance(inputs, types.GeneratorType):  # chunks of cells: the lazy iterator, one result list per chunk
+            return self.get_iterator(inputs, 0, 1, *params)
         if write_to_adata and output_file is not None:
             raise ValueError(
                 "Pass either write_to_adata or output_file: results streamed to a file are not in memory."
             )
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: need at least 1 cell per batch.")
-        # The options are checked and resolved once per call, before any compute or file; the chunks then run
-        # through the contract's iterator (preprocess, device placement, _forward, postprocess) with them.
-        params = self._call_parameters(gene_names=gene_names, **kwargs)
         cells = _open_cells(inputs)
         n_cells = cells.shape[0] if hasattr(cells, "shape") else len(cells)
         if n_cells == 0:  # an empty result would look like a complete one
@@ -288,13 +302,6 @@ class ScMMGPTCellPipeline(_ScMMGPTPipeline):
                 raise ValueError("write_to_adata needs an in-memory AnnData; read the file without backed mode.")
             self._write(cells, results)
         return results
-
-    def _call_parameters(self, **kwargs) -> tuple[dict, dict, dict]:
-        """The (preprocess, forward, postprocess) parameters of one call, merged over those given at construction
-        (as the base class merges them)."""
-        own = self._sanitize_parameters(**kwargs)
-        defaults = (self._preprocess_params, self._forward_params, self._postprocess_params)
-        return tuple({**base, **given} for base, given in zip(defaults, own))
 
     def _results(self, path, collected):
         return path if path is not None else collected
@@ -378,7 +385,7 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         return preprocess, forward, {"labels": labels, "top_k": min(top_k, len(labels))}
 
     def _call_parameters(self, candidate_labels=None, **kwargs) -> tuple[dict, dict, dict]:
-        if not candidate_labels:
+        if not (candidate_labels or self._options.get("candidate_labels")):
             raise ValueError("Pass candidate_labels=[...] (Cell Ontology labels or ids, or free text).")
         return super()._call_parameters(candidate_labels=candidate_labels, **kwargs)
 
@@ -392,13 +399,22 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
     def _label_features(self, labels: list[str], batch_size: int = 64) -> torch.Tensor:
         """`(len(labels), projection_dim)` contrastive text features of the labels' descriptions."""
         tokenizer = self.processor.qformer_tokenizer or self.processor.tokenizer
+        descriptions = [self._describe(label) for label in labels]
+        # The Q-Former reads at most its position table's length (training truncates its texts too): a longer
+        # description is cut to fit, and said so, rather than failing deep inside the embeddings.
+        limit = self.model.config.qformer_config.max_position_embeddings
+        cut = [label for label, ids in zip(labels, tokenizer(descriptions)["input_ids"]) if len(ids) > limit]
+        if cut:
+            warnings.warn(
+                f"{len(cut)} candidate label text(s) are longer than the Q-Former's {limit} positions and are cut to "
+                f"their first {limit} tokens (e.g. {cut[0]!r}); pass shorter free-text labels to avoid it.",
+                stacklevel=4,
+            )
         features = []
         for start in range(0, len(labels), batch_size):
-            texts = tokenizer(
-                [self._describe(label) for label in labels[start : start + batch_size]],
-                padding=True,
-                return_tensors="pt",
-            ).to(self.device)
+            batch = descriptions[start : start + batch_size]
+            texts = tokenizer(batch, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            texts = texts.to(self.device)
             features.append(self.model.get_text_features(texts["input_ids"], texts["attention_mask"]))
         return torch.cat(features)
 
@@ -538,25 +554,27 @@ class TextToCellPipeline(_ScMMGPTPipeline):
     """
 
     _pipeline_calls_generate = True
-    # The one place for the defaults. `_sanitize_parameters` passes on only what a caller set (transformers'
-    # convention), so that options given to `pipeline(...)` hold for every call that does not override them.
-    _DEFAULTS = {"n_cells": 1, "seed": 0, "max_text_tokens": 8}
 
     def _sanitize_parameters(
         self,
-        n_cells: int | None = None,
-        seed: int | None = None,
-        max_text_tokens: int | None = None,
+        n_cells: int = 1,
+        seed: int = 0,
+        max_text_tokens: int = 8,
         genes=None,
         sample: bool | None = None,
         temperature: float | None = None,
     ):
-        if n_cells is not None and n_cells < 1:
+        if n_cells < 1:
             raise ValueError(f"n_cells={n_cells}: need at least 1 cell per prompt.")
-        given = {"n_cells": n_cells, "seed": seed, "genes": genes}
-        preprocess = {name: value for name, value in given.items() if value is not None}
-        given = {"n_cells": n_cells, "max_text_tokens": max_text_tokens, "sample": sample, "temperature": temperature}
-        return preprocess, {name: value for name, value in given.items() if value is not None}, {}
+        if sample is None:
+            sample = bool(getattr(self.model.config, "expression_variance", False))
+        forward = {
+            "n_cells": n_cells,
+            "max_text_tokens": max_text_tokens,
+            "sample": sample,
+            "temperature": temperature,
+        }
+        return {"genes": self._gene_names(genes), "n_cells": n_cells, "seed": seed}, forward, {}
 
     def _gene_names(self, genes) -> list[str]:
         vocab = self.processor.feature_extractor.gene_vocab
@@ -565,7 +583,7 @@ class TextToCellPipeline(_ScMMGPTPipeline):
         specials = {vocab.pad_token_id, vocab.cls_token_id, vocab.gene_to_id.get("<eoc>")}
         return [g for g, i in sorted(vocab.gene_to_id.items(), key=lambda kv: kv[1]) if i not in specials]
 
-    def preprocess(self, prompt, genes, n_cells: int, seed: int):
+    def preprocess(self, prompt, genes=(), n_cells: int = 1, seed: int = 0):
         """`prompt` is `{"prompt": text, "index": i}`: cell k of prompt i draws with seed `seed + i * n_cells + k`,
         so cells from different prompts never share their random draws."""
         gene_ids = torch.as_tensor(self.processor.feature_extractor.gene_vocab.lookup(genes))
@@ -583,7 +601,7 @@ class TextToCellPipeline(_ScMMGPTPipeline):
             "first_seed": seed + prompt["index"] * n_cells,
         }
 
-    def _forward(self, inputs, n_cells: int, max_text_tokens: int, sample: bool, temperature: float | None = None):
+    def _forward(self, inputs, n_cells: int = 1, max_text_tokens: int = 8, sample: bool = False, temperature=None):
         cells = []
         for k in range(n_cells):
             torch.manual_seed(inputs["first_seed"] + k)
@@ -611,20 +629,14 @@ class TextToCellPipeline(_ScMMGPTPipeline):
         import anndata as ad
         import pandas as pd
 
-        # Every setting resolved once per call (the defaults, then the pipeline's own options, then this call's),
-        # and passed on whole: the genes are sorted once, not per prompt, and `obs` records what was drawn.
-        settings = {**self._DEFAULTS, **self._preprocess_params, **self._forward_params}
-        for given in self._sanitize_parameters(**options)[:2]:
-            settings.update(given)
-        settings["genes"] = self._gene_names(settings.get("genes"))
-        if settings.get("sample") is None:
-            settings["sample"] = bool(getattr(self.model.config, "expression_variance", False))
-        genes, n_cells, seed = settings["genes"], settings["n_cells"], settings["seed"]
+        preprocess, forward, postprocess = self._call_parameters(**options)  # resolved once: the genes sorted once
+        genes, n_cells, seed = preprocess["genes"], preprocess["n_cells"], preprocess["seed"]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        written = settings["max_text_tokens"] + self.model.config.num_cell_tokens + 2  # text, <cell>, cells, </cell>
+        written = forward["max_text_tokens"] + self.model.config.num_cell_tokens + 2  # text, <cell>, cells, </cell>
         context = self.model.config.text_config.max_position_embeddings
         prompts = [fit_instruction(self.processor, p, context, written, with_cell=False) for p in prompts]
-        per_prompt = super().__call__([{"prompt": p, "index": i} for i, p in enumerate(prompts)], **settings)
+        items = [{"prompt": p, "index": i} for i, p in enumerate(prompts)]
+        per_prompt = list(self.get_iterator(items, 0, 1, preprocess, forward, postprocess))
         obs = [
             {"prompt": p, "prompt_index": i, "seed": seed + i * n_cells + k}
             for i, p in enumerate(prompts)

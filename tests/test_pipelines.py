@@ -92,6 +92,28 @@ def test_text_to_cell_gives_anndata_that_depends_on_prompt_and_seed(saved_model)
         generator(prompts[0], genes=["CD14"], max_text_tokens=0)
 
 
+def test_cell_pipeline_options_given_to_the_pipeline_hold_until_a_call_overrides_them(saved_model, pbmc):
+    """Options given to `pipeline(...)` are resolved with each call's own: labels and top_k from the construction,
+    a call's labels or top_k for that call only; a description budget that a call without one keeps."""
+    cells = pbmc[:6]
+    labels = ["B cell", "natural killer cell", "CL:0001054"]
+    plain = pipeline("cell-type-annotation", model=saved_model)
+    annotator = pipeline("cell-type-annotation", model=saved_model, candidate_labels=labels, top_k=2)
+    assert annotator(cells, progress=False) == plain(cells, candidate_labels=labels, top_k=2, progress=False)
+    assert all(len(ranked) == 1 for ranked in annotator(cells, top_k=1, progress=False))
+    # "T cell"'s ontology definition is longer than this tiny Q-Former's 64 positions: cut to fit, with a warning.
+    with pytest.warns(UserWarning, match="longer than the Q-Former's 64 positions"):
+        other = annotator(cells, candidate_labels=["T cell", "dendritic cell"], progress=False)
+    assert {r["label"] for ranked in other for r in ranked} <= {"T cell", "dendritic cell"}
+    assert all(len(ranked) == 2 for ranked in annotator(cells, progress=False))  # the construction's again
+    with pytest.raises(ValueError, match="candidate_labels"):
+        plain(cells, progress=False)
+    describer = pipeline("cell-description", model=saved_model, max_new_tokens=2)
+    short = pipeline("cell-description", model=saved_model)(cells, max_new_tokens=2, progress=False)
+    assert describer(cells, progress=False) == short
+    assert describer(cells, max_new_tokens=6, progress=False) != short
+
+
 def test_text_to_cell_options_given_to_the_pipeline_hold_until_a_call_overrides_them(saved_model):
     """`pipeline("text-to-cell", n_cells=2, seed=5)`: every call writes 2 cells from seed 5, a call's own options win
     for that call only, and the genes given at construction are the AnnData's."""
