@@ -208,59 +208,46 @@ DATA_CASES = [
 ]
 
 
+def _embed_argv(model_dir, source, tmp_path, *options):
+    """`scmmgpt embed` of `source` into `tmp_path/out.h5ad`: (argv, output path)."""
+    output = str(tmp_path / "out.h5ad")
+    return ["embed", "--model", model_dir, "--input", str(source), "--output", output, *options], output
+
+
+def _embed_refused(model_dir, source, tmp_path, capsys, pattern, *options):
+    """`scmmgpt embed` of `source` fails in one line matching `pattern`, leaves `source` as it was, writes nothing."""
+    argv, output = _embed_argv(model_dir, source, tmp_path, *options)
+    _check_cli_case(argv, pattern, capsys, inputs=[str(source)], outputs=[output])
+
+
 @pytest.mark.parametrize("name, change, extra, pattern", DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_bad_data_file(name, change, extra, pattern, model_dir, tmp_path, capsys):
-    source = _cells_where(tmp_path, change)
-    output = str(tmp_path / "out.h5ad")
-    argv = ["embed", "--model", model_dir, "--input", source, "--output", output, *extra]
-    _check_cli_case(argv, pattern, capsys, inputs=[source], outputs=[output])
+    _embed_refused(model_dir, _cells_where(tmp_path, change), tmp_path, capsys, pattern, *extra)
 
 
 def test_not_an_h5ad_file(model_dir, tmp_path, capsys):
     for name, content in (("text.h5ad", b"cell,gene\n1,2\n"), ("empty.h5ad", b"")):
         source = tmp_path / name
         source.write_bytes(content)
-        output = str(tmp_path / "out.h5ad")
-        _check_cli_case(
-            ["embed", "--model", model_dir, "--input", str(source), "--output", output],
-            r"not a readable \.h5ad file",
-            capsys,
-            inputs=[str(source)],
-            outputs=[output],
-        )
+        _embed_refused(model_dir, source, tmp_path, capsys, r"not a readable \.h5ad file")
 
 
 def test_truncated_h5ad_file(model_dir, cells, tmp_path, capsys):
     source = tmp_path / "truncated.h5ad"
     data = open(cells, "rb").read()
     source.write_bytes(data[: len(data) // 2])
-    output = str(tmp_path / "out.h5ad")
-    _check_cli_case(
-        ["embed", "--model", model_dir, "--input", str(source), "--output", output],
-        r"not a readable \.h5ad file",
-        capsys,
-        inputs=[str(source)],
-        outputs=[output],
-    )
+    _embed_refused(model_dir, source, tmp_path, capsys, r"not a readable \.h5ad file")
 
 
 def test_missing_input_file(model_dir, tmp_path, capsys):
-    output = str(tmp_path / "out.h5ad")
-    _check_cli_case(
-        ["embed", "--model", model_dir, "--input", str(tmp_path / "nope.h5ad"), "--output", output],
-        r"nope\.h5ad: no such file",
-        capsys,
-        outputs=[output],
-    )
+    _embed_refused(model_dir, tmp_path / "nope.h5ad", tmp_path, capsys, r"nope\.h5ad: no such file")
 
 
 def test_low_coverage_passes_with_a_lower_threshold(model_dir, tmp_path, capsys):
     """The coverage refusal names the fix, and the fix works: --min-vocab-coverage."""
     source = _cells_where(tmp_path, _few_model_genes)
-    output = str(tmp_path / "out.h5ad")
-    code, err = _cli(
-        ["embed", "--model", model_dir, "--input", source, "--output", output, "--min-vocab-coverage", "0.2"], capsys
-    )
+    argv, output = _embed_argv(model_dir, source, tmp_path, "--min-vocab-coverage", "0.2")
+    code, err = _cli(argv, capsys)
     assert code == 0, err
     assert ad.read_h5ad(output).obsm["X_scmmgpt"].shape[0] == 12
 
@@ -272,10 +259,8 @@ def test_layer_overrides_a_saved_use_raw(model_dir, tmp_path, capsys):
     adata.layers["lognorm"] = adata.X.copy()
     adata.X = sp.csr_matrix(adata.X.shape, dtype=np.float32)  # X itself holds nothing useful
     source = _write(adata, tmp_path / "layered.h5ad")
-    output = str(tmp_path / "out.h5ad")
-    code, err = _cli(
-        ["embed", "--model", model_dir, "--input", source, "--output", output, "--layer", "lognorm"], capsys
-    )
+    argv, output = _embed_argv(model_dir, source, tmp_path, "--layer", "lognorm")
+    code, err = _cli(argv, capsys)
     assert code == 0, err
     assert np.isfinite(ad.read_h5ad(output).obsm["X_scmmgpt"]).all()
 
@@ -431,14 +416,7 @@ def test_bad_model_folder(name, break_folder, pattern, model_dir, cells, tmp_pat
     folder = str(tmp_path / "model")
     shutil.copytree(model_dir, folder)
     break_folder(folder)
-    output = str(tmp_path / "out.h5ad")
-    _check_cli_case(
-        ["embed", "--model", folder, "--input", cells, "--output", output],
-        pattern,
-        capsys,
-        inputs=[cells],
-        outputs=[output],
-    )
+    _embed_refused(folder, cells, tmp_path, capsys, pattern)
 
 
 def test_library_refuses_mismatched_parts_before_reading_cells(loaded, model_dir, tmp_path):
@@ -674,13 +652,8 @@ def test_output_is_the_input(model_dir, cells, capsys):
 @pytest.mark.parametrize("output, pattern", [("out.txt", r"unknown format"), ("missing/out.csv", r"does not exist")])
 def test_bad_output_path(output, pattern, model_dir, cells, tmp_path, capsys):
     target = str(tmp_path / output)
-    _check_cli_case(
-        ["describe", "--model", model_dir, "--input", cells, "--output", target],
-        pattern,
-        capsys,
-        inputs=[cells],
-        outputs=[target],
-    )
+    argv = ["describe", "--model", model_dir, "--input", cells, "--output", target]
+    _check_cli_case(argv, pattern, capsys, inputs=[cells], outputs=[target])
 
 
 # The reading commands' common start, with a model and an input (the "{...}" fields are filled per test).
