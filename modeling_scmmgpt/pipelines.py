@@ -12,6 +12,7 @@ import difflib
 import inspect
 import os
 import re
+import sys
 import types
 import warnings
 
@@ -39,12 +40,26 @@ def _open_cells(inputs):
     return inputs
 
 
+def _warn(message: str) -> None:
+    """A `UserWarning` that points at the code that called the pipeline, however deep in this module it is raised
+    (past torch's and transformers' wrappers too: `no_grad`, the pipeline iterator)."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and (
+        frame.f_code.co_filename == __file__ or frame.f_globals.get("__name__", "").startswith(_WRAPPERS)
+    ):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, stacklevel=level)
+
+
+_WRAPPERS = ("torch.", "transformers.")
+
+
 def fit_instruction(processor, instruction: str, context_length: int, new_tokens: int, with_cell: bool = True) -> str:
     """`instruction`, cut at the end (with a warning) so that its chat prompt plus `new_tokens` fits the LM's
     `context_length`: past it, position embeddings the LM never learnt would run silently. An empty instruction
     gets a warning that the output is not conditioned on one."""
     if not instruction.strip():
-        warnings.warn("The prompt is empty: the output is not conditioned on any instruction.", stacklevel=3)
+        _warn("The prompt is empty: the output is not conditioned on any instruction.")
     prompt_length = processor(text=[processor.build_prompt(instruction, with_cell=with_cell)])["input_ids"].shape[1]
     excess = prompt_length + new_tokens - context_length
     if excess <= 0:
@@ -55,10 +70,9 @@ def fit_instruction(processor, instruction: str, context_length: int, new_tokens
             f"The LM's context ({context_length} tokens) has no room for the prompt and {new_tokens} new "
             "tokens; ask for fewer new tokens."
         )
-    warnings.warn(
+    _warn(
         f"The prompt takes {prompt_length} tokens and {new_tokens} more are to be generated, past the LM's "
-        f"context of {context_length}: its last {excess} tokens are cut.",
-        stacklevel=3,
+        f"context of {context_length}: its last {excess} tokens are cut."
     )
     return processor.tokenizer.decode(ids[: len(ids) - excess])
 
@@ -139,7 +153,7 @@ def _candidate_labels(candidate_labels) -> list[str]:
     unique = list(dict.fromkeys(normalised))
     if len(unique) < len(normalised):
         repeats = sorted({label for label in normalised if normalised.count(label) > 1})
-        warnings.warn(f"candidate_labels repeats {repeats}; each is ranked once.", stacklevel=3)
+        _warn(f"candidate_labels repeats {repeats}; each is ranked once.")
     return unique
 
 
@@ -175,8 +189,8 @@ class _LabelChoice(StoppingCriteria):
         return torch.tensor([c is not None for c in self.chosen], device=input_ids.device)
 
 
-# Keywords the base `Pipeline.__init__` takes out of its `**kwargs` before `_sanitize_parameters` sees them.
-_POPPED_BY_PIPELINE = ("args_parser", "torch_dtype", "dtype", "batch_size", "num_workers")
+# Keywords the base `Pipeline.__init__` takes from its `**kwargs` for itself (besides its named parameters).
+_BASE_KEYWORDS = ("args_parser", "torch_dtype", "dtype", "batch_size", "num_workers")
 
 
 class _ScMMGPTPipeline(Pipeline):
@@ -189,13 +203,19 @@ class _ScMMGPTPipeline(Pipeline):
     _load_image_processor = False
 
     def __init__(self, *args, **kwargs):
-        # The options given to pipeline(...), kept as given: each call resolves them together with its own (options
-        # depend on each other: the labels and top_k, a prompt and its token budget), so they hold for every call
-        # that does not override them. These are the keywords the base class hands `_sanitize_parameters`.
-        handled = {*inspect.signature(Pipeline.__init__).parameters, *_POPPED_BY_PIPELINE}
-        self._options = {name: value for name, value in kwargs.items() if name not in handled}
+        # The task's options given to pipeline(...) are kept as given, and each call resolves them together with its
+        # own (options depend on each other: the labels and top_k, a prompt and its token budget), so they hold for
+        # every call that does not override them. The base class gets only its own keywords.
+        accepted = set(inspect.signature(self._sanitize_parameters).parameters)
+        unknown = sorted(set(kwargs) - accepted - {*inspect.signature(Pipeline.__init__).parameters, *_BASE_KEYWORDS})
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no option {', '.join(unknown)}; its options: {', '.join(sorted(accepted))}."
+            )
+        self._options = {name: kwargs.pop(name) for name in accepted & kwargs.keys()}
         super().__init__(*args, **kwargs)
         self.processor.check_model_config(self.model.config)  # before any cell is read or written through wrong genes
+        self._sanitize_parameters(**self._options)  # a bad option fails here, not at the first call
 
     def _call_parameters(self, **kwargs) -> tuple[dict, dict, dict]:
         """The (preprocess, forward, postprocess) parameters of one call: its options (those it leaves `None` do not
@@ -216,7 +236,7 @@ class ScMMGPTCellPipeline(_ScMMGPTPipeline):
 
     _pipeline_calls_generate = False
 
-    def _sanitize_parameters(self, gene_names=None, **kwargs):
+    def _sanitize_parameters(self, gene_names=None):
         return {"gene_names": gene_names}, {}, {}
 
     def preprocess(self, cells, gene_names=None, **kwargs):
@@ -246,7 +266,7 @@ class ScMMGPTCellPipeline(_ScMMGPTPipeline):
     def __call__(
         self,
         inputs,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         gene_names=None,
         write_to_adata: bool = False,
         progress: bool = True,
@@ -257,7 +277,8 @@ class ScMMGPTCellPipeline(_ScMMGPTPipeline):
         Args:
             inputs: AnnData, a path to an `.h5ad` file, or a `(num_cells, num_genes)` matrix with `gene_names`; or a
                 generator of such chunks, which returns the contract's lazy iterator (one list of results per chunk).
-            batch_size (`int`, defaults to 64): cells per forward pass.
+            batch_size (`int`, *optional*): cells per forward pass; defaults to the `batch_size` given to
+                `pipeline(...)`, else 64.
             write_to_adata (`bool`): also store the results in the AnnData (in-memory AnnData only).
             output_file (`str`, *optional*): stream the results to this file instead of holding them in memory, so
                 memory stays flat for any number of cells: cell-feature-extraction writes a `.npy` file (returned
@@ -274,6 +295,7 @@ class ScMMGPTCellPipeline(_ScMMGPTPipeline):
             raise ValueError(
                 "Pass either write_to_adata or output_file: results streamed to a file are not in memory."
             )
+        batch_size = next(size for size in (batch_size, self._batch_size, 64) if size is not None)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: need at least 1 cell per batch.")
         cells = _open_cells(inputs)
@@ -370,9 +392,7 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k={top_k!r}: need a whole number of at least 1.")
         if top_k > len(labels):
-            warnings.warn(
-                f"top_k={top_k} but only {len(labels)} candidate labels; returning {len(labels)}.", stacklevel=3
-            )
+            _warn(f"top_k={top_k} but only {len(labels)} candidate labels; returning {len(labels)}.")
         forward = {"mode": mode}
         if mode == "zero-shot":  # the labels' text features, once per call rather than once per chunk of cells
             forward["text_features"] = self._label_features(labels)
@@ -405,10 +425,9 @@ class CellTypeAnnotationPipeline(ScMMGPTCellPipeline):
         limit = self.model.config.qformer_config.max_position_embeddings
         cut = [label for label, ids in zip(labels, tokenizer(descriptions)["input_ids"]) if len(ids) > limit]
         if cut:
-            warnings.warn(
+            _warn(
                 f"{len(cut)} candidate label text(s) are longer than the Q-Former's {limit} positions and are cut to "
-                f"their first {limit} tokens (e.g. {cut[0]!r}); pass shorter free-text labels to avoid it.",
-                stacklevel=4,
+                f"their first {limit} tokens (e.g. {cut[0]!r}); pass shorter free-text labels to avoid it."
             )
         features = []
         for start in range(0, len(labels), batch_size):

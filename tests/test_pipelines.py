@@ -101,17 +101,36 @@ def test_cell_pipeline_options_given_to_the_pipeline_hold_until_a_call_overrides
     annotator = pipeline("cell-type-annotation", model=saved_model, candidate_labels=labels, top_k=2)
     assert annotator(cells, progress=False) == plain(cells, candidate_labels=labels, top_k=2, progress=False)
     assert all(len(ranked) == 1 for ranked in annotator(cells, top_k=1, progress=False))
-    # "T cell"'s ontology definition is longer than this tiny Q-Former's 64 positions: cut to fit, with a warning.
-    with pytest.warns(UserWarning, match="longer than the Q-Former's 64 positions"):
-        other = annotator(cells, candidate_labels=["T cell", "dendritic cell"], progress=False)
-    assert {r["label"] for ranked in other for r in ranked} <= {"T cell", "dendritic cell"}
+    other = annotator(cells, candidate_labels=["T cell", "CD14-positive monocyte"], progress=False)
+    assert {r["label"] for ranked in other for r in ranked} <= {"T cell", "CD14-positive monocyte"}
     assert all(len(ranked) == 2 for ranked in annotator(cells, progress=False))  # the construction's again
     with pytest.raises(ValueError, match="candidate_labels"):
         plain(cells, progress=False)
+    with pytest.raises(ValueError, match="CellDescriptionPipeline has no option do_sample; its options: "):
+        pipeline("cell-description", model=saved_model, do_sample=True)  # not silently dropped
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        pipeline("cell-description", model=saved_model, max_new_tokens=0)  # at construction, not at the first call
+    extractor = pipeline("cell-feature-extraction", model=saved_model, batch_size=4)
+    chunks, preprocess = [], extractor.preprocess
+    extractor.preprocess = lambda chunk, **options: chunks.append(chunk.n_obs) or preprocess(chunk, **options)
+    extractor(cells, progress=False)
+    extractor(cells, batch_size=5, progress=False)
+    assert chunks == [4, 2, 5, 1]  # the pipeline's batch_size, then the call's own
     describer = pipeline("cell-description", model=saved_model, max_new_tokens=2)
     short = pipeline("cell-description", model=saved_model)(cells, max_new_tokens=2, progress=False)
     assert describer(cells, progress=False) == short
     assert describer(cells, max_new_tokens=6, progress=False) != short
+
+
+def test_a_label_text_longer_than_the_qformer_reads_is_cut_with_a_warning_at_the_callers_line(saved_model, pbmc):
+    """A free-text label past the Q-Former's position table (64 in the tiny model) is cut to fit, and the warning
+    points at the user's call, not inside the library."""
+    annotator = pipeline("cell-type-annotation", model=saved_model)
+    long_label = "a cell " + "that is very much like a B cell " * 20
+    with pytest.warns(UserWarning, match="longer than the Q-Former's 64 positions") as caught:
+        ranked = annotator(pbmc[:3], candidate_labels=["T cell", long_label], progress=False)
+    assert len(ranked) == 3 and {r["label"] for cell in ranked for r in cell} <= {"T cell", long_label.strip()}
+    assert [w.filename for w in caught if "Q-Former" in str(w.message)] == [__file__]
 
 
 def test_text_to_cell_options_given_to_the_pipeline_hold_until_a_call_overrides_them(saved_model):
