@@ -268,9 +268,9 @@ class ScMMGPTCellProcessor(FeatureExtractionMixin):
             raise ValueError(f"min_vocab_coverage={min_vocab_coverage}: a fraction in [0, 1].")
         super().__init__()
         self.gene_vocab = gene_vocab
-        # Every option is an attribute of its own name, which `to_dict` saves: one list (the signature) for both.
+        # Every option is an attribute of its own name, which `to_dict` saves: one list (this signature) for both.
         arguments = locals()
-        for name in self.option_names():
+        for name in ScMMGPTCellProcessor.option_names():
             setattr(self, name, arguments[name])
         self.last_coverage: GeneCoverage | None = None
 

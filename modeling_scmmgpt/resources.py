@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 
 
 CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "scmmgpt")
@@ -43,7 +44,7 @@ _PACKAGED = {
 }
 
 
-def _packaged(name: str):
+def _packaged(name: str) -> Callable[[], str]:
     """The finder `name()` of `_PACKAGED[name]`: its path, or a one-line `FileNotFoundError` with the install."""
     package, relative, install = _PACKAGED[name]
 

@@ -186,8 +186,15 @@ def cmd_annotate(args):
     _check_output(args)
     adata = _read_h5ad(args.input)
     annotator = _cell_pipeline("cell-type-annotation", args, adata)
-    options = {name: getattr(args, name) for name in ("top_k", "mode", "open_set", "batch_size")}
-    results = annotator(adata, candidate_labels=args.labels, write_to_adata=True, **options)
+    results = annotator(
+        adata,
+        candidate_labels=args.labels,
+        top_k=args.top_k,
+        mode=args.mode,
+        open_set=args.open_set,
+        batch_size=args.batch_size,
+        write_to_adata=True,
+    )
     for k in range(1, len(results[0]) if results else 0):  # top_k may exceed the labels (the pipeline warns)
         adata.obs[f"scmmgpt_cell_type_{k + 1}"] = [r[k]["label"] for r in results]
         adata.obs[f"scmmgpt_cell_type_{k + 1}_score"] = [r[k]["score"] for r in results]

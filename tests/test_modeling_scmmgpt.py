@@ -368,3 +368,17 @@ def test_a_cell_tensor_keeps_one_name_from_the_processor_to_the_model(pbmc, test
         logits = model(**composite).logits
     torch.testing.assert_close(encoded, tower)
     assert features.shape[0] == tokens.shape[0] == logits.shape[0] == 3
+
+
+def test_the_package_exports_its_classes_once_each():
+    """`__all__` is assembled from the modules' own lists: every name resolves, none twice, and `import *` binds the
+    model family's classes (a module's `__all__` that names something the package does not import fails here)."""
+    import modeling_scmmgpt
+    from modeling_scmmgpt import configuration_scmmgpt, modeling_cell_encoder
+
+    names = modeling_scmmgpt.__all__
+    assert len(names) == len(set(names)) and all(hasattr(modeling_scmmgpt, name) for name in names)
+    namespace = {}
+    exec("from modeling_scmmgpt import *", namespace)
+    expected = {*configuration_scmmgpt.__all__, *modeling_cell_encoder.__all__, "ScMMGPTForConditionalGeneration"}
+    assert expected <= set(namespace) and {"ScMMGPTProcessor", "GeneVocab"} <= set(namespace)
