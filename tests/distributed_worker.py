@@ -66,7 +66,7 @@ def loss_and_grads(model_dir, out_dir):
         torch.save(
             {
                 "loss": float(mean_loss) / world_size,
-                "itc": float(parts["itc_loss"]),
+                "itc": parts["itc_loss"].item(),
                 "itm": float(itm) / world_size,
                 "grads": grads,
             },

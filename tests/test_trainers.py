@@ -389,7 +389,7 @@ def stage1_loss_in_one_process(record_dir, runs_dir, batches, tmp_path) -> tuple
     loss, parts = trainer.compute_loss(
         model, collator([by_id[i] for i in batches[0] + batches[1]]), return_outputs=True
     )
-    return float(loss.detach()), float(parts["itc_loss"])
+    return loss.item(), parts["itc_loss"].item()
 
 
 @pytest.mark.slow
