@@ -190,7 +190,7 @@ class _LabelChoice(StoppingCriteria):
 
 
 # Keywords the base `Pipeline.__init__` takes from its `**kwargs` for itself (besides its named parameters).
-_BASE_KEYWORDS = ("args_parser", "torch_dtype", "dtype", "batch_size", "num_workers")
+_BASE_KEYWORDS = ("args_parser", "torch_dtype", "dtype")
 
 
 class _ScMMGPTPipeline(Pipeline):
@@ -201,21 +201,27 @@ class _ScMMGPTPipeline(Pipeline):
     _load_tokenizer = False
     _load_feature_extractor = False
     _load_image_processor = False
+    # Keywords of the call layer that `pipeline(...)` may set for every call (the base class keeps them).
+    _call_keywords: tuple[str, ...] = ()
 
     def __init__(self, *args, **kwargs):
         # The task's options given to pipeline(...) are kept as given, and each call resolves them together with its
         # own (options depend on each other: the labels and top_k, a prompt and its token budget), so they hold for
         # every call that does not override them. The base class gets only its own keywords.
+        kwargs.pop("local_files_only", None)  # the pipeline() factory's loading flag, which it passes on as well
         accepted = set(inspect.signature(self._sanitize_parameters).parameters)
-        unknown = sorted(set(kwargs) - accepted - {*inspect.signature(Pipeline.__init__).parameters, *_BASE_KEYWORDS})
-        if unknown:
+        known = {*accepted, *self._call_keywords, *inspect.signature(Pipeline.__init__).parameters, *_BASE_KEYWORDS}
+        if unknown := sorted(set(kwargs) - known):
+            options = sorted({*accepted, *self._call_keywords})
             raise ValueError(
-                f"{type(self).__name__} has no option {', '.join(unknown)}; its options: {', '.join(sorted(accepted))}."
+                f"{type(self).__name__} has no option {', '.join(unknown)}; its options: {', '.join(options)}."
             )
         self._options = {name: kwargs.pop(name) for name in accepted & kwargs.keys()}
         super().__init__(*args, **kwargs)
         self.processor.check_model_config(self.model.config)  # before any cell is read or written through wrong genes
-        self._sanitize_parameters(**self._options)  # a bad option fails here, not at the first call
+        with warnings.catch_warnings():  # a bad option fails here, not at the first call; its warnings come with calls
+            warnings.simplefilter("ignore")
+            self._sanitize_parameters(**self._options)
 
     def _call_parameters(self, **kwargs) -> tuple[dict, dict, dict]:
         """The (preprocess, forward, postprocess) parameters of one call: its options (those it leaves `None` do not
@@ -235,6 +241,7 @@ class ScMMGPTCellPipeline(_ScMMGPTPipeline):
     """
 
     _pipeline_calls_generate = False
+    _call_keywords = ("batch_size",)
 
     def _sanitize_parameters(self, gene_names=None):
         return {"gene_names": gene_names}, {}, {}

@@ -108,6 +108,9 @@ def test_cell_pipeline_options_given_to_the_pipeline_hold_until_a_call_overrides
         plain(cells, progress=False)
     with pytest.raises(ValueError, match="CellDescriptionPipeline has no option do_sample; its options: "):
         pipeline("cell-description", model=saved_model, do_sample=True)  # not silently dropped
+    with pytest.raises(ValueError, match="TextToCellPipeline has no option batch_size, num_workers"):
+        pipeline("text-to-cell", model=saved_model, batch_size=8, num_workers=2)  # one prompt at a time, in process
+    assert pipeline("cell-description", model=saved_model, local_files_only=True)  # the factory's loading flag
     with pytest.raises(ValueError, match="max_new_tokens=0"):
         pipeline("cell-description", model=saved_model, max_new_tokens=0)  # at construction, not at the first call
     extractor = pipeline("cell-feature-extraction", model=saved_model, batch_size=4)
