@@ -118,8 +118,10 @@ def convert_scgpt_checkpoint(
     n_bins = args.get("n_bins", 51)
     if binned:  # the table's row count is the truth: scGPT sizes it n_input_bins = n_bins + 2
         n_bins = state["value_encoder.embedding.weight"].shape[0] - 2
+    # The vocabulary decides the special ids and the fingerprint; the size is the checkpoint's own gene table.
+    fields = {**vocab.cell_config_fields(), "vocab_size": state["encoder.embedding.weight"].shape[0]}
     config = ScMMGPTCellConfig(
-        vocab_size=state["encoder.embedding.weight"].shape[0],
+        **fields,
         hidden_size=args.get("embsize", args.get("d_model")),
         num_attention_heads=args.get("nheads", args.get("nhead")),
         intermediate_size=args["d_hid"],
@@ -127,12 +129,9 @@ def convert_scgpt_checkpoint(
         dropout=args.get("dropout", 0.2),
         value_embedding="binned" if binned else "continuous",
         n_bins=n_bins,
-        pad_token_id=vocab.pad_token_id,
-        cls_token_id=vocab.cls_token_id,
         pad_value=args.get("pad_value", -2),
         mask_value=args.get("mask_value", -1),
         max_genes=args.get("max_seq_len", 1200),
-        gene_vocab_fingerprint=vocab.fingerprint,
     )
     if args.get("pre_norm") or args.get("use_batch_labels") or args.get("DSBN") or args.get("domain_spec_batchnorm"):
         raise ValueError(f"{args_json}: pre-norm or batch-label scGPT variants are not supported by this encoder.")
