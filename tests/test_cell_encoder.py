@@ -6,6 +6,7 @@ from tester import tiny_cell_config
 
 from modeling_scmmgpt import GeneVocab, ScMMGPTCellConfig, ScMMGPTCellModel, ScMMGPTCellProcessor
 from modeling_scmmgpt.convert_scgpt import convert_scgpt_state_dict
+from modeling_scmmgpt.processing_scmmgpt import cell_inputs
 
 
 def _model(oracle, layout="state", attn="sdpa"):
@@ -55,9 +56,7 @@ def test_processor_plus_encoder_reproduce_scgpt_cell_embeddings(oracle):
     genes = [vocab.id_to_gene[int(i)] for i in case["gene_ids_of_columns"]]
     inputs = ScMMGPTCellProcessor(vocab)(case["X"].numpy(), gene_names=genes)
     with torch.no_grad():
-        emb = _model(oracle)(
-            inputs["cell_gene_ids"], inputs["cell_values"], inputs["cell_attention_mask"]
-        ).pooler_output
+        emb = _model(oracle)(**cell_inputs(inputs)).pooler_output
     torch.testing.assert_close(emb / emb.norm(dim=-1, keepdim=True), case["cell_embeddings"], atol=1e-5, rtol=0)
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tester import tiny_cell_config
 from transformers import pipeline
 
 from modeling_scmmgpt import ScMMGPTCellConfig, ScMMGPTCellModel
@@ -15,8 +16,7 @@ from modeling_scmmgpt.utils import PRECISION_ENV, cpu_has_native_bf16
 
 
 def tiny_config(**overrides) -> ScMMGPTCellConfig:
-    sizes = dict(vocab_size=30, d_model=32, nhead=4, nlayers=2, d_hid=48, pad_token_id=28, cls_token_id=29)
-    return ScMMGPTCellConfig(**{**sizes, "dropout": 0.0, **overrides})
+    return tiny_cell_config(**{"d_model": 32, "nhead": 4, "nlayers": 2, "d_hid": 48, "dropout": 0.0, **overrides})
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from tester import TEXT_CONFIGS, ScMMGPTModelTester, grad_norms
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 
 from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTForConditionalGeneration, ScMMGPTModel, ScMMGPTProcessor
+from modeling_scmmgpt.processing_scmmgpt import cell_inputs
 
 
 PARTS = {
@@ -192,8 +193,8 @@ def test_cell_features_do_not_depend_on_batch(pbmc, tester):
     single = cp(pbmc[5:6])
     batch = cp(pbmc[[0, 5, 17, 400, 699]])
     with torch.no_grad():
-        alone = model.get_cell_features(single["cell_gene_ids"], single["cell_values"], single["cell_attention_mask"])
-        within = model.get_cell_features(batch["cell_gene_ids"], batch["cell_values"], batch["cell_attention_mask"])
+        alone = model.get_cell_features(**cell_inputs(single))
+        within = model.get_cell_features(**cell_inputs(batch))
     assert batch["cell_gene_ids"].shape[1] >= single["cell_gene_ids"].shape[1]
     torch.testing.assert_close(alone[0], within[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(within.norm(dim=-1), torch.ones(5))
@@ -266,9 +267,7 @@ def test_half_precision_load_runs_every_path(pbmc, tester, tmp_path):
         out = loaded(**_joint_batch(tester, pbmc))
         assert torch.isfinite(out.loss)
         inputs, _ = tester.describe_inputs(pbmc[:2])
-        features = loaded.get_cell_features(
-            inputs["cell_gene_ids"], inputs["cell_values"], inputs["cell_attention_mask"]
-        )
+        features = loaded.get_cell_features(**cell_inputs(inputs))
         assert features.dtype == dtype
 
 

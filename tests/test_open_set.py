@@ -8,6 +8,7 @@ from conftest import tiny_demo
 
 from modeling_scmmgpt import ScMMGPTForConditionalGeneration
 from modeling_scmmgpt.pipelines import CellTypeAnnotationPipeline
+from modeling_scmmgpt.processing_scmmgpt import cell_inputs
 from trainers.open_set import fit_open_set_reference_
 
 
@@ -26,7 +27,7 @@ def fitted(tmp_path_factory):
 def _features(model, processor, records):
     cells = processor.feature_extractor(list(records))
     with torch.no_grad():
-        return model.get_cell_features(cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"])
+        return model.get_cell_features(**cell_inputs(cells))
 
 
 def test_fit_keeps_the_training_types_and_sets_the_threshold_at_the_validation_quantile(fitted):

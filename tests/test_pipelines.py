@@ -7,6 +7,7 @@ from tester import ScMMGPTModelTester
 from transformers import pipeline
 
 from modeling_scmmgpt import ScMMGPTForConditionalGeneration
+from modeling_scmmgpt.processing_scmmgpt import cell_inputs
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +286,7 @@ def test_a_call_resolves_its_options_and_label_texts_once(saved_model, pbmc):
         texts = tokenizer([annotator._describe(label) for label in labels], padding=True, return_tensors="pt")
         text = model.get_text_features(texts["input_ids"], texts["attention_mask"])
         inputs = annotator.preprocess(pbmc[16:20])
-        cells = model.get_cell_features(inputs["cell_gene_ids"], inputs["cell_values"], inputs["cell_attention_mask"])
+        cells = model.get_cell_features(**cell_inputs(inputs))
         expected = (model.model.cell_tower.logit_scale.exp() * cells @ text.T).softmax(-1)
     got = torch.tensor(
         [[r["score"] for r in sorted(row, key=lambda r: labels.index(r["label"]))] for row in ranked[16:]]

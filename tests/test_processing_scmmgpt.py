@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoFeatureExtractor, AutoProcessor, FeatureExtractionMixin
 
 from modeling_scmmgpt import GeneVocab, ScMMGPTCellProcessor, ScMMGPTConfig, ScMMGPTProcessor
-from modeling_scmmgpt.processing_scmmgpt import bin_values
+from modeling_scmmgpt.processing_scmmgpt import CELL_INPUT_NAMES, bin_values
 from modeling_scmmgpt.resources import gencode_human_path
 
 
@@ -46,7 +46,7 @@ def test_sparse_dense_and_anndata_inputs_agree(pbmc, pbmc_cell_processor):
 def test_batch_composition_does_not_change_a_cell(pbmc, pbmc_cell_processor):
     alone = pbmc_cell_processor(pbmc[10:11], padding="max_length")
     mixed = pbmc_cell_processor(pbmc[[3, 10, 500]], padding="max_length")
-    for key in ("cell_gene_ids", "cell_values", "cell_attention_mask"):
+    for key in CELL_INPUT_NAMES:
         assert torch.equal(alone[key][0], mixed[key][1]), key
 
 

@@ -13,6 +13,7 @@ from tester import ScMMGPTModelTester, grad_norms
 from modeling_scmmgpt import ScMMGPTConfig, ScMMGPTForConditionalGeneration, ScMMGPTForPreTraining
 from modeling_scmmgpt.loss_scmmgpt import add_unexpressed_genes
 from modeling_scmmgpt.metrics import PseudoCellGenerationMetric
+from modeling_scmmgpt.processing_scmmgpt import cell_inputs
 from trainers import ScMMGPTContrastiveArguments, ScMMGPTReconstructionArguments
 from trainers.common import seeded_generator
 
@@ -283,9 +284,7 @@ def test_least_squares_bridges_read_cells_as_their_labels(tmp_path):
     model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)  # cells differ from the start
     records = list(splits["train"].select(range(120)))
     cells = processor.feature_extractor(records)
-    model.model.cell_tower.init_cell_summary_from_pca(
-        cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
-    )
+    model.model.cell_tower.init_cell_summary_from_pca(**cell_inputs(cells))
     fits = fit_bridges(model, processor, records)
     assert 0 < fits["projector_r2"] <= 1 and 0 < fits["cell_head_r2"] <= 1
     model.eval()
@@ -295,9 +294,7 @@ def test_least_squares_bridges_read_cells_as_their_labels(tmp_path):
     label_embeds = embed(torch.tensor(tokens)).flatten(1)  # (labels, 8 * hidden)
     with torch.no_grad():
         cells = processor.feature_extractor(records)
-        read = model.model.get_cell_token_embeddings(
-            cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
-        )
+        read = model.model.get_cell_token_embeddings(**cell_inputs(cells))
     nearest = torch.cdist(read.flatten(1), label_embeds).argmin(1)
     truth = torch.tensor([labels.index(r["cell_type"]) for r in records])
     majority = max((truth == i).float().mean() for i in range(len(labels)))
@@ -317,9 +314,7 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
     model, _ = build_model(pbmc_cells(), tiny_lm=True, cell_summary=True)
     records = list(splits["train"].select(range(120)))
     cells = processor.feature_extractor(records)
-    model.model.cell_tower.init_cell_summary_from_pca(
-        cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
-    )
+    model.model.cell_tower.init_cell_summary_from_pca(**cell_inputs(cells))
     fits = fit_bridges(model, processor, records, parts=("codebook",))
     labels = sorted({r["cell_type"] for r in records})
     assert model.config.cell_codebook_labels == labels and "cell_head_r2" not in fits
@@ -327,9 +322,7 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
     torch.testing.assert_close(codebook.entries.data, _label_embeddings(model, processor, labels))
     assert not model.model.multi_modal_projector.linear_2.weight.any()
     with torch.no_grad():
-        read = model.eval().model.get_cell_token_embeddings(
-            cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
-        )
+        read = model.eval().model.get_cell_token_embeddings(**cell_inputs(cells))
     nearest = torch.cdist(read.flatten(1), codebook.entries.flatten(1)).argmin(1)
     truth = torch.tensor([labels.index(r["cell_type"]) for r in records])
     assert fits["codebook_accuracy"] >= 0.9 and (nearest == truth).float().mean() >= 0.9
@@ -338,9 +331,7 @@ def test_label_codebook_reads_cells_as_their_labels_and_is_saved(tmp_path):
     loaded = ScMMGPTForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
     assert loaded.config.cell_codebook_labels == labels
     with torch.no_grad():
-        again = loaded.model.get_cell_token_embeddings(
-            cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
-        )
+        again = loaded.model.get_cell_token_embeddings(**cell_inputs(cells))
     torch.testing.assert_close(again, read)
 
 
@@ -529,9 +520,7 @@ def test_gene_readout_starts_at_zero_and_its_closed_form_fit_reconstructs_cells(
     cells = processor.feature_extractor(records)
     genes = torch.tensor([i for i in range(config.vocab_size) if i not in (config.pad_token_id, config.cls_token_id)])
     with torch.no_grad():
-        queries = inner.cell_tower(
-            cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
-        ).query_output
+        queries = inner.cell_tower(**cell_inputs(cells)).query_output
         before = inner.decode_expression(queries, genes)
         torch.testing.assert_close(before, plain.eval().model.decode_expression(queries, genes))
     truth = _dense_expression(cells, config.vocab_size)
@@ -576,9 +565,7 @@ def test_gene_variance_is_fitted_to_the_readouts_residuals_and_sampled_per_gene(
     truth = _dense_expression(cells, config.vocab_size)
     fit_expression_readout_(inner, processor, records)
     with torch.no_grad():
-        queries = inner.cell_tower(
-            cells["cell_gene_ids"], cells["cell_values"], cells["cell_attention_mask"]
-        ).query_output
+        queries = inner.cell_tower(**cell_inputs(cells)).query_output
         mean, log_variance = inner.decode_expression(queries, genes, return_log_variance=True)
         _, alone = inner.decode_expression(queries[:1], genes, return_log_variance=True)
     residual_variance = (truth[:, genes] - mean).square().mean(0)

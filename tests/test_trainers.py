@@ -15,6 +15,7 @@ from tester import ScMMGPTModelTester
 
 from modeling_scmmgpt import ScMMGPTCellProcessor, ScMMGPTForConditionalGeneration, ScMMGPTForPreTraining
 from modeling_scmmgpt.loss_scmmgpt import multi_positive_infonce, sample_hard_negatives, sample_value_mask
+from modeling_scmmgpt.processing_scmmgpt import cell_inputs
 from trainers import (
     ScMMGPTContrastiveArguments,
     ScMMGPTContrastiveCollator,
@@ -148,7 +149,7 @@ def test_collators_and_cell_features(stage_processor, pbmc_demo, tmp_path):
     # The trainer's cell features are the model's get_cell_features (the trainer recomputes them from the tower).
     trainer = contrastive_trainer(stage_processor, pbmc_demo, tmp_path, itm_loss_weight=0.0)
     model = trainer.model.eval()
-    features = model.get_cell_features(batch["cell_gene_ids"], batch["cell_values"], batch["cell_attention_mask"])
+    features = model.get_cell_features(**cell_inputs(batch))
     texts = model.get_text_features(batch["text_input_ids"], batch["text_attention_mask"])
     logits = model.model.cell_tower.logit_scale.exp() * features @ texts.T
     positives = batch["text_hash"][:, None] == batch["text_hash"][None, :]
@@ -189,7 +190,7 @@ def test_plain_trainer_trains_each_stage_from_the_model_loss(stage, stage_proces
     for name in own.keys():
         torch.testing.assert_close(parts[name], own[name], msg=name)
     with pytest.raises(ValueError, match="inputs of one pre-training stage"):
-        model(batch["cell_gene_ids"], batch["cell_values"], batch["cell_attention_mask"])
+        model(**cell_inputs(batch))
 
     args = TrainingArguments(
         output_dir=str(tmp_path / "plain"),
